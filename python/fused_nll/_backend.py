@@ -1,0 +1,120 @@
+"""Backend selection and debug mode.
+
+Backends:
+  "cpp"    C++ CPU kernels (CPU tensors).
+  "triton" Triton kernels (CUDA tensors; CPU tensors through Triton's
+           interpreter when TRITON_INTERPRET=1 was set before importing triton).
+  "cuda"   CUDA C++ kernels (CUDA tensors; built when torch has CUDA and nvcc).
+
+By default CPU tensors use "cpp" and CUDA tensors use "triton", or "cuda" when
+Triton is not importable. `use_backend(name)` or env FUSED_NLL_BACKEND force one.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+
+BACKENDS = ("cpp", "triton", "cuda")
+
+# A stack so that nested use_backend() blocks restore the outer choice.
+_forced: list[str | None] = [os.environ.get("FUSED_NLL_BACKEND") or None]
+_debug: list[bool] = [os.environ.get("FUSED_NLL_DEBUG", "0") == "1"]
+
+
+def _check_name(name: str | None) -> None:
+    if name is not None and name not in BACKENDS:
+        raise ValueError(
+            f"fused_nll: unknown backend {name!r}; expected one of {', '.join(BACKENDS)} "
+            "(or unset FUSED_NLL_BACKEND for the automatic choice)."
+        )
+
+
+_check_name(_forced[0])
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None):
+    """Force a backend inside a `with` block: "cpp", "triton" or "cuda" (None: automatic)."""
+    _check_name(name)
+    _forced.append(name)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def set_debug(flag: bool = True) -> None:
+    """Enable checks that read tensor values (and so synchronise with the GPU)."""
+    _debug[0] = bool(flag)
+
+
+def debug_enabled() -> bool:
+    return _debug[0]
+
+
+@functools.lru_cache(maxsize=None)
+def triton_status() -> tuple[bool, str]:
+    """(usable, reason): whether the Triton ops could be imported and registered."""
+    try:
+        from . import _triton_ops  # noqa: F401  (registers fused_nll::triton_* ops)
+    except Exception as exc:  # ImportError, or triton failing to initialise
+        return False, f"triton ops unavailable: {type(exc).__name__}: {exc}"
+    return True, "ok"
+
+
+def cuda_cpp_built() -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("fused_nll::cross_entropy_fwd", "CUDA")
+
+
+def interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def select(device: torch.device) -> str:
+    """The backend for tensors on `device`; raises if the forced one cannot run there."""
+    forced = _forced[-1]
+    if device.type == "cpu":
+        if forced in (None, "cpp"):
+            return "cpp"
+        if forced == "triton":
+            if not interpreter_on():
+                raise RuntimeError(
+                    "fused_nll: backend 'triton' on CPU tensors needs Triton's interpreter: "
+                    "set TRITON_INTERPRET=1 before importing triton, or move the tensors to CUDA."
+                )
+            _require_triton()
+            return "triton"
+        raise RuntimeError(
+            "fused_nll: backend 'cuda' runs on CUDA tensors only, but the input is on the CPU; "
+            "move the tensors with .cuda() or use backend 'cpp'."
+        )
+    if device.type == "cuda":
+        if forced == "cpp":
+            raise RuntimeError(
+                "fused_nll: backend 'cpp' runs on CPU tensors only, but the input is on CUDA; "
+                "use backend 'triton' or 'cuda'."
+            )
+        if forced == "triton" or (forced is None and triton_status()[0]):
+            _require_triton()
+            return "triton"
+        if not cuda_cpp_built():
+            raise RuntimeError(
+                "fused_nll: no CUDA backend is usable: "
+                f"{triton_status()[1]}, and the CUDA C++ kernels were not built "
+                "(reinstall with nvcc on PATH and a CUDA build of torch: "
+                "pip install --no-build-isolation .). See `python -m fused_nll info`."
+            )
+        return "cuda"
+    raise RuntimeError(
+        f"fused_nll: tensors on device type {device.type!r} are not supported; "
+        "use CPU or CUDA tensors."
+    )
+
+
+def _require_triton() -> None:
+    ok, why = triton_status()
+    if not ok:
+        raise RuntimeError(f"fused_nll: backend 'triton' requested but {why}. pip install triton.")

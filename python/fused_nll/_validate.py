@@ -1,0 +1,175 @@
+"""Argument checks that run before any kernel: metadata only (dtype, shape,
+device), so they cost microseconds, never synchronise, and trace cleanly under
+torch.compile. Each message names the argument, what was received, what was
+expected and how to fix it (docs/errors.md lists them all).
+
+Exception classes follow torch's for the same case, so existing `except`
+clauses keep working.
+"""
+from __future__ import annotations
+
+import torch
+
+REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+
+# Integer target dtypes the kernels read directly; other integer dtypes are
+# converted to int64 (a copy of the targets only, never of the logits).
+_KERNEL_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+class NotFloatingInputError(NotImplementedError):
+    """Integer/bool input. NotImplementedError (what torch raises) is a RuntimeError."""
+
+
+def _shape(t: torch.Tensor) -> str:
+    return str(list(t.shape))
+
+
+def reduction_code(reduction: str) -> int:
+    if reduction not in REDUCTIONS:
+        raise ValueError(
+            f"{reduction} is not a valid value for reduction: expected one of "
+            "'none', 'mean', 'sum'."
+        )
+    return REDUCTIONS[reduction]
+
+
+def check_input(input, fn: str) -> None:
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"fused_nll.{fn}: input must be a torch.Tensor, got {type(input).__name__}.")
+    if input.dim() == 0:
+        raise ValueError(
+            f"Expected 1 or more dimensions (got 0): fused_nll.{fn} input is a 0-d tensor; "
+            "it must have shape (C,), (N, C) or (N, C, d1, ..., dk)."
+        )
+    if not input.is_floating_point():
+        what = "logits" if fn == "cross_entropy" else "log-probabilities"
+        raise NotFloatingInputError(
+            f"fused_nll.{fn}: input must be floating point ({what}), got dtype {input.dtype}. "
+            "Convert it, e.g. input.float()."
+        )
+
+
+def check_same_device(input: torch.Tensor, other: torch.Tensor | None, name: str, fn: str) -> None:
+    if other is not None and other.device != input.device:
+        raise RuntimeError(
+            f"fused_nll.{fn}: {name} is on {other.device} but input is on {input.device}; "
+            f"move it with {name}.to(input.device)."
+        )
+
+
+def check_label_smoothing(label_smoothing: float) -> float:
+    ls = float(label_smoothing)
+    if not 0.0 <= ls <= 1.0:
+        raise RuntimeError(
+            f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}. "
+            "(torch silently treats negative values as 0; fused_nll refuses them.)"
+        )
+    return ls
+
+
+def class_index_shape(input: torch.Tensor) -> list:
+    return [] if input.dim() == 1 else [input.shape[0], *input.shape[2:]]
+
+
+def target_kind(input: torch.Tensor, target, fn: str) -> str:
+    """'index' for class indices, 'prob' for probability targets (cross_entropy
+    only); raises a clear error for every other target."""
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"fused_nll.{fn}: target must be a torch.Tensor, got {type(target).__name__}.")
+    index_shape = class_index_shape(input)
+    same_as_input = list(target.shape) == list(input.shape)
+    if target.dtype == torch.bool:
+        raise RuntimeError(
+            f"fused_nll.{fn}: target has dtype torch.bool, which is a mask, not class indices. "
+            f"Pass int64 class indices of shape {index_shape} (e.g. target.long() if it "
+            "really holds 0/1 labels of a 2-class problem)."
+        )
+    if target.is_floating_point() or target.is_complex():
+        if same_as_input and fn == "cross_entropy":
+            return "prob"
+        if same_as_input:
+            raise RuntimeError(
+                f"fused_nll.nll_loss: target of shape {_shape(target)} and dtype {target.dtype} "
+                "looks like one-hot or probability targets, but nll_loss expects class indices "
+                f"of shape {index_shape}. Fix: target.argmax(dim=1) for class indices, or "
+                "fused_nll.cross_entropy(logits, target), which accepts probabilities."
+            )
+        if list(target.shape) == index_shape:
+            raise RuntimeError(
+                f"fused_nll.{fn}: target holds class indices but has dtype {target.dtype}; "
+                "expected an integer dtype (int64). Fix: target.long()."
+            )
+        _check_index_shape(input, target, fn)  # the shape differs, so this raises
+    # Integer targets.
+    if same_as_input and input.dim() >= 1 and list(target.shape) != index_shape:
+        alt = (
+            "target.float() to use them as probability targets"
+            if fn == "cross_entropy"
+            else "fused_nll.cross_entropy(logits, target.float()) for probability targets"
+        )
+        raise RuntimeError(
+            f"fused_nll.{fn}: integer target of shape {_shape(target)} has the input's shape, "
+            f"so it looks like one-hot labels; expected class indices of shape {index_shape}. "
+            f"Fix: target.argmax(dim=1) for class indices, or {alt}."
+        )
+    _check_index_shape(input, target, fn)
+    return "index"
+
+
+def _check_index_shape(input: torch.Tensor, target: torch.Tensor, fn: str) -> None:
+    index_shape = class_index_shape(input)
+    if list(target.shape) == index_shape:
+        return
+    if input.dim() == 1:
+        raise RuntimeError(
+            f"fused_nll.{fn}: for an input of shape {_shape(input)} (one sample of C classes) "
+            f"the target must be a 0-d class index, got shape {_shape(target)}. "
+            "Fix: target.reshape(()) or add a batch dimension to the input."
+        )
+    if input.dim() == 2 and target.dim() == 2 and target.shape[1] == 1 and target.shape[0] == input.shape[0]:
+        raise RuntimeError(
+            f"fused_nll.{fn}: target of shape {_shape(target)} has a trailing dimension of 1; "
+            f"expected class indices of shape {index_shape}. Fix: target.squeeze(1)."
+        )
+    if target.dim() >= 1 and target.shape[0] != input.shape[0]:
+        raise ValueError(
+            f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
+            f"({target.shape[0]}): fused_nll.{fn} got input {_shape(input)} and target "
+            f"{_shape(target)}; the first dimension of both is the batch."
+        )
+    raise RuntimeError(
+        f"fused_nll.{fn}: size mismatch (got input: {_shape(input)}, target: {_shape(target)}); "
+        f"for input (N, C, d1, ..., dk) the target must be (N, d1, ..., dk) = {index_shape}."
+    )
+
+
+def index_target(target: torch.Tensor) -> torch.Tensor:
+    """Integer targets as the kernels read them (no copy for the usual dtypes)."""
+    if target.dtype in _KERNEL_INT_DTYPES:
+        return target
+    return target.long()  # uint16/uint32/uint64: copies the targets only
+
+
+def weight(weight, input: torch.Tensor, fn: str):
+    """The class weights as the kernels read them: 1-D, contiguous, in the
+    accumulation dtype (a C-element cast when the dtype differs)."""
+    if weight is None:
+        return None
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"fused_nll.{fn}: weight must be a torch.Tensor or None, got {type(weight).__name__}.")
+    classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    if weight.dim() != 1 or weight.shape[0] != classes:
+        raise RuntimeError(
+            f"weight tensor should be defined either for all {classes} classes or no classes "
+            f"but got weight tensor of shape: {_shape(weight)}. fused_nll.{fn} expects a 1-D "
+            f"weight of shape [{classes}] (one value per class)."
+        )
+    if not weight.is_floating_point():
+        raise RuntimeError(
+            f"fused_nll.{fn}: weight must be floating point, got dtype {weight.dtype}. "
+            "Fix: weight.float()."
+        )
+    check_same_device(input, weight, "weight", fn)
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    return weight.to(acc).contiguous()

@@ -1,0 +1,107 @@
+"""fused_nll.cross_entropy and fused_nll.nll_loss: drop-ins for F.cross_entropy
+and F.nll_loss, computed by one fused op (docs/ops.md)."""
+from __future__ import annotations
+
+import torch
+
+from . import _backend, _ops, _validate
+
+
+def _family(input: torch.Tensor):
+    """The op family (C++ or Triton) for the input's device and the backend setting."""
+    if _backend.select(input.device) == "triton":
+        from ._triton_ops import TRITON
+
+        return TRITON
+    return _ops.CPP  # C++: CPU kernels, or CUDA C++ kernels on CUDA tensors
+
+
+def _compute_grad(input: torch.Tensor, reduction: int) -> bool:
+    # Write the gradient in the forward pass (logits read once) when one will be
+    # needed and the upstream gradient is a scalar; for reduction="none"
+    # backward recomputes it from the saved log-sum-exp instead.
+    return reduction != 0 and input.requires_grad and torch.is_grad_enabled()
+
+
+def cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Cross-entropy between logits and targets; equals ``F.cross_entropy`` with
+    the same arguments, i.e. ``F.nll_loss(F.log_softmax(input, 1), target, ...)``,
+    without materialising the log-probabilities.
+
+    Args:
+        input: logits, shape ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dk)``;
+            fp32, fp64, bf16 or fp16; any strides.
+        target: class indices of shape ``()``, ``(N,)`` or ``(N, d1, ..., dk)``
+            (any integer dtype), or class probabilities of the input's shape
+            (floating).
+        weight: optional per-class weights, shape ``(C,)``, any floating dtype.
+        ignore_index: class index whose rows are skipped (index targets only;
+            any integer, also a valid class).
+        reduction: ``"none"`` (shape of the rows), ``"mean"`` or ``"sum"`` (0-d).
+        label_smoothing: in ``[0, 1]``, torch's formula.
+
+    Returns:
+        The loss in the input's dtype (accumulated in fp32, fp64 for fp64).
+    """
+    _validate.check_input(input, "cross_entropy")
+    red = _validate.reduction_code(reduction)
+    _validate.check_same_device(input, target, "target", "cross_entropy")
+    kind = _validate.target_kind(input, target, "cross_entropy")
+    ls = _validate.check_label_smoothing(label_smoothing)
+    w = _validate.weight(weight, input, "cross_entropy")
+    ops = _family(input)
+    if kind == "prob":
+        if ignore_index >= 0:
+            raise RuntimeError(
+                f"ignore_index is not supported for floating point target: fused_nll.cross_entropy "
+                f"got probability targets with ignore_index={ignore_index}. Drop ignore_index "
+                "(or pass class indices), or zero the rows' probabilities instead."
+            )
+        if target.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(
+                "fused_nll.cross_entropy: gradients with respect to probability targets are "
+                "not supported; pass target.detach() (e.g. a teacher's probabilities)."
+            )
+        loss, _, _ = ops.prob_fwd(input, target, w, ls, red, _compute_grad(input, red))
+        return loss
+    loss, _, _ = ops.fwd(
+        input, _validate.index_target(target), w, int(ignore_index), ls, red, False,
+        _compute_grad(input, red),
+    )
+    return loss
+
+
+def nll_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Negative log-likelihood of log-probabilities; equals ``F.nll_loss``.
+
+    Args:
+        input: log-probabilities (e.g. ``F.log_softmax(logits, 1)``), shape
+            ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dk)``. For raw logits use
+            :func:`cross_entropy`, which is faster and exact.
+        target: class indices of shape ``()``, ``(N,)`` or ``(N, d1, ..., dk)``.
+        weight, ignore_index, reduction: as :func:`cross_entropy`.
+    """
+    _validate.check_input(input, "nll_loss")
+    red = _validate.reduction_code(reduction)
+    _validate.check_same_device(input, target, "target", "nll_loss")
+    _validate.target_kind(input, target, "nll_loss")
+    w = _validate.weight(weight, input, "nll_loss")
+    ops = _family(input)
+    loss, _, _ = ops.fwd(
+        input, _validate.index_target(target), w, int(ignore_index), 0.0, red, True,
+        _compute_grad(input, red),
+    )
+    return loss
