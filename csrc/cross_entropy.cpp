@@ -100,6 +100,21 @@ acc_t row_max(const scalar_t* x, int64_t stride, int64_t classes) {
   return m;
 }
 
+// Sums f(c) over the classes in blocks of 256: the rounding error of a long
+// fp32 sum (V = 128k) then grows with the number of blocks, not of elements.
+template <typename acc_t, typename F>
+acc_t blocked_sum(int64_t classes, F&& f) {
+  constexpr int64_t kBlock = 256;
+  acc_t total = 0;
+  for (int64_t begin = 0; begin < classes; begin += kBlock) {
+    const int64_t end = std::min(begin + kBlock, classes);
+    acc_t part = 0;
+    for (int64_t c = begin; c < end; ++c) part += f(c);
+    total += part;
+  }
+  return total;
+}
+
 // ---------------------------------------------------------------------------
 // Class-index targets.
 // ---------------------------------------------------------------------------
@@ -160,18 +175,14 @@ void index_rows(const Layout& L, const scalar_t* x, const target_t* t, const acc
           m = lse_in[r];
         } else {
           m = row_max<scalar_t, acc_t>(xr, L.stride_c, C);
-          acc_t sum = 0, swx = 0;
-          for (const auto c : c10::irange(C)) {
-            const acc_t d = static_cast<acc_t>(xr[c * L.stride_c]) - m;
-            sum += std::exp(d);
-            if (eps != 0) swx += (w ? w[c] : acc_t(1)) * d;
-          }
-          log_sum = std::log(sum);
-          shifted_wx = swx;
+          auto shifted = [&](int64_t c) { return static_cast<acc_t>(xr[c * L.stride_c]) - m; };
+          log_sum = std::log(blocked_sum<acc_t>(C, [&](int64_t c) { return std::exp(shifted(c)); }));
+          if (eps != 0)
+            shifted_wx = blocked_sum<acc_t>(C, [&](int64_t c) { return (w ? w[c] : acc_t(1)) * shifted(c); });
         }
       } else if (row_loss && eps != 0) {
-        for (const auto c : c10::irange(C))
-          shifted_wx += (w ? w[c] : acc_t(1)) * static_cast<acc_t>(xr[c * L.stride_c]);
+        shifted_wx = blocked_sum<acc_t>(
+            C, [&](int64_t c) { return (w ? w[c] : acc_t(1)) * static_cast<acc_t>(xr[c * L.stride_c]); });
       }
       const acc_t lse = m + log_sum;
       if (lse_out) lse_out[r] = a.log_probs ? acc_t(0) : lse;
@@ -182,14 +193,16 @@ void index_rows(const Layout& L, const scalar_t* x, const target_t* t, const acc
         row_loss[r] = loss;
       }
       if (g) {
-        // g_c = a*p_c - e*w_c - [c == t]*b  (docs/ops.md), p_c = exp(x_c - lse).
+        // g_c = a*p_c - e*w_c - [c == t]*b  (docs/ops.md), p_c = exp(x_c - lse)
+        // taken as exp((x_c - m) - log_sum): exact in the forward pass even for
+        // |logits| ~ 1e4, where lse itself rounds to 1e-3 in fp32.
         const acc_t s = scale(r);
         const acc_t b = s * (1 - eps) * w_t;
         const acc_t e = s * eps_c;
         const acc_t a_p = a.log_probs ? acc_t(0) : s * ((1 - eps) * w_t + eps_c * wsum);
         for (const auto c : c10::irange(C)) {
           acc_t v = -e * (w ? w[c] : acc_t(1));
-          if (!a.log_probs) v += a_p * std::exp(static_cast<acc_t>(xr[c * L.stride_c]) - lse);
+          if (!a.log_probs) v += a_p * std::exp((static_cast<acc_t>(xr[c * L.stride_c]) - m) - log_sum);
           if (c == cls) v -= b;
           g[c * L.s] = static_cast<scalar_t>(v);
         }
@@ -309,25 +322,22 @@ void prob_rows(const Layout& L, const data_t* x, const Layout& Ly, const y_t* y,
         m = lse_in[r];
       } else {
         m = row_max<data_t, acc_t>(xr, L.stride_c, C);
-        acc_t sum = 0;
-        for (const auto c : c10::irange(C)) sum += std::exp(static_cast<acc_t>(xr[c * L.stride_c]) - m);
-        log_sum = std::log(sum);
+        log_sum = std::log(blocked_sum<acc_t>(
+            C, [&](int64_t c) { return std::exp(static_cast<acc_t>(xr[c * L.stride_c]) - m); }));
       }
       const acc_t lse = m + log_sum;
       if (lse_out) lse_out[r] = lse;
       // wy = sum_c w_c y'_c; loss = -sum_c w_c y'_c (x_c - lse) = wy*log_sum - sum_c w_c y'_c (x_c - m)
-      acc_t wy = 0, wyx = 0;
-      for (const auto c : c10::irange(C)) {
-        const acc_t v = smoothed(c);
-        wy += v;
-        if (row_loss) wyx += v * (static_cast<acc_t>(xr[c * L.stride_c]) - m);
-      }
+      const acc_t wy = blocked_sum<acc_t>(C, smoothed);
+      const acc_t wyx = row_loss ? blocked_sum<acc_t>(C, [&](int64_t c) {
+        return smoothed(c) * (static_cast<acc_t>(xr[c * L.stride_c]) - m);
+      }) : acc_t(0);
       if (row_loss) row_loss[r] = wy * log_sum - wyx;
       if (grad) {
         data_t* g = grad + (r / L.s) * C * L.s + (r % L.s);
         const acc_t s = scale(r);
         for (const auto c : c10::irange(C)) {
-          const acc_t p = std::exp(static_cast<acc_t>(xr[c * L.stride_c]) - lse);
+          const acc_t p = std::exp((static_cast<acc_t>(xr[c * L.stride_c]) - m) - log_sum);
           g[c * L.s] = static_cast<data_t>(s * (p * wy - smoothed(c)));
         }
       }

@@ -68,19 +68,23 @@ def _(grad_input, grad_loss):
 # Autograd, shared by the C++ ops and the Triton ops (same signatures).
 # ---------------------------------------------------------------------------
 
-_DOUBLE_BACKWARD = (
-    "fused_nll: backward ran a second time through the same loss (retain_graph=True), but "
-    "its gradient was computed in the forward pass and handed out by the first backward. "
-    "Compute the loss again before the second backward."
-)
+def _precomputed_grad(ctx, grad_loss, scale):
+    """The gradient saved by the forward op, times the upstream gradient.
 
-
-def _take_precomputed(ctx):
-    if ctx.consumed:
-        raise RuntimeError(_DOUBLE_BACKWARD)
-    ctx.consumed = True
-    (grad,) = ctx.saved_tensors
-    return grad
+    The first backward scales the saved gradient in place (nothing to do for
+    the usual 1.0, decided on the device) and hands it out. A later backward
+    through the same graph (retain_graph=True, gradcheck) must not touch that
+    tensor again: it returns a new one, rescaled by new/first upstream gradient
+    (one extra rounding; nan if the first upstream gradient was 0).
+    """
+    if ctx.first_grad_loss is None:
+        (grad,) = ctx.saved_tensors
+        ctx.grad = grad  # the in-place scale bumps its version: unpack only once
+        scale(grad, grad_loss)
+        ctx.first_grad_loss = grad_loss.detach().clone()
+        return grad
+    ratio = grad_loss / ctx.first_grad_loss
+    return ctx.grad * (ratio if ratio.dim() == 0 else ratio.unsqueeze(1))
 
 
 def register_autograd(fwd_name, bwd, prob_fwd_name, prob_bwd, scale):
@@ -90,7 +94,8 @@ def register_autograd(fwd_name, bwd, prob_fwd_name, prob_bwd, scale):
     def setup_index(ctx, inputs, output):
         input, target, weight, ignore_index, label_smoothing, reduction, log_probs, compute_grad = inputs
         ctx.args = (ignore_index, label_smoothing, reduction, log_probs)
-        ctx.precomputed, ctx.consumed = compute_grad, False
+        ctx.precomputed, ctx.first_grad_loss = compute_grad, None
+        ctx.mark_non_differentiable(output[1], output[2])
         if compute_grad:
             ctx.save_for_backward(output[2])
         else:
@@ -98,8 +103,7 @@ def register_autograd(fwd_name, bwd, prob_fwd_name, prob_bwd, scale):
 
     def backward_index(ctx, grad_loss, _grad_lse, _grad_grad):
         if ctx.precomputed:
-            grad = _take_precomputed(ctx)
-            scale(grad, grad_loss)
+            grad = _precomputed_grad(ctx, grad_loss, scale)
         else:
             input, target, weight, lse = ctx.saved_tensors
             grad = bwd(grad_loss, input, target, weight, lse, *ctx.args)
@@ -108,7 +112,8 @@ def register_autograd(fwd_name, bwd, prob_fwd_name, prob_bwd, scale):
     def setup_prob(ctx, inputs, output):
         input, target, weight, label_smoothing, reduction, compute_grad = inputs
         ctx.args = (label_smoothing, reduction)
-        ctx.precomputed, ctx.consumed = compute_grad, False
+        ctx.precomputed, ctx.first_grad_loss = compute_grad, None
+        ctx.mark_non_differentiable(output[1], output[2])
         if compute_grad:
             ctx.save_for_backward(output[2])
         else:
@@ -116,8 +121,7 @@ def register_autograd(fwd_name, bwd, prob_fwd_name, prob_bwd, scale):
 
     def backward_prob(ctx, grad_loss, _grad_lse, _grad_grad):
         if ctx.precomputed:
-            grad = _take_precomputed(ctx)
-            scale(grad, grad_loss)
+            grad = _precomputed_grad(ctx, grad_loss, scale)
         else:
             input, target, weight, lse = ctx.saved_tensors
             grad = prob_bwd(grad_loss, input, target, weight, lse, *ctx.args)

@@ -1,0 +1,982 @@
+// CUDA C++ kernels for fused_nll: fused log_softmax + NLL (cross-entropy).
+//
+// The contract (schemas, shapes, math, edge cases) is docs/ops.md; the schemas
+// themselves are defined once, in csrc/ops.cpp. This file only registers CUDA
+// implementations of the five ops.
+//
+// Design
+// - The input is viewed as (N, C, S) (reshape: a view whenever possible). Row
+//   r = n*S + s starts at n*stride_N + s*stride_S and walks the C classes with
+//   stride_C. The returned gradient is contiguous, so its class stride is S.
+// - A group of `blockDim.x` threads (a power of two) owns one row; a block holds
+//   `blockDim.y` groups (several rows per block only for short rows, where the
+//   group fits in a warp), and blocks stride over the rows.
+// - Forward, pass 1 reads the row once and keeps, per thread, an online softmax
+//   state (max m, Σ exp(x - m)) plus Σ a_c·(x_c - m) and Σ a_c for a per-class
+//   coefficient a_c (w_c for label smoothing, w_c·y'_c for probability targets).
+//   When m grows by d the weighted sum is shifted by Σa·d; every term stays <= 0,
+//   so nothing cancels even for logits near ±1e4. The states are merged with
+//   warp shuffles (xor butterfly, so every lane gets the same bits) and, for
+//   groups wider than a warp, through shared memory in a fixed order:
+//   deterministic.
+// - When a gradient is wanted the same kernel sweeps the row a second time
+//   (mostly served from L2) and writes it. Backward skips pass 1 and
+//   recomputes p_c = exp(x_c - lse) from the saved lse.
+// - Loads and stores are 16-byte vectors when every array the pass touches has
+//   class stride 1 and the same misalignment modulo the vector: a scalar head
+//   brings the pointers onto the vector boundary, a scalar tail finishes. Any
+//   other layout takes scalar strided loads.
+// - The mean divisor W = Σ_r k_r·w_{t_r} is computed on the device by a small
+//   one-block deterministic reduction into a 0-d tensor that the row kernel and
+//   the final division read. Nothing here synchronises with the host.
+// - Out-of-range class indices never assert: that row's loss and gradient are
+//   nan and it contributes 0 to W.
+// - Per-row losses go to an accumulation-dtype buffer; the reduction is at::sum
+//   (deterministic), divided by W on the device, then cast once.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace fused_nll {
+namespace {
+
+// Offsets are int64 everywhere: N*C passes 2^31 already at 16k tokens x 131k
+// vocabulary, and strided views can address even further into the storage.
+
+constexpr int kMaxThreads = 1024;
+constexpr int kSmallBlock = 128;  // threads per block when several rows share one
+
+// ---------------------------------------------------------------------------
+// Device helpers
+// ---------------------------------------------------------------------------
+
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+template <typename T>
+using acc_of = typename AccOf<T>::type;
+
+__device__ __forceinline__ float dev_exp(float x) { return expf(x); }
+__device__ __forceinline__ double dev_exp(double x) { return exp(x); }
+__device__ __forceinline__ float dev_log(float x) { return logf(x); }
+__device__ __forceinline__ double dev_log(double x) { return log(x); }
+
+template <typename T>
+__device__ __forceinline__ T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+template <typename T>
+__device__ __forceinline__ T quiet_nan() {
+  return std::numeric_limits<T>::quiet_NaN();
+}
+
+// An aligned pack of N elements, loaded/stored as one vector instruction.
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+// Elements per 16-byte vector for the widest of the element types in play.
+template <typename A, typename B = A, typename C = A>
+constexpr int vec_width() {
+  constexpr size_t a = sizeof(A) > sizeof(B) ? sizeof(A) : sizeof(B);
+  constexpr size_t m = a > sizeof(C) ? a : sizeof(C);
+  return static_cast<int>(16 / m);
+}
+
+// Element offset of p from the previous N-element boundary, or -1 when p is
+// not even aligned to its element size (then no vector access is possible).
+template <int N, typename T>
+__device__ __forceinline__ int pack_phase(const T* p) {
+  const auto addr = reinterpret_cast<uintptr_t>(p);
+  if (addr % sizeof(T) != 0) return -1;
+  return static_cast<int>((addr / sizeof(T)) % N);
+}
+
+// Visit the `len` classes of one row with the calling thread group
+// (threadIdx.x of blockDim.x). x and y are read when kX / kY, and the value
+// returned by f(c, x_c, y_c) is written to g when kG. The three arrays have
+// their own class strides. A thread always sees the same classes for a given
+// layout, so reductions over f's side effects are deterministic.
+template <int kVec, bool kX, bool kY, bool kG, typename acc_t, typename XT,
+          typename YT, typename GT, typename F>
+__device__ __forceinline__ void row_apply(int64_t len, const XT* x, int64_t xs,
+                                          const YT* y, int64_t ys, GT* g, int64_t gs,
+                                          F&& f) {
+  const int64_t tid = threadIdx.x;
+  const int64_t nt = blockDim.x;
+
+  auto scalar_at = [&](int64_t c, int64_t xoff, int64_t yoff, int64_t goff) {
+    const acc_t xv = kX ? static_cast<acc_t>(x[xoff]) : acc_t(0);
+    const acc_t yv = kY ? static_cast<acc_t>(y[yoff]) : acc_t(0);
+    const acc_t out = f(c, xv, yv);
+    if constexpr (kG) g[goff] = static_cast<GT>(out);
+  };
+
+  // Vector path: all touched arrays contiguous along classes and in phase.
+  int phase = -2;
+  bool vec = true;
+  auto join = [&](int ph) {
+    if (ph < 0 || (phase != -2 && ph != phase)) vec = false;
+    phase = ph;
+  };
+  if constexpr (kX) {
+    if (xs != 1) vec = false; else join(pack_phase<kVec>(x));
+  }
+  if constexpr (kY) {
+    if (ys != 1) vec = false; else join(pack_phase<kVec>(y));
+  }
+  if constexpr (kG) {
+    if (gs != 1) vec = false; else join(pack_phase<kVec>(g));
+  }
+
+  if (!vec || kVec == 1) {
+    for (int64_t c = tid; c < len; c += nt) scalar_at(c, c * xs, c * ys, c * gs);
+    return;
+  }
+
+  int64_t head = (kVec - phase) % kVec;
+  if (head > len) head = len;
+  for (int64_t c = tid; c < head; c += nt) scalar_at(c, c, c, c);
+
+  const int64_t npack = (len - head) / kVec;
+  const auto* xp = reinterpret_cast<const Pack<XT, kVec>*>(kX ? x + head : nullptr);
+  const auto* yp = reinterpret_cast<const Pack<YT, kVec>*>(kY ? y + head : nullptr);
+  auto* gp = reinterpret_cast<Pack<GT, kVec>*>(kG ? g + head : nullptr);
+#pragma unroll 2
+  for (int64_t i = tid; i < npack; i += nt) {
+    Pack<XT, kVec> xv;
+    Pack<YT, kVec> yv;
+    Pack<GT, kVec> gv;
+    if constexpr (kX) xv = xp[i];
+    if constexpr (kY) yv = yp[i];
+    const int64_t c0 = head + i * kVec;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      const acc_t xa = kX ? static_cast<acc_t>(xv.v[j]) : acc_t(0);
+      const acc_t ya = kY ? static_cast<acc_t>(yv.v[j]) : acc_t(0);
+      const acc_t out = f(c0 + j, xa, ya);
+      if constexpr (kG) gv.v[j] = static_cast<GT>(out);
+    }
+    if constexpr (kG) gp[i] = gv;
+  }
+
+  for (int64_t c = head + npack * kVec + tid; c < len; c += nt) scalar_at(c, c, c, c);
+}
+
+// Online softmax state of (part of) a row, plus a coefficient-weighted sum of
+// the shifted logits: a = Σ coef_c·(x_c - m), b = Σ coef_c.
+template <typename acc_t>
+struct RowState {
+  acc_t m;
+  acc_t s;
+  acc_t a;
+  acc_t b;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ RowState<acc_t> empty_state() {
+  return {neg_inf<acc_t>(), acc_t(0), acc_t(0), acc_t(0)};
+}
+
+template <typename acc_t>
+__device__ __forceinline__ void state_add(RowState<acc_t>& st, acc_t x, acc_t coef) {
+  if (x > st.m) {
+    const acc_t d = st.m - x;  // < 0; -inf for the first finite value
+    st.s = st.s * dev_exp(d) + acc_t(1);
+    if (st.m != neg_inf<acc_t>()) st.a += st.b * d;
+    st.m = x;
+  } else if (x != neg_inf<acc_t>()) {  // also nan: propagates through s
+    const acc_t d = x - st.m;
+    st.s += dev_exp(d);
+    st.a += coef * d;
+  } else {
+    st.a += coef * x;  // -inf (nan for coef == 0, like torch's 0·(-inf))
+  }
+  st.b += coef;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ RowState<acc_t> state_merge(const RowState<acc_t>& p,
+                                                       const RowState<acc_t>& q) {
+  RowState<acc_t> r;
+  r.m = p.m > q.m ? p.m : q.m;
+  r.b = p.b + q.b;
+  if (r.m == neg_inf<acc_t>()) {
+    r.s = p.s + q.s;
+    r.a = p.a + q.a;
+    return r;
+  }
+  // Both terms of each sum have the same sign, and the expression is
+  // symmetric in p and q, so the xor butterfly gives every lane the same bits.
+  r.s = p.s * dev_exp(p.m - r.m) + q.s * dev_exp(q.m - r.m);
+  const acc_t pa = p.m == neg_inf<acc_t>() ? p.a : p.a + p.b * (p.m - r.m);
+  const acc_t qa = q.m == neg_inf<acc_t>() ? q.a : q.a + q.b * (q.m - r.m);
+  r.a = pa + qa;
+  return r;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ RowState<acc_t> shfl_xor(const RowState<acc_t>& v, int off) {
+  return {__shfl_xor_sync(0xffffffffu, v.m, off), __shfl_xor_sync(0xffffffffu, v.s, off),
+          __shfl_xor_sync(0xffffffffu, v.a, off), __shfl_xor_sync(0xffffffffu, v.b, off)};
+}
+__device__ __forceinline__ float shfl_xor(float v, int off) {
+  return __shfl_xor_sync(0xffffffffu, v, off);
+}
+__device__ __forceinline__ double shfl_xor(double v, int off) {
+  return __shfl_xor_sync(0xffffffffu, v, off);
+}
+
+// All-reduce over the blockDim.x threads of a row group; every thread of the
+// group gets the same value. Must be reached by all threads of the block
+// (it uses full-warp shuffles, and __syncthreads when a group spans warps,
+// which only happens with blockDim.y == 1).
+template <typename T, typename Op>
+__device__ __forceinline__ T group_allreduce(T v, Op op, T* smem) {
+  const int width = blockDim.x < 32 ? static_cast<int>(blockDim.x) : 32;
+  for (int off = width >> 1; off > 0; off >>= 1) v = op(v, shfl_xor(v, off));
+  if (blockDim.x <= 32) return v;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int nwarps = blockDim.x >> 5;
+  __syncthreads();  // smem may still be read from the previous call
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  v = smem[0];
+  for (int i = 1; i < nwarps; ++i) v = op(v, smem[i]);
+  return v;
+}
+
+struct Plus {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const {
+    return a + b;
+  }
+};
+struct Merge {
+  template <typename acc_t>
+  __device__ __forceinline__ RowState<acc_t> operator()(const RowState<acc_t>& a,
+                                                        const RowState<acc_t>& b) const {
+    return state_merge(a, b);
+  }
+};
+
+// ---------------------------------------------------------------------------
+// Kernels
+// ---------------------------------------------------------------------------
+
+// Rows view shared by the kernels: row r = n*S + s.
+struct Rows {
+  int64_t R, C, S;
+};
+
+// W = Σ_r k_r·w_{t_r} over valid (not ignored, in-range) targets, in one block
+// so the summation order is fixed.
+template <typename index_t, typename acc_t>
+__global__ void __launch_bounds__(kMaxThreads)
+    total_weight_kernel(const index_t* __restrict__ target, int64_t tN, int64_t tS,
+                        Rows rows, const acc_t* __restrict__ weight, int64_t ignore_index,
+                        acc_t* __restrict__ out) {
+  __shared__ acc_t smem[32];
+  acc_t sum = 0;
+  for (int64_t r = threadIdx.x; r < rows.R; r += blockDim.x) {
+    const int64_t n = r / rows.S;
+    const int64_t s = r - n * rows.S;
+    const int64_t t = static_cast<int64_t>(target[n * tN + s * tS]);
+    if (t != ignore_index && t >= 0 && t < rows.C) sum += weight ? weight[t] : acc_t(1);
+  }
+  sum = group_allreduce(sum, Plus{}, smem);
+  if (threadIdx.x == 0) *out = sum;
+}
+
+template <typename scalar_t, typename index_t>
+struct IndexArgs {
+  using acc_t = acc_of<scalar_t>;
+  Rows rows;
+  const scalar_t* x;  // (N, C, S) view
+  int64_t xN, xC, xS;
+  const index_t* target;  // (N, S) view
+  int64_t tN, tS;
+  const acc_t* weight;  // C entries or nullptr
+  int64_t ignore_index;
+  acc_t eps;  // label smoothing
+  bool log_probs;
+  const acc_t* total_weight;  // W (mean) or nullptr
+  // forward outputs (per row, contiguous) / backward input
+  acc_t* loss;
+  acc_t* lse_out;
+  const acc_t* lse_in;
+  // gradient (contiguous (N, C, S)) or nullptr
+  scalar_t* grad;
+  // backward only
+  const acc_t* grad_loss;  // (N, S) view; strides 0 for a 0-d grad_loss
+  int64_t gN, gS;
+  const acc_t* wsum;  // Σ_c w_c on the device, or nullptr (then C)
+};
+
+// Forward (kBackward = false): loss, lse and optionally the gradient.
+// Backward (kBackward = true): the gradient times grad_loss, from lse.
+template <typename scalar_t, typename index_t, bool kBackward>
+__global__ void __launch_bounds__(kMaxThreads)
+    index_kernel(const IndexArgs<scalar_t, index_t> p) {
+  using acc_t = acc_of<scalar_t>;
+  constexpr int kVec = vec_width<scalar_t>();
+  __shared__ RowState<acc_t> smem_state[32];
+  __shared__ acc_t smem_sum[32];
+
+  const int64_t C = p.rows.C;
+  const int64_t S = p.rows.S;
+  const acc_t eps = p.eps;
+  const bool smooth = eps != acc_t(0);
+  const acc_t eps_c = eps / static_cast<acc_t>(C);
+  const acc_t* w = p.weight;
+
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.y; base < p.rows.R;
+       base += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+    // Control flow up to the reductions is uniform over the block; a row that
+    // is out of range or ignored simply visits zero classes.
+    const int64_t r = base + threadIdx.y;
+    const bool in_range = r < p.rows.R;
+    int64_t n = 0, s = 0, t = p.ignore_index;
+    if (in_range) {
+      n = r / S;
+      s = r - n * S;
+      t = static_cast<int64_t>(p.target[n * p.tN + s * p.tS]);
+    }
+    const bool ignored = !in_range || t == p.ignore_index;
+    const bool bad = !ignored && (t < 0 || t >= C);
+    const scalar_t* xrow = p.x + n * p.xN + s * p.xS;
+    const int64_t len = ignored ? 0 : C;
+
+    // Shift and log-sum for p_c = exp((x_c - shift) - logsum).
+    acc_t shift = 0, logsum = 0, wsum = static_cast<acc_t>(C);
+
+    if constexpr (!kBackward) {
+      acc_t loss = 0, lse = 0;
+      if (!p.log_probs) {
+        RowState<acc_t> st = empty_state<acc_t>();
+        row_apply<kVec, true, false, false, acc_t>(
+            len, xrow, p.xC, (const scalar_t*)nullptr, 0, (scalar_t*)nullptr, 0,
+            [&](int64_t c, acc_t x, acc_t) {
+              const acc_t coef = smooth ? (w ? w[c] : acc_t(1)) : acc_t(0);
+              state_add(st, x, coef);
+              return acc_t(0);
+            });
+        st = group_allreduce(st, Merge{}, smem_state);
+        shift = st.m;
+        logsum = dev_log(st.s);
+        lse = shift + logsum;
+        if (smooth) wsum = st.b;
+        if (!ignored && !bad) {
+          const acc_t xt = static_cast<acc_t>(xrow[t * p.xC]);
+          const acc_t wt = w ? w[t] : acc_t(1);
+          // -lp_t = (m - x_t) + log s: no rounding of lse near large logits.
+          loss = (acc_t(1) - eps) * wt * ((shift - xt) + logsum);
+          // -Σ w_c lp_c = wsum·log s - Σ w_c (x_c - m); both terms >= 0.
+          if (smooth) loss += eps_c * (st.b * logsum - st.a);
+        }
+      } else {
+        acc_t wx = 0;  // Σ_c w_c x_c, only needed for smoothing
+        if (smooth) {
+          row_apply<kVec, true, false, false, acc_t>(
+              len, xrow, p.xC, (const scalar_t*)nullptr, 0, (scalar_t*)nullptr, 0,
+              [&](int64_t c, acc_t x, acc_t) {
+                wx += (w ? w[c] : acc_t(1)) * x;
+                return acc_t(0);
+              });
+          wx = group_allreduce(wx, Plus{}, smem_sum);
+        }
+        if (!ignored && !bad) {
+          const acc_t xt = static_cast<acc_t>(xrow[t * p.xC]);
+          const acc_t wt = w ? w[t] : acc_t(1);
+          loss = -(acc_t(1) - eps) * wt * xt;
+          if (smooth) loss -= eps_c * wx;
+        }
+      }
+      if (in_range && threadIdx.x == 0) {
+        p.loss[r] = bad ? quiet_nan<acc_t>() : loss;
+        p.lse_out[r] = ignored ? acc_t(0) : lse;
+      }
+    } else {
+      if (in_range && !p.log_probs) shift = p.lse_in[r];
+      if (smooth && p.wsum != nullptr) wsum = *p.wsum;
+    }
+
+    if (p.grad == nullptr || !in_range) continue;  // no block-wide sync below
+    scalar_t* grow = p.grad + n * C * S + s;
+    if (ignored || bad) {
+      // Exactly 0 for ignored rows (never 0·inf), nan for invalid targets.
+      const acc_t fill = ignored ? acc_t(0) : quiet_nan<acc_t>();
+      row_apply<kVec, false, false, true, acc_t>(
+          C, (const scalar_t*)nullptr, 0, (const scalar_t*)nullptr, 0, grow, S,
+          [&](int64_t, acc_t, acc_t) { return fill; });
+      continue;
+    }
+    acc_t sr = acc_t(1);
+    if constexpr (kBackward) sr = p.grad_loss[n * p.gN + s * p.gS];
+    if (p.total_weight != nullptr) sr = sr / *p.total_weight;
+    const acc_t wt = w ? w[t] : acc_t(1);
+    // g_c = coef_p·p_c - coef_t·δ_ct - coef_w·w_c
+    const acc_t coef_t = sr * (acc_t(1) - eps) * wt;
+    const acc_t coef_w = sr * eps_c;
+    if (!p.log_probs) {
+      const acc_t coef_p = coef_t + coef_w * wsum;
+      row_apply<kVec, true, false, true, acc_t>(
+          C, xrow, p.xC, (const scalar_t*)nullptr, 0, grow, S,
+          [&](int64_t c, acc_t x, acc_t) {
+            acc_t g = coef_p * dev_exp((x - shift) - logsum);
+            if (c == t) g -= coef_t;
+            if (smooth) g -= coef_w * (w ? w[c] : acc_t(1));
+            return g;
+          });
+    } else {
+      row_apply<kVec, false, false, true, acc_t>(
+          C, (const scalar_t*)nullptr, 0, (const scalar_t*)nullptr, 0, grow, S,
+          [&](int64_t c, acc_t, acc_t) {
+            acc_t g = 0;
+            if (c == t) g -= coef_t;
+            if (smooth) g -= coef_w * (w ? w[c] : acc_t(1));
+            return g;
+          });
+    }
+  }
+}
+
+template <typename scalar_t, typename target_t>
+struct ProbArgs {
+  using acc_t = acc_of<scalar_t>;
+  Rows rows;
+  const scalar_t* x;  // (N, C, S) view
+  int64_t xN, xC, xS;
+  const target_t* y;  // (N, C, S) view
+  int64_t yN, yC, yS;
+  const acc_t* weight;  // C entries or nullptr
+  acc_t eps;
+  acc_t inv_rows;  // 1/R for mean, else 1
+  acc_t* loss;
+  acc_t* lse_out;
+  const acc_t* lse_in;
+  scalar_t* grad;
+  const acc_t* grad_loss;
+  int64_t gN, gS;
+};
+
+template <typename scalar_t, typename target_t, bool kBackward>
+__global__ void __launch_bounds__(kMaxThreads)
+    prob_kernel(const ProbArgs<scalar_t, target_t> p) {
+  using acc_t = acc_of<scalar_t>;
+  constexpr int kVec = vec_width<scalar_t, target_t>();
+  __shared__ RowState<acc_t> smem_state[32];
+  __shared__ acc_t smem_sum[32];
+
+  const int64_t C = p.rows.C;
+  const int64_t S = p.rows.S;
+  const acc_t keep = acc_t(1) - p.eps;
+  const acc_t eps_c = p.eps / static_cast<acc_t>(C);
+  const acc_t* w = p.weight;
+  // a_c = w_c·y'_c with y'_c = (1-ε)·y_c + ε/C
+  auto coef = [&](int64_t c, acc_t y) {
+    const acc_t yp = keep * y + eps_c;
+    return w ? w[c] * yp : yp;
+  };
+
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.y; base < p.rows.R;
+       base += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+    const int64_t r = base + threadIdx.y;
+    const bool in_range = r < p.rows.R;
+    const int64_t n = in_range ? r / S : 0;
+    const int64_t s = in_range ? r - n * S : 0;
+    const int64_t len = in_range ? C : 0;
+    const scalar_t* xrow = p.x + n * p.xN + s * p.xS;
+    const target_t* yrow = p.y + n * p.yN + s * p.yS;
+
+    acc_t shift = 0, logsum = 0, bsum = 0;  // bsum = Σ_j w_j·y'_j
+    if constexpr (!kBackward) {
+      RowState<acc_t> st = empty_state<acc_t>();
+      row_apply<kVec, true, true, false, acc_t>(
+          len, xrow, p.xC, yrow, p.yC, (scalar_t*)nullptr, 0,
+          [&](int64_t c, acc_t x, acc_t y) {
+            state_add(st, x, coef(c, y));
+            return acc_t(0);
+          });
+      st = group_allreduce(st, Merge{}, smem_state);
+      shift = st.m;
+      logsum = dev_log(st.s);
+      bsum = st.b;
+      if (in_range && threadIdx.x == 0) {
+        // -Σ a_c (x_c - lse) = Σa·log s - Σ a_c (x_c - m)
+        p.loss[r] = bsum * logsum - st.a;
+        p.lse_out[r] = shift + logsum;
+      }
+    } else {
+      row_apply<kVec, false, true, false, acc_t>(
+          len, (const scalar_t*)nullptr, 0, yrow, p.yC, (scalar_t*)nullptr, 0,
+          [&](int64_t c, acc_t, acc_t y) {
+            bsum += coef(c, y);
+            return acc_t(0);
+          });
+      bsum = group_allreduce(bsum, Plus{}, smem_sum);
+      if (in_range) shift = p.lse_in[r];
+    }
+
+    if (p.grad == nullptr || !in_range) continue;
+    acc_t sr = p.inv_rows;
+    if constexpr (kBackward) sr *= p.grad_loss[n * p.gN + s * p.gS];
+    const acc_t coef_p = sr * bsum;
+    scalar_t* grow = p.grad + n * C * S + s;
+    row_apply<kVec, true, true, true, acc_t>(
+        C, xrow, p.xC, yrow, p.yC, grow, S, [&](int64_t c, acc_t x, acc_t y) {
+          return coef_p * dev_exp((x - shift) - logsum) - sr * coef(c, y);
+        });
+  }
+}
+
+// g *= grad_loss for a 0-d grad_loss; returns before touching g when it is 1.
+template <typename scalar_t>
+__global__ void scale_all_kernel(scalar_t* __restrict__ g, int64_t numel,
+                                 const acc_of<scalar_t>* __restrict__ scale) {
+  using acc_t = acc_of<scalar_t>;
+  constexpr int kVec = vec_width<scalar_t>();
+  const acc_t v = *scale;
+  if (v == acc_t(1)) return;
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t nt = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  int64_t done = 0;
+  if (pack_phase<kVec>(g) == 0) {
+    const int64_t npack = numel / kVec;
+    auto* gp = reinterpret_cast<Pack<scalar_t, kVec>*>(g);
+    for (int64_t i = tid; i < npack; i += nt) {
+      Pack<scalar_t, kVec> pk = gp[i];
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) pk.v[j] = static_cast<scalar_t>(static_cast<acc_t>(pk.v[j]) * v);
+      gp[i] = pk;
+    }
+    done = npack * kVec;
+  }
+  for (int64_t i = done + tid; i < numel; i += nt)
+    g[i] = static_cast<scalar_t>(static_cast<acc_t>(g[i]) * v);
+}
+
+// g[n, :, s] *= grad_loss[n, s] for a contiguous g viewed as (N, C, S).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kMaxThreads)
+    scale_rows_kernel(scalar_t* __restrict__ g, Rows rows,
+                      const acc_of<scalar_t>* __restrict__ scale, int64_t gN, int64_t gS) {
+  using acc_t = acc_of<scalar_t>;
+  constexpr int kVec = vec_width<scalar_t>();
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; r < rows.R;
+       r += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+    const int64_t n = r / rows.S;
+    const int64_t s = r - n * rows.S;
+    const acc_t v = scale[n * gN + s * gS];
+    scalar_t* row = g + n * rows.C * rows.S + s;
+    row_apply<kVec, true, false, true, acc_t>(
+        rows.C, row, rows.S, (const scalar_t*)nullptr, 0, row, rows.S,
+        [&](int64_t, acc_t x, acc_t) { return x * v; });
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Host side
+// ---------------------------------------------------------------------------
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+int num_sms(const at::Tensor& t) {
+  int sms = 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, t.get_device()) !=
+          cudaSuccess ||
+      sms <= 0) {
+    (void)cudaGetLastError();  // clear the error; fall back to a fixed count
+    sms = 132;
+  }
+  return sms;
+}
+
+// Launch shape for one row group per row: blockDim.x threads per row (a power
+// of two, about 4 vectors of work each), blockDim.y rows per block.
+struct RowLaunch {
+  dim3 grid, block;
+};
+
+RowLaunch row_launch(const at::Tensor& like, int64_t R, int64_t C, int vec) {
+  const int64_t work = ceil_div(C, 4 * static_cast<int64_t>(vec));
+  int tpr = 4;
+  while (tpr < work && tpr < kMaxThreads) tpr <<= 1;
+  const int rpb = tpr < kSmallBlock ? kSmallBlock / tpr : 1;
+  const int64_t max_blocks = static_cast<int64_t>(num_sms(like)) * (2048 / (tpr * rpb)) * 8;
+  int64_t blocks = ceil_div(R, rpb);
+  if (blocks > max_blocks) blocks = max_blocks;
+  if (blocks < 1) blocks = 1;
+  return {dim3(static_cast<unsigned>(blocks)), dim3(tpr, rpb)};
+}
+
+// The (N, C, S) view of docs/ops.md: rows = (N, S); row_shape is the shape of
+// the per-row outputs (loss for reduction none, lse).
+struct Layout {
+  int64_t N, C, S;
+  std::vector<int64_t> row_shape;
+  int64_t rows() const { return N * S; }
+};
+
+Layout layout_of(const at::Tensor& input) {
+  TORCH_CHECK(input.dim() >= 1, "fused_nll: input must have at least 1 dimension");
+  Layout l;
+  if (input.dim() == 1) {
+    l.N = 1;
+    l.C = input.size(0);
+    l.S = 1;
+    return l;
+  }
+  l.N = input.size(0);
+  l.C = input.size(1);
+  l.S = 1;
+  l.row_shape.push_back(l.N);
+  for (int64_t d = 2; d < input.dim(); ++d) {
+    l.S *= input.size(d);
+    l.row_shape.push_back(input.size(d));
+  }
+  return l;
+}
+
+at::ScalarType acc_type_of(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+std::optional<at::Tensor> prepare_weight(const std::optional<at::Tensor>& weight,
+                                         const Layout& l, at::ScalarType acc) {
+  if (!weight.has_value() || !weight->defined()) return std::nullopt;
+  TORCH_CHECK(weight->numel() == l.C, "fused_nll: weight must have C = ", l.C,
+              " entries, got ", weight->numel());
+  return weight->to(acc).contiguous();
+}
+
+// A (N, S) view of a per-row tensor in acc dtype; a 0-d tensor broadcasts.
+struct RowScalars {
+  at::Tensor t;
+  int64_t sN = 0, sS = 0;
+};
+
+RowScalars per_row_view(const at::Tensor& v, const Layout& l, at::ScalarType acc,
+                        const char* what) {
+  RowScalars out;
+  out.t = v.to(acc);
+  if (out.t.dim() == 0) return out;
+  TORCH_CHECK(out.t.numel() == l.rows(), "fused_nll: ", what, " must be 0-d or have ",
+              l.rows(), " elements, got ", out.t.numel());
+  out.t = out.t.reshape({l.N, l.S});
+  out.sN = out.t.stride(0);
+  out.sS = out.t.stride(1);
+  return out;
+}
+
+template <typename index_t>
+at::Tensor total_weight(const at::Tensor& t2, const Layout& l, const at::Tensor* weight,
+                        int64_t ignore_index, at::ScalarType acc, cudaStream_t stream) {
+  at::Tensor W = at::empty({}, t2.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES(acc, "fused_nll_total_weight", [&] {
+    total_weight_kernel<index_t, scalar_t><<<1, kMaxThreads, 0, stream>>>(
+        t2.data_ptr<index_t>(), t2.stride(0), t2.stride(1), Rows{l.rows(), l.C, l.S},
+        weight ? weight->data_ptr<scalar_t>() : nullptr, ignore_index, W.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return W;
+}
+
+at::Tensor reduce_loss(const at::Tensor& row_loss, const Layout& l, int64_t reduction,
+                       const std::optional<at::Tensor>& W, at::ScalarType out_dtype) {
+  if (reduction == 0) return row_loss.reshape(l.row_shape).to(out_dtype);
+  at::Tensor total = row_loss.sum();  // deterministic, in acc dtype
+  if (reduction == 1) {
+    if (W.has_value())
+      total = total.div(*W);
+    else
+      total = total.div(static_cast<double>(l.rows()));  // 0/0 = nan for R = 0
+  }
+  return total.to(out_dtype);
+}
+
+// Shared by fwd and bwd with index targets.
+template <bool kBackward>
+at::Tensor run_index(const at::Tensor& input, const at::Tensor& target,
+                     const std::optional<at::Tensor>& weight_opt, int64_t ignore_index,
+                     double label_smoothing, int64_t reduction, bool log_probs,
+                     bool compute_grad, const at::Tensor* grad_loss, const at::Tensor* lse,
+                     at::Tensor* loss_out, at::Tensor* lse_out) {
+  const Layout l = layout_of(input);
+  const int64_t R = l.rows();
+  const at::ScalarType acc = acc_type_of(input.scalar_type());
+  TORCH_CHECK(target.numel() == R, "fused_nll: target must have ", R, " elements, got ",
+              target.numel());
+  const at::Tensor x = input.reshape({l.N, l.C, l.S});
+  const at::Tensor t2 = target.reshape({l.N, l.S});
+  const std::optional<at::Tensor> weight = prepare_weight(weight_opt, l, acc);
+  const at::Tensor* wp = weight.has_value() ? &*weight : nullptr;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  at::Tensor grad = compute_grad ? at::empty(input.sizes(), input.options())
+                                 : at::empty({0}, input.options());
+  at::Tensor row_loss, lse_rows;
+  if (!kBackward) {
+    row_loss = at::empty({R}, input.options().dtype(acc));
+    lse_rows = at::empty(l.row_shape, input.options().dtype(acc));
+  }
+
+  std::optional<at::Tensor> W;
+  if (reduction == 1) {
+    AT_DISPATCH_INTEGRAL_TYPES(target.scalar_type(), "fused_nll_total_weight", [&] {
+      W = total_weight<scalar_t>(t2, l, wp, ignore_index, acc, stream);
+    });
+  }
+
+  RowScalars gl;
+  at::Tensor lse_in, wsum;
+  if (kBackward) {
+    gl = per_row_view(*grad_loss, l, acc, "grad_loss");
+    if (!log_probs) {
+      TORCH_CHECK(lse->numel() == R, "fused_nll: lse must have ", R, " elements, got ",
+                  lse->numel());
+      lse_in = lse->to(acc).reshape({R}).contiguous();
+    }
+    if (label_smoothing != 0.0 && wp != nullptr) wsum = wp->sum();
+  }
+
+  if (R > 0 && (!kBackward || compute_grad)) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                    "fused_nll_cross_entropy_cuda", [&] {
+      using x_t = scalar_t;
+      using acc_t = acc_of<x_t>;
+      AT_DISPATCH_INTEGRAL_TYPES(target.scalar_type(), "fused_nll_cross_entropy_cuda_target", [&] {
+        using index_t = scalar_t;
+        IndexArgs<x_t, index_t> a{};
+        a.rows = Rows{R, l.C, l.S};
+        a.x = x.data_ptr<x_t>();
+        a.xN = x.stride(0);
+        a.xC = x.stride(1);
+        a.xS = x.stride(2);
+        a.target = t2.data_ptr<index_t>();
+        a.tN = t2.stride(0);
+        a.tS = t2.stride(1);
+        a.weight = wp ? wp->data_ptr<acc_t>() : nullptr;
+        a.ignore_index = ignore_index;
+        a.eps = static_cast<acc_t>(label_smoothing);
+        a.log_probs = log_probs;
+        a.total_weight = W.has_value() ? W->data_ptr<acc_t>() : nullptr;
+        a.grad = compute_grad ? grad.data_ptr<x_t>() : nullptr;
+        if (!kBackward) {
+          a.loss = row_loss.data_ptr<acc_t>();
+          a.lse_out = lse_rows.data_ptr<acc_t>();
+        } else {
+          a.lse_in = lse_in.defined() ? lse_in.data_ptr<acc_t>() : nullptr;
+          a.grad_loss = gl.t.data_ptr<acc_t>();
+          a.gN = gl.sN;
+          a.gS = gl.sS;
+          a.wsum = wsum.defined() ? wsum.data_ptr<acc_t>() : nullptr;
+        }
+        const int vec = x.stride(1) == 1 ? vec_width<x_t>() : 1;
+        const RowLaunch rl = row_launch(input, R, l.C, vec);
+        index_kernel<x_t, index_t, kBackward><<<rl.grid, rl.block, 0, stream>>>(a);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  }
+
+  if (!kBackward) {
+    *loss_out = reduce_loss(row_loss, l, reduction, W, input.scalar_type());
+    *lse_out = lse_rows;
+  }
+  return grad;
+}
+
+template <bool kBackward>
+at::Tensor run_prob(const at::Tensor& input, const at::Tensor& target,
+                    const std::optional<at::Tensor>& weight_opt, double label_smoothing,
+                    int64_t reduction, bool compute_grad, const at::Tensor* grad_loss,
+                    const at::Tensor* lse, at::Tensor* loss_out, at::Tensor* lse_out) {
+  const Layout l = layout_of(input);
+  const int64_t R = l.rows();
+  const at::ScalarType acc = acc_type_of(input.scalar_type());
+  TORCH_CHECK(target.sizes() == input.sizes(),
+              "fused_nll: probability target must have the input's shape");
+  const at::Tensor x = input.reshape({l.N, l.C, l.S});
+  const at::Tensor y = target.reshape({l.N, l.C, l.S});
+  const std::optional<at::Tensor> weight = prepare_weight(weight_opt, l, acc);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  at::Tensor grad = compute_grad ? at::empty(input.sizes(), input.options())
+                                 : at::empty({0}, input.options());
+  at::Tensor row_loss, lse_rows;
+  if (!kBackward) {
+    row_loss = at::empty({R}, input.options().dtype(acc));
+    lse_rows = at::empty(l.row_shape, input.options().dtype(acc));
+  }
+  RowScalars gl;
+  at::Tensor lse_in;
+  if (kBackward) {
+    gl = per_row_view(*grad_loss, l, acc, "grad_loss");
+    TORCH_CHECK(lse->numel() == R, "fused_nll: lse must have ", R, " elements, got ",
+                lse->numel());
+    lse_in = lse->to(acc).reshape({R}).contiguous();
+  }
+
+  if (R > 0 && (!kBackward || compute_grad)) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                    "fused_nll_cross_entropy_prob_cuda", [&] {
+      using x_t = scalar_t;
+      using acc_t = acc_of<x_t>;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, target.scalar_type(),
+                                      "fused_nll_cross_entropy_prob_cuda_target", [&] {
+        using y_t = scalar_t;
+        ProbArgs<x_t, y_t> a{};
+        a.rows = Rows{R, l.C, l.S};
+        a.x = x.data_ptr<x_t>();
+        a.xN = x.stride(0);
+        a.xC = x.stride(1);
+        a.xS = x.stride(2);
+        a.y = y.data_ptr<y_t>();
+        a.yN = y.stride(0);
+        a.yC = y.stride(1);
+        a.yS = y.stride(2);
+        a.weight = weight.has_value() ? weight->data_ptr<acc_t>() : nullptr;
+        a.eps = static_cast<acc_t>(label_smoothing);
+        a.inv_rows = reduction == 1 ? acc_t(1) / static_cast<acc_t>(R) : acc_t(1);
+        a.grad = compute_grad ? grad.data_ptr<x_t>() : nullptr;
+        if (!kBackward) {
+          a.loss = row_loss.data_ptr<acc_t>();
+          a.lse_out = lse_rows.data_ptr<acc_t>();
+        } else {
+          a.lse_in = lse_in.data_ptr<acc_t>();
+          a.grad_loss = gl.t.data_ptr<acc_t>();
+          a.gN = gl.sN;
+          a.gS = gl.sS;
+        }
+        const int vec = x.stride(1) == 1 ? vec_width<x_t, y_t>() : 1;
+        const RowLaunch rl = row_launch(input, R, l.C, vec);
+        prob_kernel<x_t, y_t, kBackward><<<rl.grid, rl.block, 0, stream>>>(a);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  }
+
+  if (!kBackward) {
+    const at::ScalarType out_dtype = c10::promoteTypes(input.scalar_type(), target.scalar_type());
+    *loss_out = reduce_loss(row_loss, l, reduction, std::nullopt, out_dtype);
+    *lse_out = lse_rows;
+  }
+  return grad;
+}
+
+// ---------------------------------------------------------------------------
+// Op implementations (schemas in csrc/ops.cpp)
+// ---------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    int64_t ignore_index, double label_smoothing, int64_t reduction, bool log_probs,
+    bool compute_grad) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor loss, lse;
+  at::Tensor grad = run_index<false>(input, target, weight, ignore_index, label_smoothing,
+                                     reduction, log_probs, compute_grad, nullptr, nullptr,
+                                     &loss, &lse);
+  return {loss, lse, grad};
+}
+
+at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& input,
+                                  const at::Tensor& target,
+                                  const std::optional<at::Tensor>& weight,
+                                  const at::Tensor& lse, int64_t ignore_index,
+                                  double label_smoothing, int64_t reduction, bool log_probs) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  return run_index<true>(input, target, weight, ignore_index, label_smoothing, reduction,
+                         log_probs, /*compute_grad=*/true, &grad_loss, &lse, nullptr, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_prob_fwd_cuda(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    double label_smoothing, int64_t reduction, bool compute_grad) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor loss, lse;
+  at::Tensor grad = run_prob<false>(input, target, weight, label_smoothing, reduction,
+                                    compute_grad, nullptr, nullptr, &loss, &lse);
+  return {loss, lse, grad};
+}
+
+at::Tensor cross_entropy_prob_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& input,
+                                       const at::Tensor& target,
+                                       const std::optional<at::Tensor>& weight,
+                                       const at::Tensor& lse, double label_smoothing,
+                                       int64_t reduction) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  return run_prob<true>(input, target, weight, label_smoothing, reduction,
+                        /*compute_grad=*/true, &grad_loss, &lse, nullptr, nullptr);
+}
+
+void scale_grad_cuda(at::Tensor& grad_input, const at::Tensor& grad_loss) {
+  if (grad_input.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(grad_input.device());
+  const at::ScalarType acc = acc_type_of(grad_input.scalar_type());
+  if (!grad_input.is_contiguous()) {
+    // Not produced by our forward (which returns a contiguous gradient): let
+    // ATen broadcast. This path does touch g even for a grad_loss of 1.
+    at::Tensor gl = grad_loss.to(acc);
+    if (gl.dim() > 0 && grad_input.dim() >= 2) gl = gl.unsqueeze(1);
+    grad_input.mul_(gl);
+    return;
+  }
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor gl0 = grad_loss.to(acc);  // no-op when already acc
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_input.scalar_type(),
+                                  "fused_nll_scale_grad_cuda", [&] {
+    using acc_t = acc_of<scalar_t>;
+    if (gl0.dim() == 0) {
+      const int64_t threads = 256;
+      int64_t blocks = ceil_div(ceil_div(grad_input.numel(), vec_width<scalar_t>()), threads);
+      const int64_t max_blocks = static_cast<int64_t>(num_sms(grad_input)) * 8;
+      if (blocks > max_blocks) blocks = max_blocks;
+      scale_all_kernel<scalar_t><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+          grad_input.data_ptr<scalar_t>(), grad_input.numel(), gl0.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      const Layout l = layout_of(grad_input);
+      const RowScalars gl = per_row_view(grad_loss, l, acc, "grad_loss");
+      const int vec = l.S == 1 ? vec_width<scalar_t>() : 1;
+      const RowLaunch rl = row_launch(grad_input, l.rows(), l.C, vec);
+      scale_rows_kernel<scalar_t><<<rl.grid, rl.block, 0, stream>>>(
+          grad_input.data_ptr<scalar_t>(), Rows{l.rows(), l.C, l.S}, gl.t.data_ptr<acc_t>(),
+          gl.sN, gl.sS);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_nll, CUDA, m) {
+  m.impl("cross_entropy_fwd", &cross_entropy_fwd_cuda);
+  m.impl("cross_entropy_bwd", &cross_entropy_bwd_cuda);
+  m.impl("cross_entropy_prob_fwd", &cross_entropy_prob_fwd_cuda);
+  m.impl("cross_entropy_prob_bwd", &cross_entropy_prob_bwd_cuda);
+  m.impl("scale_grad_", &scale_grad_cuda);
+}
+
+}  // namespace fused_nll

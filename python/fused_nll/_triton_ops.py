@@ -1,0 +1,101 @@
+"""The Triton backend: the five ops of docs/ops.md registered as
+``torch.library.triton_op``s named ``fused_nll::triton_<name>``.
+
+Their bodies are the launchers of ``fused_nll.triton_kernels.cross_entropy``: torch
+ops plus ``wrap_triton`` launches, so ``torch.compile`` can see into the kernels.
+Autograd and backend selection are wired elsewhere (``_ops.register_autograd``,
+``_backend``).
+
+Importing this module raises ImportError when Triton is not installed; the package
+catches that (``_backend.triton_status``). It imports fine on a CPU-only machine
+with Triton installed: nothing here touches a GPU driver until a kernel launches.
+On CPU tensors the kernels run only under Triton's interpreter
+(``TRITON_INTERPRET=1`` set before triton is first imported).
+"""
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+import triton  # noqa: F401  (ImportError here = no Triton backend)
+
+from .triton_kernels import cross_entropy as _kernels
+
+
+@torch.library.triton_op("fused_nll::triton_cross_entropy_fwd", mutates_args=())
+def triton_cross_entropy_fwd(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: int,
+    log_probs: bool,
+    compute_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _kernels.cross_entropy_fwd(
+        input, target, weight, ignore_index, label_smoothing, reduction, log_probs, compute_grad
+    )
+
+
+@torch.library.triton_op("fused_nll::triton_cross_entropy_bwd", mutates_args=())
+def triton_cross_entropy_bwd(
+    grad_loss: Tensor,
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    lse: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: int,
+    log_probs: bool,
+) -> Tensor:
+    return _kernels.cross_entropy_bwd(
+        grad_loss, input, target, weight, lse, ignore_index, label_smoothing, reduction, log_probs
+    )
+
+
+@torch.library.triton_op("fused_nll::triton_cross_entropy_prob_fwd", mutates_args=())
+def triton_cross_entropy_prob_fwd(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    label_smoothing: float,
+    reduction: int,
+    compute_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _kernels.cross_entropy_prob_fwd(
+        input, target, weight, label_smoothing, reduction, compute_grad
+    )
+
+
+@torch.library.triton_op("fused_nll::triton_cross_entropy_prob_bwd", mutates_args=())
+def triton_cross_entropy_prob_bwd(
+    grad_loss: Tensor,
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    lse: Tensor,
+    label_smoothing: float,
+    reduction: int,
+) -> Tensor:
+    return _kernels.cross_entropy_prob_bwd(
+        grad_loss, input, target, weight, lse, label_smoothing, reduction
+    )
+
+
+@torch.library.triton_op("fused_nll::triton_scale_grad_", mutates_args=("grad_input",))
+def triton_scale_grad_(grad_input: Tensor, grad_loss: Tensor) -> None:
+    _kernels.scale_grad_(grad_input, grad_loss)
+
+
+# The Triton op family, with the same fields as _ops.CPP.
+_ops = torch.ops.fused_nll
+TRITON = SimpleNamespace(
+    fwd=_ops.triton_cross_entropy_fwd,
+    bwd=_ops.triton_cross_entropy_bwd,
+    prob_fwd=_ops.triton_cross_entropy_prob_fwd,
+    prob_bwd=_ops.triton_cross_entropy_prob_bwd,
+    scale=_ops.triton_scale_grad_,
+)

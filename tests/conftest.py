@@ -1,0 +1,69 @@
+"""Shared test helpers: which (device, backend) pairs can run here, and a
+parity check of loss and gradient against torch in fp64."""
+import os
+
+import pytest
+import torch
+
+import fused_nll
+from fused_nll import _backend
+from fused_nll._reference import close, reference
+
+
+def available_targets():
+    """(device, backend) pairs runnable on this machine."""
+    pairs = [("cpu", "cpp")]
+    if _backend.interpreter_on() and _backend.triton_status()[0]:
+        pairs.append(("cpu", "triton"))
+    if torch.cuda.is_available():
+        if _backend.triton_status()[0]:
+            pairs.append(("cuda", "triton"))
+        if _backend.cuda_cpp_built():
+            pairs.append(("cuda", "cuda"))
+    only = os.environ.get("FUSED_NLL_TEST_BACKENDS")  # e.g. "cuda/triton,cuda/cuda"
+    if only:
+        pairs = [p for p in pairs if "/".join(p) in only.split(",")]
+    return pairs
+
+
+TARGETS = available_targets()
+
+
+@pytest.fixture(params=TARGETS, ids=["/".join(p) for p in TARGETS])
+def target(request):
+    """Yields the device; the backend is forced for the duration of the test."""
+    device, backend = request.param
+    with fused_nll.use_backend(backend):
+        yield device
+
+
+def check_parity(fn, input, target, weight=None, ignore_index=-100, reduction="mean",
+                 label_smoothing=0.0, grad_scale=None):
+    """Loss and input gradient of fused_nll.<fn> equal torch's fp64 reference.
+
+    grad_scale: upstream gradient (None: random for 'none', 1 for mean/sum).
+    """
+    dtype = input.dtype
+    x = input.detach().clone().requires_grad_(True)
+    kwargs = dict(weight=weight, ignore_index=ignore_index, reduction=reduction)
+    if fn == "cross_entropy":
+        kwargs["label_smoothing"] = label_smoothing
+    loss = getattr(fused_nll, fn)(x, target, **kwargs)
+    if grad_scale is None:
+        grad_scale = (torch.randn(loss.shape, dtype=torch.float64, device=loss.device)
+                      if reduction == "none" else torch.ones((), dtype=torch.float64, device=loss.device))
+    grad_scale = grad_scale.to(loss.dtype)  # the reference sees the same rounded values
+    ref_loss, ref_grad = reference(fn, input, target, grad_output=grad_scale, **kwargs)
+    assert loss.dtype == (torch.result_type(input, target) if target.is_floating_point() else dtype)
+    assert loss.shape == ref_loss.shape
+    ok, detail = close(loss, ref_loss, dtype)
+    assert ok, f"loss: {detail}"
+    (grad,) = torch.autograd.grad(loss, x, grad_scale)
+    assert grad.dtype == dtype and grad.shape == input.shape
+    # Gradient entries are O(upstream gradient / rows); that is the scale of
+    # the terms that cancel where the reference gradient is ~0.
+    classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    rows = max(1, input.numel() // max(1, classes))
+    ok, detail = close(grad, ref_grad, dtype, scale_floor=grad_scale.abs().max().item() / rows)
+    assert ok, f"grad: {detail}"
+    return loss, grad

@@ -1,0 +1,246 @@
+"""Parity of fused_nll with torch (computed in fp64 on the same inputs), loss and
+gradient, on every backend runnable here (see conftest.TARGETS)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fused_nll
+from conftest import check_parity
+from fused_nll._reference import TOLERANCES, close, reference
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+REDUCTIONS = ["none", "mean", "sum"]
+
+
+def logits(*shape, dtype=torch.float32, device="cpu", scale=3.0):
+    return (torch.randn(*shape, dtype=torch.float64) * scale).to(dtype).to(device)
+
+
+def index_targets(n, classes, device, ignore_every=3, ignore_index=-100, shape=None):
+    t = torch.randint(0, classes, shape or (n,))
+    if ignore_every:
+        t.view(-1)[::ignore_every] = ignore_index
+    return t.to(device)
+
+
+# V = 1 (a single class: loss 0), 2, 3 (tiny), 1000, and 32001 (odd, above a
+# 32k vocabulary: exercises partial blocks in the vectorised/GPU kernels).
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("classes", [1, 2, 3, 1000, 32001])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("weighted", [False, True], ids=["noweight", "weight"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_index_targets(target, dtype, classes, reduction, weighted, label_smoothing):
+    torch.manual_seed(classes)
+    x = logits(5, classes, dtype=dtype, device=target)
+    t = index_targets(5, classes, target)
+    w = torch.rand(classes, device=target) + 0.1 if weighted else None
+    check_parity("cross_entropy", x, t, weight=w, reduction=reduction,
+                 label_smoothing=label_smoothing)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape", [(2, 5, 3, 4), (3, 7, 6), (2, 4, 1, 1, 3)], ids=str)
+def test_k_dim(target, dtype, reduction, shape):
+    torch.manual_seed(0)
+    x = logits(*shape, dtype=dtype, device=target)
+    tshape = (shape[0], *shape[2:])
+    t = index_targets(0, shape[1], target, shape=tshape)
+    t.view(-1)[1] = -100
+    w = torch.rand(shape[1], device=target)
+    check_parity("cross_entropy", x, t, weight=w, reduction=reduction, label_smoothing=0.05)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_single_sample_1d(target, reduction):
+    x = logits(11, device=target)
+    t = torch.tensor(4, device=target)
+    check_parity("cross_entropy", x, t, reduction=reduction, label_smoothing=0.2)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "strided_rows", "sliced_classes", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_non_contiguous(target, layout, dtype):
+    torch.manual_seed(1)
+    if layout == "transposed":  # (C, N).t(): classes have stride N
+        x = logits(37, 6, dtype=dtype, device=target).t()
+    elif layout == "strided_rows":  # every other row of a bigger buffer
+        x = logits(12, 37, dtype=dtype, device=target)[::2]
+    elif layout == "sliced_classes":  # row stride 50, 37 classes
+        x = logits(6, 50, dtype=dtype, device=target)[:, :37]
+    else:  # (N, H, W, C) memory seen as (N, C, H, W)
+        x = logits(2, 3, 4, 37, dtype=dtype, device=target).permute(0, 3, 1, 2)
+    assert not x.is_contiguous()
+    tshape = (x.shape[0], *x.shape[2:])
+    t = index_targets(0, 37, target, shape=tshape)
+    check_parity("cross_entropy", x, t, weight=torch.rand(37, device=target), label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_ignore_index_is_a_valid_class(target, reduction):
+    x = logits(8, 5, device=target)
+    t = torch.tensor([0, 1, 2, 3, 4, 2, 2, 1], device=target)
+    check_parity("cross_entropy", x, t, ignore_index=2, reduction=reduction, label_smoothing=0.1)
+    check_parity("cross_entropy", x, t, ignore_index=-1, reduction=reduction)  # negative, not -100
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.3])
+def test_all_rows_ignored(target, reduction, label_smoothing):
+    x = logits(4, 7, device=target).requires_grad_(True)
+    t = torch.full((4,), -100, device=target)
+    loss = fused_nll.cross_entropy(x, t, reduction=reduction, label_smoothing=label_smoothing)
+    if reduction == "mean":
+        assert torch.isnan(loss)
+    else:
+        assert torch.equal(loss.detach(), torch.zeros_like(loss))
+    loss.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))  # exactly 0, never nan
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_empty_batch(target, reduction):
+    x = logits(0, 7, device=target).requires_grad_(True)
+    t = torch.zeros(0, dtype=torch.long, device=target)
+    loss = fused_nll.cross_entropy(x, t, reduction=reduction)
+    ref = F.cross_entropy(x.detach().cpu(), t.cpu(), reduction=reduction)
+    assert loss.shape == ref.shape
+    assert torch.equal(loss.detach().cpu().isnan(), ref.isnan())
+    if reduction != "mean":
+        assert torch.equal(loss.detach().cpu(), ref)
+    loss.sum().backward()
+    assert x.grad.shape == (0, 7)
+
+
+def test_zero_weights_mean_is_nan_like_torch(target):
+    check_parity("cross_entropy", logits(4, 5, device=target),
+                 torch.tensor([0, 1, 2, 3], device=target),
+                 weight=torch.zeros(5, device=target))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_extreme_logits(target, dtype, label_smoothing):
+    x = logits(6, 40, device=target, scale=1.0).double()
+    x[0] = 1e4                      # constant huge row
+    x[1, ::2] = -1e4                # huge spread
+    x[1, 1::2] = 1e4
+    x[2, 5:] = float("-inf")        # -inf entries away from the target
+    x[3] += 1e4                     # large offset: smoothing sum must not cancel
+    x[4, 3] = float("-inf")         # -inf at the target: loss inf, like torch
+    x = x.to(dtype).to(target)
+    t = torch.tensor([3, 7, 1, 0, 3, 9], device=target)
+    # mean/sum: gradient written in the forward pass, exact to the tolerance.
+    for reduction in ["mean", "sum"]:
+        check_parity("cross_entropy", x, t, reduction=reduction, label_smoothing=label_smoothing)
+    # none: backward recomputes p from the saved lse, rounded to fp32/fp64
+    # (docs/ops.md: relative error |lse|*2^-24 in p for fp32). Check the loss
+    # exactly and the gradient against that documented bound.
+    xg = x.detach().clone().requires_grad_(True)
+    loss = fused_nll.cross_entropy(xg, t, reduction="none", label_smoothing=label_smoothing)
+    go = torch.randn(6, dtype=torch.float64).to(dtype).to(target)
+    ref_loss, ref_grad = reference("cross_entropy", x, t, reduction="none",
+                                   label_smoothing=label_smoothing, grad_output=go)
+    assert close(loss, ref_loss, dtype)[0]
+    (grad,) = torch.autograd.grad(loss, xg, go)
+    rtol, atol = TOLERANCES[dtype]
+    lse_ulp = 2.0 ** -24 * 1e4 * 2 if dtype != torch.float64 else 0.0
+    finite = torch.isfinite(ref_grad)
+    err = (grad.double().cpu() - ref_grad.cpu())[finite].abs()
+    bound = (rtol + lse_ulp) * ref_grad[finite].abs() + atol * ref_grad[finite].abs().max()
+    assert torch.equal(torch.isnan(grad.cpu()), torch.isnan(ref_grad.cpu()))
+    assert (err <= bound).all(), f"max err {err.max().item():.3g}"
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_scaled_upstream_gradient(target, reduction):
+    x = logits(9, 33, device=target)
+    t = index_targets(9, 33, target)
+    check_parity("cross_entropy", x, t, reduction=reduction,
+                 grad_scale=torch.tensor(0.5, device=target))
+    check_parity("cross_entropy", x, t, reduction=reduction, label_smoothing=0.1,
+                 grad_scale=torch.tensor(-3.0, device=target))
+
+
+@pytest.mark.parametrize("tdtype", [torch.int64, torch.int32, torch.int16, torch.int8,
+                                    torch.uint8, torch.uint16], ids=str)
+def test_integer_target_dtypes(target, tdtype):
+    x = logits(7, 20, device=target)
+    t = torch.randint(0, 20, (7,)).to(tdtype).to(target)
+    check_parity("cross_entropy", x, t, ignore_index=5)
+
+
+def test_weight_of_another_float_dtype(target):
+    x = logits(6, 9, device=target)
+    t = index_targets(6, 9, target)
+    w = torch.rand(9, dtype=torch.float64, device=target)  # torch would refuse fp64 with fp32
+    check_parity("cross_entropy", x, t, weight=w)
+
+
+def test_inputs_are_not_modified(target):
+    x = logits(8, 50, device=target).requires_grad_(True)
+    t = index_targets(8, 50, target)
+    w = torch.rand(50, device=target)
+    saved = (x.detach().clone(), t.clone(), w.clone())
+    fused_nll.cross_entropy(x, t, weight=w, label_smoothing=0.1).backward()
+    assert torch.equal(x.detach(), saved[0]) and torch.equal(t, saved[1]) and torch.equal(w, saved[2])
+
+
+def test_output_dtype_matches_input(target):
+    for dtype in DTYPES:
+        x = logits(4, 10, dtype=dtype, device=target)
+        t = index_targets(4, 10, target)
+        for reduction in REDUCTIONS:
+            assert fused_nll.cross_entropy(x, t, reduction=reduction).dtype == dtype
+
+
+def test_out_of_range_target_raises_on_cpu():
+    x = logits(3, 5)
+    for bad in [5, -1, -2, 100]:
+        with pytest.raises(IndexError, match=f"Target {bad} is out of bounds."):
+            fused_nll.cross_entropy(x, torch.tensor([0, bad, 1]))
+
+
+def test_second_backward_with_retain_graph(target):
+    # The gradient precomputed in forward is scaled in place by the first
+    # backward; later ones must still be right and must not alias the first.
+    x = logits(4, 6, device=target).requires_grad_(True)
+    t = torch.tensor([0, 1, 2, 3], device=target)
+    loss = fused_nll.cross_entropy(x, t) * 3.0
+    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+    first = g1.clone()
+    (g2,) = torch.autograd.grad(loss, x, torch.tensor(-0.5, device=target), retain_graph=True)
+    _, ref = reference("cross_entropy", x, t, grad_output=torch.tensor(3.0))
+    assert torch.equal(g1, first)
+    assert close(g1, ref, torch.float32)[0]
+    assert close(g2, ref * -0.5, torch.float32)[0]
+
+
+def test_no_grad_and_inference_mode():
+    x = logits(4, 6).requires_grad_(True)
+    t = torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        a = fused_nll.cross_entropy(x, t)
+    with torch.inference_mode():
+        b = fused_nll.cross_entropy(x, t)
+    assert not a.requires_grad and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("compute_in_forward", [True, False], ids=["precomputed", "recomputed"])
+@pytest.mark.parametrize("kind", ["index", "prob", "nll"])
+def test_gradcheck_fp64(kind, compute_in_forward):
+    torch.manual_seed(0)
+    reduction = "mean" if compute_in_forward else "none"
+    x = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(7, dtype=torch.float64)
+    if kind == "index":
+        t = torch.tensor([0, 3, -100, 6, 2])
+        fn = lambda x: fused_nll.cross_entropy(x, t, weight=w, reduction=reduction, label_smoothing=0.2)
+    elif kind == "prob":
+        t = torch.softmax(torch.randn(5, 7, dtype=torch.float64), 1)
+        fn = lambda x: fused_nll.cross_entropy(x, t, weight=w, reduction=reduction, label_smoothing=0.2)
+    else:
+        t = torch.tensor([0, 3, -100, 6, 2])
+        fn = lambda x: fused_nll.nll_loss(x, t, weight=w, reduction=reduction)
+    assert torch.autograd.gradcheck(fn, (x,))
