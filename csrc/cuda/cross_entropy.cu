@@ -435,17 +435,16 @@ __global__ void __launch_bounds__(kMaxThreads)
     if constexpr (kBackward) sr = p.grad_loss[n * p.gN + s * p.gS];
     if (p.total_weight != nullptr) sr = sr / *p.total_weight;
     const acc_t wt = w ? w[t] : acc_t(1);
-    // g_c = coef_p·p_c - coef_t·δ_ct - coef_w·w_c
+    // g_c = coef_t·(p_c - δ_ct) + coef_w·(p_c·wsum - w_c)   (log_probs: p_c -> 0)
     const acc_t coef_t = sr * (acc_t(1) - eps) * wt;
     const acc_t coef_w = sr * eps_c;
     if (!p.log_probs) {
-      const acc_t coef_p = coef_t + coef_w * wsum;
       row_apply<kVec, true, false, true, acc_t>(
           C, xrow, p.xC, (const scalar_t*)nullptr, 0, grow, S,
           [&](int64_t c, acc_t x, acc_t) {
-            acc_t g = coef_p * dev_exp((x - shift) - logsum);
-            if (c == t) g -= coef_t;
-            if (smooth) g -= coef_w * (w ? w[c] : acc_t(1));
+            const acc_t pc = dev_exp((x - shift) - logsum);
+            acc_t g = coef_t * (c == t ? pc - acc_t(1) : pc);
+            if (smooth) g += coef_w * (pc * wsum - (w ? w[c] : acc_t(1)));
             return g;
           });
     } else {
@@ -958,7 +957,7 @@ void scale_grad_cuda(at::Tensor& grad_input, const at::Tensor& grad_loss) {
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
       const Layout l = layout_of(grad_input);
-      const RowScalars gl = per_row_view(grad_loss, l, acc, "grad_loss");
+      const RowScalars gl = per_row_view(gl0, l, acc, "grad_loss");
       const int vec = l.S == 1 ? vec_width<scalar_t>() : 1;
       const RowLaunch rl = row_launch(grad_input, l.rows(), l.C, vec);
       scale_rows_kernel<scalar_t><<<rl.grid, rl.block, 0, stream>>>(

@@ -1,9 +1,9 @@
 """Fake kernels and autograd for the fused_nll ops (schemas: csrc/ops.cpp, docs/ops.md).
 
 Autograd: when the forward op was asked for the gradient (`compute_grad`), only
-that gradient is saved, and backward scales it in place by the upstream
-gradient (a no-op for the usual 1.0, decided on the device). Otherwise
-backward recomputes the gradient from the saved log-sum-exp.
+that gradient is saved and backward scales it by the upstream gradient (in
+place, through `FusedLoss`, on the public API's path). Otherwise backward
+recomputes the gradient from the saved log-sum-exp.
 """
 from __future__ import annotations
 
@@ -65,70 +65,88 @@ def _(grad_input, grad_loss):
 
 
 # ---------------------------------------------------------------------------
-# Autograd, shared by the C++ ops and the Triton ops (same signatures).
+# Autograd of the ops themselves, shared by the C++ and the Triton family.
 # ---------------------------------------------------------------------------
 
-def _precomputed_grad(ctx, grad_loss, scale):
-    """The gradient saved by the forward op, times the upstream gradient.
 
-    The first backward scales the saved gradient in place (nothing to do for
-    the usual 1.0, decided on the device) and hands it out. A later backward
-    through the same graph (retain_graph=True, gradcheck) must not touch that
-    tensor again: it returns a new one, rescaled by new/first upstream gradient
-    (one extra rounding; nan if the first upstream gradient was 0).
+def _times_upstream(grad, grad_loss):
+    """grad * grad_loss, grad_loss 0-d or per row (broadcast over classes)."""
+    return grad * (grad_loss if grad_loss.dim() == 0 else grad_loss.unsqueeze(1))
+
+
+def register_autograd(fwd_name, bwd, prob_fwd_name, prob_bwd):
+    """Autograd for a family's two forward ops (by name), with the backward ops
+    they call. A gradient the forward op computed (compute_grad=True) is one of
+    its outputs, which the caller may hold, so it is scaled out of place here;
+    the public API avoids that copy with `FusedLoss` below."""
+
+    def setup(ctx, inputs, output, args):
+        input, target, weight = inputs[:3]
+        ctx.args, ctx.precomputed = args, inputs[-1]
+        ctx.mark_non_differentiable(output[1], output[2])
+        if ctx.precomputed:
+            ctx.save_for_backward(output[2])
+        else:
+            ctx.save_for_backward(input, target, weight, output[1])
+
+    def backward(ctx, grad_loss, bwd_op, n_inputs):
+        if ctx.precomputed:
+            (grad,) = ctx.saved_tensors
+            grad = _times_upstream(grad, grad_loss)
+        else:
+            input, target, weight, lse = ctx.saved_tensors
+            grad = bwd_op(grad_loss, input, target, weight, lse, *ctx.args)
+        return (grad,) + (None,) * (n_inputs - 1)
+
+    torch.library.register_autograd(
+        fwd_name,
+        lambda ctx, grad_loss, _lse, _grad: backward(ctx, grad_loss, bwd, 8),
+        setup_context=lambda ctx, inputs, output: setup(ctx, inputs, output, inputs[3:7]),
+    )
+    torch.library.register_autograd(
+        prob_fwd_name,
+        lambda ctx, grad_loss, _lse, _grad: backward(ctx, grad_loss, prob_bwd, 6),
+        setup_context=lambda ctx, inputs, output: setup(ctx, inputs, output, inputs[3:5]),
+    )
+
+
+class FusedLoss(torch.autograd.Function):
+    """The public API's path when a gradient will be needed for a mean/sum loss:
+    the forward op writes the gradient in the same pass over the logits, and
+    this Function keeps it private, so backward can scale it in place (nothing
+    to do for the usual 1.0, decided on the device) instead of copying it.
+
+    A later backward through the same graph (retain_graph=True, gradcheck)
+    must not touch the tensor the first one handed out: it returns a new one,
+    rescaled by new/first upstream gradient (one extra rounding; nan if the
+    first upstream gradient was 0).
     """
-    if ctx.first_grad_loss is None:
-        (grad,) = ctx.saved_tensors
-        ctx.grad = grad  # the in-place scale bumps its version: unpack only once
-        scale(grad, grad_loss)
-        ctx.first_grad_loss = grad_loss.detach().clone()
-        return grad
-    ratio = grad_loss / ctx.first_grad_loss
-    return ctx.grad * (ratio if ratio.dim() == 0 else ratio.unsqueeze(1))
 
+    @staticmethod
+    def forward(ctx, triton: bool, prob: bool, input, target, weight, *args):
+        family = triton_family() if triton else CPP
+        fwd = family.prob_fwd if prob else family.fwd
+        loss, _, grad = fwd(input, target, weight, *args, True)
+        ctx.scale, ctx.first_grad_loss, ctx.n_args = family.scale, None, len(args)
+        ctx.save_for_backward(grad)
+        return loss
 
-def register_autograd(fwd_name, bwd, prob_fwd_name, prob_bwd, scale):
-    """Registers autograd for an op family (the C++ ops or the Triton ops):
-    the two forward ops by name, with the backward and scale ops they call."""
-
-    def setup_index(ctx, inputs, output):
-        input, target, weight, ignore_index, label_smoothing, reduction, log_probs, compute_grad = inputs
-        ctx.args = (ignore_index, label_smoothing, reduction, log_probs)
-        ctx.precomputed, ctx.first_grad_loss = compute_grad, None
-        ctx.mark_non_differentiable(output[1], output[2])
-        if compute_grad:
-            ctx.save_for_backward(output[2])
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.first_grad_loss is None:
+            (grad,) = ctx.saved_tensors
+            ctx.grad = grad  # the in-place scale bumps its version: unpack only once
+            ctx.scale(grad, grad_loss)
+            ctx.first_grad_loss = grad_loss.detach().clone()
         else:
-            ctx.save_for_backward(input, target, weight, output[1])
+            grad = _times_upstream(ctx.grad, grad_loss / ctx.first_grad_loss)
+        return (None, None, grad, None, None) + (None,) * ctx.n_args
 
-    def backward_index(ctx, grad_loss, _grad_lse, _grad_grad):
-        if ctx.precomputed:
-            grad = _precomputed_grad(ctx, grad_loss, scale)
-        else:
-            input, target, weight, lse = ctx.saved_tensors
-            grad = bwd(grad_loss, input, target, weight, lse, *ctx.args)
-        return grad, None, None, None, None, None, None, None
 
-    def setup_prob(ctx, inputs, output):
-        input, target, weight, label_smoothing, reduction, compute_grad = inputs
-        ctx.args = (label_smoothing, reduction)
-        ctx.precomputed, ctx.first_grad_loss = compute_grad, None
-        ctx.mark_non_differentiable(output[1], output[2])
-        if compute_grad:
-            ctx.save_for_backward(output[2])
-        else:
-            ctx.save_for_backward(input, target, weight, output[1])
+def triton_family():
+    from ._triton_ops import TRITON
 
-    def backward_prob(ctx, grad_loss, _grad_lse, _grad_grad):
-        if ctx.precomputed:
-            grad = _precomputed_grad(ctx, grad_loss, scale)
-        else:
-            input, target, weight, lse = ctx.saved_tensors
-            grad = prob_bwd(grad_loss, input, target, weight, lse, *ctx.args)
-        return grad, None, None, None, None, None
-
-    torch.library.register_autograd(fwd_name, backward_index, setup_context=setup_index)
-    torch.library.register_autograd(prob_fwd_name, backward_prob, setup_context=setup_prob)
+    return TRITON
 
 
 def _cpp_op_family():
@@ -142,10 +160,4 @@ def _cpp_op_family():
 
 
 CPP = _cpp_op_family()
-register_autograd(
-    "fused_nll::cross_entropy_fwd",
-    CPP.bwd,
-    "fused_nll::cross_entropy_prob_fwd",
-    CPP.prob_bwd,
-    CPP.scale,
-)
+register_autograd("fused_nll::cross_entropy_fwd", CPP.bwd, "fused_nll::cross_entropy_prob_fwd", CPP.prob_bwd)

@@ -7,20 +7,21 @@ import torch
 from . import _backend, _ops, _validate
 
 
-def _family(input: torch.Tensor):
-    """The op family (C++ or Triton) for the input's device and the backend setting."""
-    if _backend.select(input.device) == "triton":
-        from ._triton_ops import TRITON
+def _run(prob: bool, input, target, weight, *args) -> torch.Tensor:
+    """Calls the forward op of the backend chosen for the input's device.
 
-        return TRITON
-    return _ops.CPP  # C++: CPU kernels, or CUDA C++ kernels on CUDA tensors
-
-
-def _compute_grad(input: torch.Tensor, reduction: int) -> bool:
-    # Write the gradient in the forward pass (logits read once) when one will be
-    # needed and the upstream gradient is a scalar; for reduction="none"
-    # backward recomputes it from the saved log-sum-exp instead.
-    return reduction != 0 and input.requires_grad and torch.is_grad_enabled()
+    args: the op's arguments after `weight`, without `compute_grad`.
+    When a gradient will be needed and the loss is reduced to a scalar, the
+    gradient is written in the same pass over the logits (FusedLoss); for
+    reduction="none" backward recomputes it from the saved log-sum-exp.
+    """
+    triton = _backend.select(input.device) == "triton"
+    reduction = args[-1] if prob else args[-2]
+    if reduction != 0 and input.requires_grad and torch.is_grad_enabled():
+        return _ops.FusedLoss.apply(triton, prob, input, target, weight, *args)
+    family = _ops.triton_family() if triton else _ops.CPP
+    fwd = family.prob_fwd if prob else family.fwd
+    return fwd(input, target, weight, *args, False)[0]
 
 
 def cross_entropy(
@@ -56,7 +57,6 @@ def cross_entropy(
     kind = _validate.target_kind(input, target, "cross_entropy")
     ls = _validate.check_label_smoothing(label_smoothing)
     w = _validate.weight(weight, input, "cross_entropy")
-    ops = _family(input)
     if kind == "prob":
         if ignore_index >= 0:
             raise RuntimeError(
@@ -69,13 +69,8 @@ def cross_entropy(
                 "fused_nll.cross_entropy: gradients with respect to probability targets are "
                 "not supported; pass target.detach() (e.g. a teacher's probabilities)."
             )
-        loss, _, _ = ops.prob_fwd(input, target, w, ls, red, _compute_grad(input, red))
-        return loss
-    loss, _, _ = ops.fwd(
-        input, _validate.index_target(target), w, int(ignore_index), ls, red, False,
-        _compute_grad(input, red),
-    )
-    return loss
+        return _run(True, input, target, w, ls, red)
+    return _run(False, input, _validate.index_target(target), w, int(ignore_index), ls, red, False)
 
 
 def nll_loss(
@@ -99,9 +94,4 @@ def nll_loss(
     _validate.check_same_device(input, target, "target", "nll_loss")
     _validate.target_kind(input, target, "nll_loss")
     w = _validate.weight(weight, input, "nll_loss")
-    ops = _family(input)
-    loss, _, _ = ops.fwd(
-        input, _validate.index_target(target), w, int(ignore_index), 0.0, red, True,
-        _compute_grad(input, red),
-    )
-    return loss
+    return _run(False, input, _validate.index_target(target), w, int(ignore_index), 0.0, red, True)

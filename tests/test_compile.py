@@ -1,0 +1,93 @@
+"""torch.compile(fullgraph=True) through the fused op: same loss and parameter
+gradients as eager, no graph breaks, also with dynamic shapes."""
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+import fused_nll
+
+
+class TinyLM(torch.nn.Module):
+    def __init__(self, hidden=16, vocab=37):
+        super().__init__()
+        self.proj = torch.nn.Linear(hidden, hidden)
+        self.head = torch.nn.Linear(hidden, vocab)
+        self.loss = fused_nll.CrossEntropyLoss(label_smoothing=0.1, weight=torch.rand(vocab) + 0.5)
+
+    def forward(self, h, target):
+        return self.loss(self.head(torch.relu(self.proj(h))), target)
+
+
+def _grads(model, h, t):
+    model.zero_grad()
+    loss = model(h, t)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+def _assert_same(eager, compiled):
+    (l0, g0), (l1, g1) = eager, compiled
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def test_fullgraph_matches_eager_without_graph_breaks():
+    torch.manual_seed(0)
+    model = TinyLM()
+    h, t = torch.randn(12, 16), torch.randint(0, 37, (12,))
+    t[::4] = -100
+    eager = _grads(model, h, t)
+    compiled_model = torch.compile(model, fullgraph=True)
+    _assert_same(eager, _grads(compiled_model, h, t))
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    explanation = torch._dynamo.explain(model)(h, t)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+def test_dynamic_batch_sizes():
+    torch.manual_seed(1)
+    model = TinyLM()
+    compiled_model = torch.compile(model, fullgraph=True, dynamic=True)
+    for n in [3, 8, 17, 64]:
+        h, t = torch.randn(n, 16), torch.randint(0, 37, (n,))
+        _assert_same(_grads(model, h, t), _grads(compiled_model, h, t))
+    assert sum(counters["graph_break"].values()) == 0
+    # One graph for every batch size (no recompilation per size).
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_compiled_functional_k_dim_and_nll(reduction):
+    torch.manual_seed(2)
+    x = torch.randn(2, 7, 3, 4, requires_grad=True)
+    t = torch.randint(0, 7, (2, 3, 4))
+
+    def f(x, t):
+        a = fused_nll.cross_entropy(x, t, reduction=reduction)
+        b = fused_nll.nll_loss(torch.log_softmax(x, 1), t, reduction=reduction)
+        return (a + b).sum()
+
+    eager_loss = f(x, t)
+    (eager_grad,) = torch.autograd.grad(eager_loss, x)
+    compiled_loss = torch.compile(f, fullgraph=True)(x, t)
+    (compiled_grad,) = torch.autograd.grad(compiled_loss, x)
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    torch.testing.assert_close(compiled_grad, eager_grad)
+
+
+def test_export():
+    model = TinyLM().eval()
+    h, t = torch.randn(5, 16), torch.randint(0, 37, (5,))
+    exported = torch.export.export(model, (h, t))
+    torch.testing.assert_close(exported.module()(h, t), model(h, t))
+    assert any("fused_nll" in str(n.target) for n in exported.graph.nodes)

@@ -1,0 +1,517 @@
+"""GPU tests of the CUDA C++ kernels (csrc/cuda/cross_entropy.cu).
+
+They call the registered ops `torch.ops.fused_nll.*` directly on CUDA tensors
+(which dispatches to the C++ CUDA implementation, not Triton) and compare with
+an fp64 torch reference: F.cross_entropy / F.nll_loss on `.double()` inputs and
+the autograd gradient. The contract is docs/ops.md. Skipped without a GPU.
+"""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.nn.functional as F  # noqa: E402
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+fused_nll = pytest.importorskip("fused_nll")  # loads fused_nll._C: schemas + CUDA kernels
+
+if not torch._C._dispatch_has_kernel_for_dispatch_key("fused_nll::cross_entropy_fwd", "CUDA"):
+    pytest.skip("fused_nll._C was built without the CUDA C++ kernels", allow_module_level=True)
+
+ops = torch.ops.fused_nll
+DEV = "cuda"
+RED = {"none": 0, "mean": 1, "sum": 2}
+
+# (rtol, atol) per input dtype; atol is relative to the largest |reference| value
+# of the compared tensor, so tiny gradient entries (~1/V) are still checked.
+# bf16/fp16 results are rounded once to 8/11 mantissa bits (≈4e-3/5e-4).
+TOL = {
+    torch.float64: (1e-9, 1e-12),
+    torch.float32: (1e-4, 1e-7),
+    torch.bfloat16: (2e-2, 1e-4),
+    torch.float16: (4e-3, 1e-5),
+}
+DTYPES = list(TOL)
+
+
+def acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check(actual, expected, dtype, what=""):
+    rtol, atol = TOL[dtype]
+    expected = expected.detach().double()
+    finite = expected[torch.isfinite(expected)]
+    scale = finite.abs().max().item() if finite.numel() else 1.0
+    # floor: an all-zero reference (one class) still allows rounding noise
+    torch.testing.assert_close(actual.detach().double(), expected, rtol=rtol,
+                               atol=atol * max(scale, 1e-6), equal_nan=True,
+                               msg=(lambda m: f"{what}: {m}") if what else None)
+
+
+def rows_shape(x):
+    return () if x.dim() == 1 else (x.shape[0],) + tuple(x.shape[2:])
+
+
+def logits(shape, dtype, scale=3.0, offset=0.0):
+    return (torch.randn(shape, device=DEV, dtype=torch.float64) * scale + offset).to(dtype)
+
+
+def targets(x, ignore_index=-100, p_ignore=0.0, dtype=torch.int64):
+    C = x.shape[0] if x.dim() == 1 else x.shape[1]
+    t = torch.randint(0, C, rows_shape(x), device=DEV)
+    if p_ignore:
+        t = torch.where(torch.rand(t.shape, device=DEV) < p_ignore,
+                        torch.full_like(t, ignore_index), t)
+    return t.to(dtype)
+
+
+def class_weight(C, dtype):
+    return torch.rand(C, device=DEV, dtype=acc_dtype(dtype)) + 0.5
+
+
+def ref_index(x, t, weight, ignore_index, eps, reduction, log_probs, grad_loss=None):
+    """fp64 loss and autograd gradient of docs/ops.md (torch's semantics)."""
+    xd = x.detach().double().requires_grad_()
+    wd = None if weight is None else weight.double()
+    tl = t.long()
+    if not log_probs:
+        loss = F.cross_entropy(xd, tl, weight=wd, ignore_index=ignore_index,
+                               reduction=reduction, label_smoothing=eps)
+    elif eps == 0:
+        loss = F.nll_loss(xd, tl, weight=wd, ignore_index=ignore_index, reduction=reduction)
+    else:
+        # nll_loss has no label smoothing: the formula of docs/ops.md with lp = x.
+        C = xd.shape[0] if xd.dim() == 1 else xd.shape[1]
+        lp = xd.reshape(1, C) if xd.dim() == 1 else xd.movedim(1, -1).reshape(-1, C)
+        tf = tl.reshape(-1)
+        w = torch.ones(C, device=DEV, dtype=torch.float64) if wd is None else wd
+        k = (tf != ignore_index).double()
+        tc = torch.where(tf == ignore_index, torch.zeros_like(tf), tf)
+        nll = -w[tc] * lp.gather(1, tc[:, None]).squeeze(1)
+        smooth = -(lp * w).sum(1)
+        rows = k * ((1 - eps) * nll + eps / C * smooth)
+        if reduction == "none":
+            loss = rows.reshape(rows_shape(xd))
+        elif reduction == "sum":
+            loss = rows.sum()
+        else:
+            loss = rows.sum() / (k * w[tc]).sum()
+    go = torch.ones_like(loss) if grad_loss is None else grad_loss.double()
+    (grad,) = torch.autograd.grad(loss, xd, go)
+    return loss.detach(), grad
+
+
+def ref_prob(x, y, weight, eps, reduction, grad_loss=None):
+    xd = x.detach().double().requires_grad_()
+    wd = None if weight is None else weight.double()
+    loss = F.cross_entropy(xd, y.double(), weight=wd, reduction=reduction, label_smoothing=eps)
+    go = torch.ones_like(loss) if grad_loss is None else grad_loss.double()
+    (grad,) = torch.autograd.grad(loss, xd, go)
+    return loss.detach(), grad
+
+
+def run_index(x, t, weight=None, ignore_index=-100, eps=0.0, reduction="mean",
+              log_probs=False, compute_grad=True):
+    return ops.cross_entropy_fwd(x, t, weight, ignore_index, eps, RED[reduction], log_probs,
+                                 compute_grad)
+
+
+def check_index(x, t, weight=None, ignore_index=-100, eps=0.0, reduction="mean",
+                log_probs=False, compute_grad=True):
+    loss, lse, grad = run_index(x, t, weight, ignore_index, eps, reduction, log_probs,
+                                compute_grad)
+    ref_loss, ref_grad = ref_index(x, t, weight, ignore_index, eps, reduction, log_probs)
+    assert loss.dtype == x.dtype
+    assert loss.shape == ref_loss.shape
+    check(loss, ref_loss, x.dtype, "loss")
+    assert lse.dtype == acc_dtype(x.dtype) and lse.shape == rows_shape(x)
+    keep = t.long() != ignore_index
+    if log_probs:
+        assert torch.all(lse[keep] == 0)
+    else:
+        ref_lse = torch.logsumexp(x.double(), dim=0 if x.dim() == 1 else 1)
+        check(lse[keep], ref_lse[keep], x.dtype, "lse")
+    if compute_grad:
+        assert grad.shape == x.shape and grad.dtype == x.dtype and grad.is_contiguous()
+        check(grad, ref_grad, x.dtype, "grad")
+        if x.dim() > 1:  # ignored rows are exactly 0
+            assert torch.all(grad.movedim(1, -1)[~keep] == 0)
+    else:
+        assert grad.shape == (0,)
+    return loss, lse, grad
+
+
+# --- vocabulary sizes and dtypes ----------------------------------------------
+
+# V=1: a single class (loss 0); V=3: rows shorter than one 16-byte vector;
+# V=1000: one small group of threads per row; V=32001: odd, so consecutive rows
+# start at every misalignment (vector head/tail paths); V=128256: Llama-3 vocab,
+# full 1024-thread rows.
+VOCABS = [1, 3, 1000, 32001, 128256]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("V", VOCABS)
+def test_vocab_sizes(dtype, V):
+    torch.manual_seed(V)
+    N = 4 if V >= 100000 else 7  # 7: odd row count, partial blocks
+    x = logits((N, V), dtype)
+    t = targets(x)
+    check_index(x, t, reduction="mean")
+    check_index(x, t, reduction="none", eps=0.1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_dim_input(dtype):
+    x = logits((37,), dtype)
+    t = torch.tensor(5, device=DEV)
+    for red in RED:
+        check_index(x, t, reduction=red)
+
+
+# --- options --------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", list(RED))
+@pytest.mark.parametrize("use_weight", [False, True])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("log_probs", [False, True])
+@pytest.mark.parametrize("compute_grad", [True, False])
+def test_options(dtype, reduction, use_weight, eps, log_probs, compute_grad):
+    torch.manual_seed(0)
+    x = logits((16, 1000), dtype)
+    if log_probs:
+        x = torch.log_softmax(x.float(), dim=1).to(dtype)
+    t = targets(x, p_ignore=0.25)
+    w = class_weight(1000, dtype) if use_weight else None
+    check_index(x, t, w, eps=eps, reduction=reduction, log_probs=log_probs,
+                compute_grad=compute_grad)
+
+
+@pytest.mark.parametrize("ignore_index", [-100, 0, 2, 999])
+def test_ignore_index_values(ignore_index):
+    # ignore_index may be a valid class; rows with that target are skipped.
+    x = logits((32, 1000), torch.float32)
+    t = targets(x, ignore_index=ignore_index, p_ignore=0.3)
+    for red in RED:
+        check_index(x, t, ignore_index=ignore_index, reduction=red, eps=0.05)
+
+
+@pytest.mark.parametrize("tdtype", [torch.int64, torch.int32, torch.int16, torch.int8,
+                                    torch.uint8])
+def test_target_dtypes(tdtype):
+    x = logits((16, 100), torch.float32)  # C <= 127 fits int8
+    t = targets(x, dtype=tdtype)
+    check_index(x, t)
+    check_index(x, t, ignore_index=3, reduction="sum")
+
+
+def test_all_ignored():
+    x = logits((8, 50), torch.float32)
+    t = torch.full((8,), -100, device=DEV)
+    loss, _, grad = run_index(x, t, reduction="mean")
+    assert torch.isnan(loss)
+    assert torch.all(grad == 0)
+    loss, _, grad = run_index(x, t, reduction="sum")
+    assert loss.item() == 0 and torch.all(grad == 0)
+    loss, _, _ = run_index(x, t, reduction="none")
+    assert torch.all(loss == 0)
+
+
+def test_zero_weights_mean_is_nan():
+    x = logits((8, 50), torch.float32)
+    t = targets(x)
+    w = torch.zeros(50, device=DEV)
+    loss, _, grad = run_index(x, t, w, reduction="mean")
+    ref_loss, _ = ref_index(x, t, w, -100, 0.0, "mean", False)
+    assert torch.isnan(loss) and torch.isnan(ref_loss)
+    assert torch.all(torch.isnan(grad))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_empty(dtype):
+    x = logits((0, 10), dtype)
+    t = torch.empty(0, dtype=torch.int64, device=DEV)
+    loss, lse, grad = run_index(x, t, reduction="none")
+    assert loss.shape == (0,) and lse.shape == (0,) and grad.shape == (0, 10)
+    assert run_index(x, t, reduction="sum")[0].item() == 0
+    assert torch.isnan(run_index(x, t, reduction="mean")[0])
+    y = torch.empty(0, 10, device=DEV, dtype=dtype)
+    assert torch.isnan(ops.cross_entropy_prob_fwd(x, y, None, 0.0, 1, True)[0])
+
+
+def test_large_logits_label_smoothing():
+    # Logits near ±1e4: the smoothing sum must not cancel catastrophically.
+    for offset in (1e4, -1e4):
+        x = logits((8, 32001), torch.float32, scale=3.0, offset=offset)
+        t = targets(x)
+        check_index(x, t, eps=0.1, reduction="none")
+        w = class_weight(32001, torch.float32)
+        check_index(x, t, w, eps=0.2, reduction="mean")
+
+
+def test_fp16_smoothing_no_overflow():
+    # torch's fp16 CPU path overflows to inf in the smoothing sum; fp32 accumulation does not.
+    x = logits((4, 32001), torch.float16, scale=4.0)
+    t = targets(x)
+    loss, _, _ = run_index(x, t, eps=0.1, reduction="sum")
+    assert torch.isfinite(loss)
+    check_index(x, t, eps=0.1, reduction="sum")
+
+
+# --- layouts --------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", list(RED))
+def test_kdim(dtype, reduction):
+    x = logits((3, 11, 5, 7), dtype)  # (N, C, d1, d2): class stride S = 35
+    t = targets(x, p_ignore=0.2)
+    w = class_weight(11, dtype)
+    check_index(x, t, w, eps=0.1, reduction=reduction)
+
+
+def noncontiguous_inputs(dtype):
+    """(name, x) pairs of the same logical shape with different memory layouts."""
+    base = logits((64, 1001), dtype)
+    return [
+        # class stride 64 (column-major rows)
+        ("transposed", logits((1001, 64), dtype).t()),
+        # class stride 2
+        ("strided_classes", logits((64, 2002), dtype)[:, ::2]),
+        # class stride 1, row starts shifted off the 16-byte boundary (vector head)
+        ("offset_rows", logits((64, 1002), dtype)[:, 1:]),
+        # row stride 2*1001
+        ("strided_rows", logits((128, 1001), dtype)[::2]),
+        ("contiguous", base),
+    ]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_noncontiguous(dtype):
+    for name, x in noncontiguous_inputs(dtype):
+        t = targets(x, p_ignore=0.1)
+        t_strided = torch.stack([t, t], 1)[:, 0]  # non-contiguous target
+        w = class_weight(x.shape[1], dtype)
+        check_index(x, t_strided, w, eps=0.1, reduction="mean")
+        check_index(x, t, reduction="none")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kdim_channels_last(dtype):
+    # (N, C, H, W) in channels_last: class stride 1, spatial stride C.
+    x = logits((2, 24, 6, 5), dtype).contiguous(memory_format=torch.channels_last)
+    t = targets(x)
+    check_index(x, t, eps=0.1, reduction="mean")
+    check_index(x, t, reduction="none", log_probs=True)
+
+
+# --- backward -------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", list(RED))
+@pytest.mark.parametrize("log_probs", [False, True])
+def test_bwd(dtype, reduction, log_probs):
+    torch.manual_seed(1)
+    x = logits((6, 9, 4), dtype)  # K-dim
+    t = targets(x, p_ignore=0.2)
+    w = class_weight(9, dtype)
+    eps = 0.1
+    loss, lse, _ = run_index(x, t, w, eps=eps, reduction=reduction, log_probs=log_probs,
+                             compute_grad=False)
+    if reduction == "none":
+        gl = torch.randn(rows_shape(x), device=DEV, dtype=torch.float64).to(dtype)
+        gl = gl.t().contiguous().t()  # non-contiguous rows-shaped grad_loss
+    else:
+        gl = torch.tensor(2.5, device=DEV, dtype=dtype)
+    grad = ops.cross_entropy_bwd(gl, x, t, w, lse, -100, eps, RED[reduction], log_probs)
+    _, ref_grad = ref_index(x, t, w, -100, eps, reduction, log_probs, grad_loss=gl)
+    assert grad.dtype == x.dtype and grad.shape == x.shape and grad.is_contiguous()
+    check(grad, ref_grad, dtype, "bwd grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_bwd_matches_fused_grad(dtype):
+    x = logits((8, 32001), dtype)
+    t = targets(x, p_ignore=0.2)
+    _, lse, fused = run_index(x, t, eps=0.1, reduction="mean")
+    gl = torch.tensor(1.0, device=DEV, dtype=dtype)
+    grad = ops.cross_entropy_bwd(gl, x, t, None, lse, -100, 0.1, 1, False)
+    check(grad, fused.double(), dtype, "bwd vs fused")
+
+
+def test_bwd_expanded_grad_loss():
+    # grad of loss.sum() for reduction none arrives as an expanded (stride 0) tensor.
+    x = logits((16, 300), torch.float32)
+    t = targets(x)
+    _, lse, _ = run_index(x, t, reduction="none", compute_grad=False)
+    gl = torch.tensor(1.5, device=DEV).expand(16)
+    grad = ops.cross_entropy_bwd(gl, x, t, None, lse, -100, 0.0, 0, False)
+    _, ref_grad = ref_index(x, t, None, -100, 0.0, "none", False, grad_loss=gl)
+    check(grad, ref_grad, torch.float32)
+
+
+# --- probability targets --------------------------------------------------------
+
+def soft_targets(shape, dtype, class_dim=1):
+    return torch.softmax(torch.randn(shape, device=DEV, dtype=torch.float64), class_dim).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", list(RED))
+@pytest.mark.parametrize("use_weight", [False, True])
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+def test_prob_targets(dtype, reduction, use_weight, eps):
+    torch.manual_seed(2)
+    x = logits((5, 1001, 3), dtype)  # K-dim, odd C
+    y = soft_targets(x.shape, dtype)
+    w = class_weight(1001, dtype) if use_weight else None
+    loss, lse, grad = ops.cross_entropy_prob_fwd(x, y, w, eps, RED[reduction], True)
+    ref_loss, ref_grad = ref_prob(x, y, w, eps, reduction)
+    assert loss.dtype == dtype and loss.shape == ref_loss.shape
+    check(loss, ref_loss, dtype, "prob loss")
+    check(lse, torch.logsumexp(x.double(), 1), dtype, "prob lse")
+    check(grad, ref_grad, dtype, "prob grad")
+    _, _, no_grad = ops.cross_entropy_prob_fwd(x, y, w, eps, RED[reduction], False)
+    assert no_grad.shape == (0,)
+
+    gl = (torch.randn(rows_shape(x), device=DEV).to(dtype) if reduction == "none"
+          else torch.tensor(-0.75, device=DEV, dtype=dtype))
+    bgrad = ops.cross_entropy_prob_bwd(gl, x, y, w, lse, eps, RED[reduction])
+    _, ref_bgrad = ref_prob(x, y, w, eps, reduction, grad_loss=gl)
+    check(bgrad, ref_bgrad, dtype, "prob bwd grad")
+
+
+@pytest.mark.parametrize("V", VOCABS)
+def test_prob_targets_vocab(V):
+    x = logits((4, V), torch.bfloat16)
+    y = soft_targets((4, V), torch.bfloat16)
+    loss, _, grad = ops.cross_entropy_prob_fwd(x, y, None, 0.1, 1, True)
+    ref_loss, ref_grad = ref_prob(x, y, None, 0.1, "mean")
+    check(loss, ref_loss, torch.bfloat16)
+    check(grad, ref_grad, torch.bfloat16)
+
+
+def test_prob_targets_mixed_dtypes_and_layout():
+    # fp32 targets with bf16 logits: loss is result_type(input, target) = fp32.
+    x = logits((64, 1002), torch.bfloat16)[:, 1:]  # misaligned rows
+    y = soft_targets((1001, 64), torch.float32, class_dim=0).t()  # class stride 64
+    loss, _, grad = ops.cross_entropy_prob_fwd(x, y, None, 0.0, 1, True)
+    assert loss.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    ref_loss, ref_grad = ref_prob(x, y, None, 0.0, "mean")
+    check(loss, ref_loss, torch.bfloat16)
+    check(grad, ref_grad, torch.bfloat16)
+
+
+# --- scale_grad_ ----------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scale_grad(dtype):
+    x = logits((6, 33, 2), dtype)
+    t = targets(x)
+    _, _, g = run_index(x, t, reduction="none")
+    g0 = g.clone()
+    ops.scale_grad_(g, torch.tensor(1.0, device=DEV, dtype=dtype))
+    assert torch.equal(g, g0)
+    ops.scale_grad_(g, torch.tensor(-2.0, device=DEV, dtype=dtype))
+    check(g, g0.double() * -2, dtype)
+    g = g0.clone()
+    gl = torch.randn(rows_shape(x), device=DEV).to(dtype)
+    ops.scale_grad_(g, gl)
+    check(g, g0.double() * gl.double().unsqueeze(1), dtype)
+    # 1-D input: rows shape is ()
+    g1 = torch.randn(17, device=DEV).to(dtype)
+    ref = g1.double() * 3
+    ops.scale_grad_(g1, torch.tensor(3.0, device=DEV, dtype=dtype))
+    check(g1, ref, dtype)
+
+
+def test_scale_grad_large_odd():
+    # numel not a multiple of the vector width, several blocks
+    g = torch.randn(1_000_003, device=DEV)
+    ref = g.double() * 0.5
+    ops.scale_grad_(g, torch.tensor(0.5, device=DEV))
+    check(g, ref, torch.float32)
+
+
+# --- invalid targets, sync, determinism ------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_out_of_range_targets_are_nan(dtype):
+    C = 50
+    x = logits((8, C), dtype)
+    t = targets(x)
+    bad = torch.tensor([1, 4, 6], device=DEV)
+    t[bad] = torch.tensor([C, -1, 100], device=DEV)
+    t[3] = -100  # ignored row next to bad ones
+    good = torch.ones(8, dtype=torch.bool, device=DEV)
+    good[bad] = False
+    w = class_weight(C, dtype)
+
+    loss, _, grad = run_index(x, t, w, eps=0.1, reduction="none")
+    torch.cuda.synchronize()  # raises if a device-side assert fired
+    assert torch.all(torch.isnan(loss[bad])) and torch.all(torch.isnan(grad[bad]))
+    ref_loss, ref_grad = ref_index(x[good], t[good], w, -100, 0.1, "none", False)
+    check(loss[good], ref_loss, dtype)
+    check(grad[good], ref_grad, dtype)
+
+    # mean: bad rows count 0 in W, so the good rows' gradient equals the
+    # reference on the good rows alone; the loss itself is nan.
+    loss, _, grad = run_index(x, t, w, eps=0.1, reduction="mean")
+    assert torch.isnan(loss)
+    _, ref_grad = ref_index(x[good], t[good], w, -100, 0.1, "mean", False)
+    check(grad[good], ref_grad, dtype)
+    assert torch.all(torch.isnan(grad[bad]))
+
+    _, lse, _ = run_index(x, t, w, reduction="sum", compute_grad=False)
+    g = ops.cross_entropy_bwd(torch.tensor(1.0, device=DEV, dtype=dtype), x, t, w, lse, -100,
+                              0.0, 2, False)
+    assert torch.all(torch.isnan(g[bad])) and torch.all(g[3] == 0)
+    torch.cuda.synchronize()
+    # the CUDA context is still usable
+    assert (torch.ones(3, device=DEV) * 2).sum().item() == 6
+
+
+def test_no_host_sync():
+    x = logits((16, 1000), torch.bfloat16)
+    t = targets(x, p_ignore=0.2)
+    w = class_weight(1000, torch.bfloat16)
+    y = soft_targets(x.shape, torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for red in (0, 1, 2):
+            loss, lse, g = ops.cross_entropy_fwd(x, t, w, -100, 0.1, red, False, True)
+            gl = torch.ones_like(loss)
+            ops.cross_entropy_bwd(gl, x, t, w, lse, -100, 0.1, red, False)
+            ops.scale_grad_(g, gl)
+            loss, lse, g = ops.cross_entropy_prob_fwd(x, y, w, 0.1, red, True)
+            ops.cross_entropy_prob_bwd(torch.ones_like(loss), x, y, w, lse, 0.1, red)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_deterministic():
+    x = logits((64, 32001), torch.float32)
+    t = targets(x, p_ignore=0.1)
+    w = class_weight(32001, torch.float32)
+    a = run_index(x, t, w, eps=0.1, reduction="mean")
+    b = run_index(x, t, w, eps=0.1, reduction="mean")
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+
+
+def test_int64_indexing():
+    # N·V > 2^31 elements: offsets must be computed in 64 bits.
+    free, _ = torch.cuda.mem_get_info()
+    if free < 16 * 2**30:
+        pytest.skip("needs ~16 GiB of free GPU memory")
+    N, V = 16400, 131072
+    x = torch.randn(N, V, device=DEV, dtype=torch.bfloat16)
+    t = targets(x)
+    loss, lse, grad = run_index(x, t, reduction="none")
+    rows = torch.tensor([0, N // 2, N - 1], device=DEV)
+    ref_loss, ref_grad = ref_index(x[rows], t[rows], None, -100, 0.0, "none", False)
+    check(loss[rows], ref_loss, torch.bfloat16)
+    check(grad[rows], ref_grad, torch.bfloat16)
