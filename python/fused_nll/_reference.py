@@ -21,39 +21,38 @@ def tolerance(dtype: torch.dtype) -> tuple[float, float]:
     return TOLERANCES[dtype]
 
 
-def max_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """Largest |out - ref| over finite reference entries (nan/inf must match exactly)."""
-    out, ref = out.double(), ref.double()
-    finite = torch.isfinite(ref)
-    if not finite.any():
-        return 0.0
-    return (out[finite] - ref[finite]).abs().max().item()
+def compare(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype,
+            scale_floor: float = 0.0) -> tuple[bool, float, float, str]:
+    """(ok, max error, max error as a fraction of the tolerance, detail).
 
-
-def close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype,
-          scale_floor: float = 0.0) -> tuple[bool, str]:
-    """(ok, detail): out equals ref within dtype's tolerance; non-finite entries equal.
-
+    out must equal ref within dtype's tolerance, with the same nan/inf entries.
     atol applies relative to max(|ref|, scale_floor): pass the magnitude of the
     terms that cancel (e.g. the upstream gradient per row) when ref may be ~0.
     """
     rtol, atol = tolerance(dtype)
     out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
     if out.shape != ref.shape:
-        return False, f"shape {list(out.shape)} != reference {list(ref.shape)}"
+        return False, float("inf"), float("inf"), f"shape {list(out.shape)} != reference {list(ref.shape)}"
     finite = torch.isfinite(ref)
     same_nonfinite = torch.equal(torch.isnan(out), torch.isnan(ref)) and torch.equal(
         out[torch.isinf(ref)], ref[torch.isinf(ref)]
     )
     if not same_nonfinite:
-        return False, "nan/inf entries differ from the reference"
+        return False, float("inf"), float("inf"), "nan/inf entries differ from the reference"
     if not finite.any():
-        return True, "all non-finite, equal"
+        return True, 0.0, 0.0, "all non-finite, equal"
     scale = ref[finite].abs().max().clamp_min(max(scale_floor, 1e-30))
     err = (out[finite] - ref[finite]).abs()
     bound = atol * scale + rtol * ref[finite].abs()
-    worst = (err / bound).max().item()
-    return worst <= 1.0, f"max err {err.max().item():.3g} ({worst:.2f} of tolerance)"
+    ratio = (err / bound).max().item()
+    max_err = err.max().item()
+    return ratio <= 1.0, max_err, ratio, f"max err {max_err:.3g} ({ratio:.2f} of tolerance)"
+
+
+def close(out, ref, dtype, scale_floor: float = 0.0) -> tuple[bool, str]:
+    """(ok, detail) of `compare`."""
+    ok, _, _, detail = compare(out, ref, dtype, scale_floor)
+    return ok, detail
 
 
 def reference(fn: str, input, target, weight=None, ignore_index=-100, reduction="mean",

@@ -1,0 +1,271 @@
+"""Benchmark: fused_nll (every usable backend) against torch eager
+F.cross_entropy, torch.compile(F.cross_entropy) and, when installed,
+Liger-Kernel, measured in the same run.
+
+Reported per case: median time, GB/s and % of the memory-bandwidth floor, and
+peak extra memory (GPU). Bytes counted (the floor):
+  forward:            read the logits once                  N*V*elt
+  forward + backward: read the logits once, write the
+                      gradient once                         2*N*V*elt
+(targets, N int64s, are < 0.1% and left out). The floor is those bytes at the
+copy bandwidth measured at the start of the run (read + write of a large
+buffer), not the datasheet's.
+
+    python -m fused_nll bench [--device cuda] [--quick] [--shapes 8192x128256] ...
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import fused_nll
+from fused_nll import _backend
+
+GPU_SHAPES = [(8192, 32000), (8192, 128256), (4096, 256000)]
+CPU_SHAPES = [(2048, 32000), (512, 128256)]
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+IGNORE_EVERY = 17  # every 17th target ignored, as in shared/reference/anchors.md
+
+
+# ---------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn, device, reps, warmup=3):
+    """Median wall time of fn() in ms (GPU: CUDA events via triton's do_bench)."""
+    if device == "cuda":
+        try:
+            from triton.testing import do_bench
+
+            return do_bench(fn, warmup=25, rep=max(100, reps * 10), return_mode="median")
+        except ImportError:
+            pass
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs(device) -> float:
+    """Read + write bandwidth of a large device copy, GB/s (1e9 bytes/s)."""
+    nbytes = (2 << 30) if device == "cuda" else (256 << 20)
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device, reps=10 if device == "cpu" else 50)
+    del src, dst
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+# ---------------------------------------------------------------------------
+# Implementations: name -> (loss function, note) usable here
+# ---------------------------------------------------------------------------
+
+
+def implementations(device, wanted):
+    impls = {}
+    for backend in _backend.BACKENDS:
+        try:
+            with fused_nll.use_backend(backend):
+                _backend.select(torch.device(device))
+        except RuntimeError:
+            continue
+        if backend == "triton" and device == "cpu":
+            continue  # the interpreter is for correctness, not speed
+
+        def run(x, t, backend=backend):
+            with fused_nll.use_backend(backend):
+                return fused_nll.cross_entropy(x, t)
+
+        impls[f"fused_nll[{backend}]"] = run
+    impls["torch eager"] = lambda x, t: F.cross_entropy(x, t)
+    compiled = torch.compile(F.cross_entropy)
+    impls["torch.compile"] = lambda x, t: compiled(x, t)
+    if device == "cuda":
+        try:
+            from liger_kernel.transformers import LigerCrossEntropyLoss
+
+            liger = LigerCrossEntropyLoss()
+            impls["Liger-Kernel (overwrites logits)"] = lambda x, t: liger(x, t)
+        except Exception:  # not installed
+            pass
+    if wanted:
+        impls = {k: v for k, v in impls.items() if any(w in k for w in wanted)}
+    return impls
+
+
+# ---------------------------------------------------------------------------
+
+
+def bench_case(fn, n, v, dtype, mode, device, reps):
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(n, v, dtype=dtype, device=device, generator=gen)
+    t = torch.randint(0, v, (n,), device=device, generator=gen)
+    t[::IGNORE_EVERY] = -100
+    if mode == "fwd":
+        step = lambda: fn(x, t)  # noqa: E731  (inference: no gradient kept)
+        ctx = torch.no_grad
+    else:
+        x.requires_grad_(True)
+
+        def step():
+            x.grad = None
+            fn(x, t).backward()
+
+        ctx = torch.enable_grad
+    with ctx():
+        step()  # compile / autotune outside the timing
+        _sync(device)
+        peak = None
+        if device == "cuda":
+            x.grad = None
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step()
+            torch.cuda.synchronize()
+            # extra = peak beyond the inputs, minus the gradient torch must return
+            grad_bytes = x.numel() * x.element_size() if mode == "fwdbwd" else 0
+            peak = max(0, torch.cuda.max_memory_allocated() - base - grad_bytes) / 2**20
+        ms = time_ms(step, device, reps)
+    return ms, peak
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fused_nll bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--shapes", default=None, help="comma list of NxV (default: per device)")
+    p.add_argument("--dtypes", default="bf16,fp32", help="comma list of bf16,fp32,fp16")
+    p.add_argument("--modes", default="fwd,fwdbwd", help="fwd, fwdbwd")
+    p.add_argument("--impls", default="", help="substrings of implementation names to keep")
+    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--quick", action="store_true", help="one small shape, fp32, few repetitions")
+    p.add_argument("--csv", default=None, help="CSV path (default benchmarks/results/bench_<device>_<date>.csv)")
+    p.add_argument("--plot", action="store_true", help="also write a PNG next to the CSV (needs matplotlib)")
+    args = p.parse_args(argv)
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.quick:
+        shapes = [(512, 32000)] if device == "cpu" else [(8192, 32000)]
+        dtypes, reps = ["fp32"], args.reps or 5
+    else:
+        shapes = CPU_SHAPES if device == "cpu" else GPU_SHAPES
+        dtypes, reps = args.dtypes.split(","), args.reps or (10 if device == "cpu" else 100)
+    if args.shapes:
+        shapes = [tuple(int(s) for s in shape.split("x")) for shape in args.shapes.split(",")]
+    modes = args.modes.split(",")
+    impls = implementations(device, [w for w in args.impls.split(",") if w])
+
+    card = torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "-"
+    today = datetime.date.today().isoformat()
+    bw = copy_bandwidth_gbs(device)
+    print(f"{card}; torch {torch.__version__}; triton {triton_version}; {today}; "
+          f"measured copy bandwidth {bw:.0f} GB/s")
+
+    cases = [(s, d, m, i) for s in shapes for d in dtypes for m in modes for i in impls]
+    rows = []
+    for k, ((n, v), dname, mode, impl) in enumerate(cases, 1):
+        bar = "#" * (30 * k // len(cases))
+        print(f"\r[{bar:30s}] {k}/{len(cases)} {impl} {n}x{v} {dname} {mode}".ljust(110), end="", flush=True)
+        dtype = DTYPES[dname]
+        elt = torch.finfo(dtype).bits // 8
+        nbytes = n * v * elt * (1 if mode == "fwd" else 2)
+        try:
+            ms, peak = bench_case(impls[impl], n, v, dtype, mode, device, reps)
+        except Exception as exc:  # e.g. out of memory: report and go on
+            print(f"\n  {impl} {n}x{v} {dname} {mode} failed: {type(exc).__name__}: {str(exc)[:200]}")
+            continue
+        floor_ms = nbytes / (bw * 1e9) * 1e3
+        rows.append(dict(impl=impl, device=device, card=card, N=n, V=v, dtype=dname, mode=mode,
+                         ms=round(ms, 4), GBps=round(nbytes / (ms * 1e-3) / 1e9, 1),
+                         floor_ms=round(floor_ms, 4), pct_floor=round(100 * floor_ms / ms, 1),
+                         peak_extra_MiB="" if peak is None else round(peak),
+                         copy_GBps=round(bw), torch=torch.__version__, triton=triton_version, date=today))
+    print()
+
+    path = args.csv or os.path.join("benchmarks", "results", f"bench_{device}_{today}.csv")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    if rows:
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    print_table(rows)
+    print(f"CSV: {path}")
+    if args.plot and rows:
+        plot(path)
+    return 0
+
+
+def print_table(rows):
+    print(f"{'impl':34s} {'N':>6s} {'V':>7s} {'dtype':5s} {'mode':6s} {'ms':>9s} {'GB/s':>8s} "
+          f"{'floor ms':>9s} {'% floor':>7s} {'extra MiB':>9s}")
+    for r in rows:
+        print(f"{r['impl']:34s} {r['N']:6d} {r['V']:7d} {r['dtype']:5s} {r['mode']:6s} {r['ms']:9.3f} "
+              f"{r['GBps']:8.1f} {r['floor_ms']:9.3f} {r['pct_floor']:7.1f} {str(r['peak_extra_MiB']):>9s}")
+
+
+def plot(csv_path: str) -> str | None:
+    """A grouped bar chart of time per implementation, from the CSV."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plot skipped: matplotlib is not installed (pip install matplotlib)")
+        return None
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    groups = sorted({(r["N"], r["V"], r["dtype"], r["mode"]) for r in rows}, key=str)
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
+    width = 0.8 / max(1, len(impls))
+    for i, impl in enumerate(impls):
+        xs, ys = [], []
+        for g, key in enumerate(groups):
+            match = [r for r in rows if r["impl"] == impl and (r["N"], r["V"], r["dtype"], r["mode"]) == key]
+            if match:
+                xs.append(g + i * width)
+                ys.append(float(match[0]["ms"]))
+        ax.bar(xs, ys, width, label=impl)
+    ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))])
+    ax.set_xticklabels([f"{n}x{v}\n{d} {m}" for n, v, d, m in groups], fontsize=8)
+    ax.set_ylabel("median ms (lower is better)")
+    ax.set_title(f"cross-entropy, {rows[0]['card']}, torch {rows[0]['torch']}, {rows[0]['date']}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = os.path.splitext(csv_path)[0] + ".png"
+    fig.savefig(out, dpi=120)
+    print(f"plot: {out}")
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

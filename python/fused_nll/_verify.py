@@ -1,0 +1,130 @@
+"""`python -m fused_nll verify`: a parity matrix of fused_nll against torch's
+nn.CrossEntropyLoss and nn.NLLLoss(log_softmax(x)) (in fp64, on the same
+inputs), loss and gradient, for every backend usable on the device."""
+from __future__ import annotations
+
+import itertools
+import time
+
+import torch
+import torch.nn as nn
+
+import fused_nll
+from fused_nll import _backend
+from fused_nll._reference import compare, tolerance
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+REDUCTIONS = ["none", "mean", "sum"]
+
+
+def _torch_reference(kind, x, target, weight, ignore_index, reduction, label_smoothing, grad_out):
+    """torch's modules in fp64 on the same (rounded) input: nn.CrossEntropyLoss
+    on logits, or nn.NLLLoss on log-probabilities (x = log_softmax(logits))."""
+    x64 = x.detach().double().requires_grad_(True)
+    w64 = None if weight is None else weight.double()
+    if kind == "nll":
+        loss = nn.NLLLoss(weight=w64, ignore_index=ignore_index, reduction=reduction)(x64, target)
+    else:
+        module = nn.CrossEntropyLoss(weight=w64, ignore_index=ignore_index, reduction=reduction,
+                                     label_smoothing=label_smoothing)
+        loss = module(x64, target.double() if target.is_floating_point() else target)
+    (grad,) = torch.autograd.grad(loss, x64, grad_out.double())
+    return loss.detach(), grad
+
+
+def cases(quick: bool):
+    """(kind, shape, weighted, ignore_index, label_smoothing) combinations."""
+    shapes = [(16, 1000), (4, 33, 3, 2)] if not quick else [(8, 257)]
+    for shape, weighted in itertools.product(shapes, [False, True]):
+        for ignore_index, ls in itertools.product([-100, 1], [0.0, 0.1]):
+            yield "ce", shape, weighted, ignore_index, ls
+        for ls in [0.0, 0.1]:
+            yield "ce-prob", shape, weighted, -100, ls
+        for ignore_index in [-100, 1]:
+            yield "nll", shape, weighted, ignore_index, 0.0
+
+
+def run_case(kind, shape, weighted, ignore_index, ls, dtype, reduction, device):
+    gen = torch.Generator().manual_seed(hash((kind, shape, weighted, ignore_index, ls)) % 2**31)
+    classes = shape[1]
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 3).to(dtype).to(device)
+    rows_shape = (shape[0], *shape[2:])
+    if kind == "ce-prob":
+        target = torch.softmax(torch.randn(shape, generator=gen, dtype=torch.float64), 1).to(dtype).to(device)
+    else:
+        target = torch.randint(0, classes, rows_shape, generator=gen)
+        target.view(-1)[::5] = ignore_index  # some ignored rows
+        target = target.to(device)
+    weight = (torch.rand(classes, generator=gen) + 0.2).to(device) if weighted else None
+    if kind == "nll":  # nll_loss takes log-probabilities
+        x = torch.log_softmax(x.double(), 1).to(dtype)
+    xin = x.detach().clone().requires_grad_(True)
+    if kind == "nll":
+        loss = fused_nll.nll_loss(xin, target, weight=weight, ignore_index=ignore_index, reduction=reduction)
+    else:
+        loss = fused_nll.cross_entropy(xin, target, weight=weight, ignore_index=ignore_index,
+                                       reduction=reduction, label_smoothing=ls)
+    grad_out = (torch.randn(loss.shape, generator=gen, dtype=torch.float64).to(loss.dtype).to(device)
+                if reduction == "none" else torch.ones((), dtype=loss.dtype, device=device))
+    (grad,) = torch.autograd.grad(loss, xin, grad_out)
+
+    ref_loss, ref_grad = _torch_reference(kind, xin, target, weight, ignore_index, reduction, ls, grad_out)
+    rows = max(1, x.numel() // classes)
+    ok_l, err_l, ratio_l, _ = compare(loss, ref_loss, dtype)
+    ok_g, err_g, ratio_g, _ = compare(grad, ref_grad, dtype, scale_floor=grad_out.abs().max().item() / rows)
+    return ok_l and ok_g, max(err_l, err_g), max(ratio_l, ratio_g)
+
+
+def backends_for(device: str) -> list[str]:
+    usable = []
+    for name in _backend.BACKENDS:
+        try:
+            with fused_nll.use_backend(name):
+                _backend.select(torch.device(device))
+            usable.append(name)
+        except RuntimeError:
+            pass
+    return usable
+
+
+def run(device: str | None = None, backend: str | None = None, quick: bool = False) -> int:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("verify: --device cuda, but torch sees no CUDA GPU.")
+        return 2
+    backends = [backend] if backend else backends_for(device)
+    if backend and backend not in backends_for(device):
+        print(f"verify: backend {backend!r} cannot run on {device} here (see python -m fused_nll info).")
+        return 2
+    print(f"fused_nll verify on {device}: backends {', '.join(backends)}; reference: torch "
+          f"{torch.__version__} nn.CrossEntropyLoss / nn.NLLLoss(log_softmax) in fp64")
+    header = f"{'backend':8s} {'dtype':9s} {'case':8s} {'reduction':9s} {'cases':>5s} {'max err':>10s} {'rtol':>8s} {'of tol':>7s}  result"
+    print(header)
+    print("-" * len(header))
+    failures, total, start = [], 0, time.perf_counter()
+    for name in backends:
+        with fused_nll.use_backend(name):
+            for dtype, kind, reduction in itertools.product(DTYPES, ["ce", "ce-prob", "nll"], REDUCTIONS):
+                group = [c for c in cases(quick) if c[0] == kind]
+                worst_err, worst_ratio, ok_all = 0.0, 0.0, True
+                for case in group:
+                    try:
+                        ok, err, ratio = run_case(*case, dtype, reduction, device)
+                    except Exception as exc:  # report, keep going
+                        ok, err, ratio = False, float("inf"), float("inf")
+                        failures.append((name, dtype, reduction, case, f"{type(exc).__name__}: {exc}"))
+                    else:
+                        if not ok:
+                            failures.append((name, dtype, reduction, case, f"max err {err:.3g} ({ratio:.2f} of tolerance)"))
+                    worst_err, worst_ratio = max(worst_err, err), max(worst_ratio, ratio)
+                    ok_all &= ok
+                    total += 1
+                dname = str(dtype).replace("torch.", "")
+                print(f"{name:8s} {dname:9s} {kind:8s} {reduction:9s} {len(group):5d} {worst_err:10.3g} "
+                      f"{tolerance(dtype)[0]:8.1g} {worst_ratio:7.2f}  {'PASS' if ok_all else 'FAIL'}")
+    elapsed = time.perf_counter() - start
+    for name, dtype, reduction, case, why in failures:
+        print(f"FAIL {name} {dtype} reduction={reduction} case={case}: {why}")
+    print(f"{total - len(failures)}/{total} cases passed in {elapsed:.1f} s"
+          + ("" if not failures else f"; {len(failures)} FAILED"))
+    return 1 if failures else 0
