@@ -20,6 +20,7 @@ from torch import Tensor
 
 import triton  # noqa: F401  (ImportError here = no Triton backend)
 
+from ._ops import register_autograd
 from .triton_kernels import cross_entropy as _kernels
 
 
@@ -90,12 +91,14 @@ def triton_scale_grad_(grad_input: Tensor, grad_loss: Tensor) -> None:
     _kernels.scale_grad_(grad_input, grad_loss)
 
 
-# The Triton op family, with the same fields as _ops.CPP.
-_ops = torch.ops.fused_nll
+# The Triton op family, with the same fields as _ops.CPP, and the same autograd.
+_triton = torch.ops.fused_nll
 TRITON = SimpleNamespace(
-    fwd=_ops.triton_cross_entropy_fwd,
-    bwd=_ops.triton_cross_entropy_bwd,
-    prob_fwd=_ops.triton_cross_entropy_prob_fwd,
-    prob_bwd=_ops.triton_cross_entropy_prob_bwd,
-    scale=_ops.triton_scale_grad_,
+    fwd=_triton.triton_cross_entropy_fwd,
+    bwd=_triton.triton_cross_entropy_bwd,
+    prob_fwd=_triton.triton_cross_entropy_prob_fwd,
+    prob_bwd=_triton.triton_cross_entropy_prob_bwd,
+    scale=_triton.triton_scale_grad_,
 )
+register_autograd("fused_nll::triton_cross_entropy_fwd", TRITON.bwd,
+                  "fused_nll::triton_cross_entropy_prob_fwd", TRITON.prob_bwd)

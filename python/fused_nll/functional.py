@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from . import _backend, _ops, _validate
+from . import _backend, _debug, _ops, _validate
+
+
+def _checks_on() -> tuple[bool, bool]:
+    """(debug, shadow verify), both eager only (they read tensor values)."""
+    if torch.compiler.is_compiling():
+        return False, False
+    return _backend.debug_enabled(), _debug.verify_enabled()
 
 
 def _run(prob: bool, input, target, weight, *args) -> torch.Tensor:
@@ -53,10 +60,11 @@ def cross_entropy(
     """
     _validate.check_input(input, "cross_entropy")
     red = _validate.reduction_code(reduction)
-    _validate.check_same_device(input, target, "target", "cross_entropy")
     kind = _validate.target_kind(input, target, "cross_entropy")
+    _validate.check_same_device(input, target, "target", "cross_entropy")
     ls = _validate.check_label_smoothing(label_smoothing)
     w = _validate.weight(weight, input, "cross_entropy")
+    debug, verify = _checks_on()
     if kind == "prob":
         if ignore_index >= 0:
             raise RuntimeError(
@@ -69,8 +77,14 @@ def cross_entropy(
                 "fused_nll.cross_entropy: gradients with respect to probability targets are "
                 "not supported; pass target.detach() (e.g. a teacher's probabilities)."
             )
-        return _run(True, input, target, w, ls, red)
-    return _run(False, input, _validate.index_target(target), w, int(ignore_index), ls, red, False)
+        loss = _run(True, input, target, w, ls, red)
+    else:
+        if debug:
+            _debug.check_targets(input, target, ignore_index, "cross_entropy")
+        loss = _run(False, input, _validate.index_target(target), w, int(ignore_index), ls, red, False)
+    if verify:
+        _debug.shadow_verify("cross_entropy", loss, input, target, weight, ignore_index, reduction, ls)
+    return loss
 
 
 def nll_loss(
@@ -91,7 +105,14 @@ def nll_loss(
     """
     _validate.check_input(input, "nll_loss")
     red = _validate.reduction_code(reduction)
-    _validate.check_same_device(input, target, "target", "nll_loss")
     _validate.target_kind(input, target, "nll_loss")
+    _validate.check_same_device(input, target, "target", "nll_loss")
     w = _validate.weight(weight, input, "nll_loss")
-    return _run(False, input, _validate.index_target(target), w, int(ignore_index), 0.0, red, True)
+    debug, verify = _checks_on()
+    if debug:
+        _debug.check_targets(input, target, ignore_index, "nll_loss")
+        _debug.check_log_probs(input, target, ignore_index)
+    loss = _run(False, input, _validate.index_target(target), w, int(ignore_index), 0.0, red, True)
+    if verify:
+        _debug.shadow_verify("nll_loss", loss, input, target, weight, ignore_index, reduction)
+    return loss

@@ -1,0 +1,57 @@
+"""python -m fused_nll info | verify | bench, as a user runs them."""
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "fused_nll", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_info_lists_every_backend():
+    out = run("info")
+    assert out.returncode == 0, out.stderr
+    for name in ["cpp", "triton", "cuda"]:
+        assert f"  {name} " in out.stdout
+    assert "torch" in out.stdout and "default:" in out.stdout
+
+
+def test_verify_passes_and_prints_a_table():
+    out = run("verify", "--quick", "--device", "cpu", "--backend", "cpp")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "max err" in out.stdout and "PASS" in out.stdout and "FAIL" not in out.stdout
+    assert "cases passed" in out.stdout
+
+
+def test_verify_fails_on_a_wrong_kernel(tmp_path):
+    # A sitecustomize that corrupts the CPU kernel's loss: verify must notice and exit 1.
+    (tmp_path / "sitecustomize.py").write_text(
+        "import fused_nll\n"
+        "from fused_nll import _ops\n"
+        "real = _ops.CPP.fwd\n"
+        "_ops.CPP.fwd = lambda *a: (real(*a)[0] * 1.001, *real(*a)[1:])\n"
+    )
+    import os
+
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    out = subprocess.run([sys.executable, "-m", "fused_nll", "verify", "--quick", "--backend", "cpp",
+                          "--device", "cpu"], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "FAIL" in out.stdout
+
+
+def test_verify_refuses_an_unusable_backend():
+    out = run("verify", "--device", "cpu", "--backend", "cuda")
+    assert out.returncode == 2
+
+
+def test_bench_quick_writes_csv(tmp_path):
+    csv = tmp_path / "b.csv"
+    out = run("bench", "--device", "cpu", "--shapes", "64x1000", "--dtypes", "fp32", "--reps", "2",
+              "--impls", "fused_nll,eager", "--csv", str(csv))
+    assert out.returncode == 0, out.stderr
+    lines = csv.read_text().splitlines()
+    assert lines[0].startswith("impl,") and len(lines) == 1 + 2 * 2  # 2 impls x 2 modes
+    assert "% floor" in out.stdout

@@ -1,0 +1,166 @@
+"""The classic NLLLoss mistakes become clear errors before any kernel runs:
+same exception class as torch (or a subclass), a message that names the
+argument, what was received, what was expected and the fix. Also under
+torch.compile, and the debug-mode checks."""
+import warnings
+
+import pytest
+import torch
+
+import fused_nll
+from fused_nll._debug import NotLogProbabilitiesWarning
+
+N, C = 4, 5
+x = torch.randn(N, C)
+idx = torch.tensor([0, 3, 1, 4])
+onehot = torch.nn.functional.one_hot(idx, C)
+probs = torch.softmax(torch.randn(N, C), 1)
+ce, nll = fused_nll.cross_entropy, fused_nll.nll_loss
+
+# (id, fn, args, kwargs, exception class, message fragments)
+BAD_INPUTS = [
+    ("nll-float-onehot", nll, (x, onehot.float()), {}, RuntimeError, ["one-hot", "target.argmax(dim=1)", "fused_nll.cross_entropy(logits, target)"]),
+    ("nll-probabilities", nll, (x, probs), {}, RuntimeError, ["probability", "target.argmax(dim=1)"]),
+    ("ce-float-indices", ce, (x, idx.float()), {}, RuntimeError, ["class indices", "torch.float32", "target.long()"]),
+    ("nll-float-indices", nll, (x, idx.float()), {}, RuntimeError, ["target.long()"]),
+    ("ce-double-indices", ce, (x, idx.double()), {}, RuntimeError, ["torch.float64", "target.long()"]),
+    ("ce-half-indices", ce, (x, idx.half()), {}, RuntimeError, ["target.long()"]),
+    ("ce-int-onehot", ce, (x, onehot), {}, RuntimeError, ["one-hot", "target.argmax(dim=1)", "target.float()"]),
+    ("nll-int-onehot", nll, (x, onehot), {}, RuntimeError, ["one-hot", "target.argmax(dim=1)"]),
+    ("ce-int32-onehot", ce, (x, onehot.int()), {}, RuntimeError, ["one-hot"]),
+    ("ce-bool-target", ce, (x, idx > 1), {}, RuntimeError, ["torch.bool", "mask, not class indices"]),
+    ("nll-bool-target", nll, (x, idx > 1), {}, RuntimeError, ["mask"]),
+    ("ce-bool-onehot", ce, (x, onehot.bool()), {}, RuntimeError, ["mask"]),
+    ("ce-target-N1", ce, (x, idx[:, None]), {}, RuntimeError, ["[4, 1]", "target.squeeze(1)"]),
+    ("nll-target-N1", nll, (x, idx[:, None]), {}, RuntimeError, ["target.squeeze(1)"]),
+    ("ce-batch-mismatch", ce, (x, torch.tensor([0, 1, 2, 3, 4])), {}, ValueError, ["batch_size (4)", "batch_size (5)"]),
+    ("nll-batch-mismatch", nll, (x, torch.tensor([0, 1, 2])), {}, ValueError, ["batch_size (4)", "batch_size (3)"]),
+    ("ce-kdim-mismatch", ce, (torch.randn(2, 5, 3, 4), torch.zeros(2, 3, 5, dtype=torch.long)), {}, RuntimeError, ["size mismatch", "[2, 5, 3, 4]", "[2, 3, 5]", "[2, 3, 4]"]),
+    ("ce-1d-input-vector-target", ce, (torch.randn(C), torch.tensor([1])), {}, RuntimeError, ["0-d class index", "target.reshape(())"]),
+    ("ce-0d-input", ce, (torch.tensor(1.0), torch.tensor(0)), {}, ValueError, ["Expected 1 or more dimensions (got 0)"]),
+    ("ce-int-input", ce, (torch.randint(0, 5, (N, C)), idx), {}, NotImplementedError, ["floating point", "torch.int64", "input.float()"]),
+    ("nll-bool-input", nll, (x > 0, idx), {}, NotImplementedError, ["floating point", "torch.bool"]),
+    ("ce-complex-input", ce, (torch.randn(N, C, dtype=torch.complex64), idx), {}, RuntimeError, ["floating point"]),
+    ("ce-weight-length", ce, (x, idx), {"weight": torch.ones(4)}, RuntimeError, ["all 5 classes", "[4]"]),
+    ("nll-weight-2d", nll, (x, idx), {"weight": torch.ones(1, C)}, RuntimeError, ["all 5 classes", "[1, 5]"]),
+    ("ce-weight-int", ce, (x, idx), {"weight": torch.ones(C, dtype=torch.long)}, RuntimeError, ["weight must be floating point", "weight.float()"]),
+    ("ce-weight-not-tensor", ce, (x, idx), {"weight": [1.0] * C}, TypeError, ["weight must be a torch.Tensor"]),
+    ("ce-smoothing-above-1", ce, (x, idx), {"label_smoothing": 1.5}, RuntimeError, ["between 0.0 and 1.0", "1.5"]),
+    ("ce-smoothing-negative", ce, (x, idx), {"label_smoothing": -0.1}, RuntimeError, ["between 0.0 and 1.0", "-0.1"]),
+    ("ce-bad-reduction", ce, (x, idx), {"reduction": "bogus"}, ValueError, ["bogus is not a valid value for reduction", "'none', 'mean', 'sum'"]),
+    ("nll-bad-reduction", nll, (x, idx), {"reduction": "avg"}, ValueError, ["avg is not a valid value"]),
+    ("ce-probs-ignore-index", ce, (x, probs), {"ignore_index": 0}, RuntimeError, ["ignore_index is not supported for floating point target"]),
+    ("ce-probs-wrong-shape", ce, (x, torch.rand(N, C + 1)), {}, RuntimeError, ["size mismatch", "[4, 6]"]),
+    ("ce-probs-requires-grad", ce, (x, probs.clone().requires_grad_(True)), {}, RuntimeError, ["target.detach()"]),
+    ("ce-target-out-of-range", ce, (x, torch.tensor([0, 5, 1, 2])), {}, IndexError, ["Target 5 is out of bounds."]),
+    ("nll-target-negative", nll, (x, torch.tensor([0, -1, 1, 2])), {}, IndexError, ["Target -1 is out of bounds."]),
+    ("ce-target-other-device", ce, (x, idx.to("meta")), {}, RuntimeError, ["target is on meta", "input is on cpu", "target.to(input.device)"]),
+    ("ce-weight-other-device", ce, (x, idx), {"weight": torch.ones(C, device="meta")}, RuntimeError, ["weight is on meta", "weight.to(input.device)"]),
+    ("ce-input-not-tensor", ce, ([[1.0, 2.0]], idx), {}, TypeError, ["input must be a torch.Tensor"]),
+    ("ce-target-not-tensor", ce, (x, [0, 1, 2, 3]), {}, TypeError, ["target must be a torch.Tensor"]),
+]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_raises_clear_error(case):
+    _, fn, args, kwargs, exc, fragments = case
+    with pytest.raises(exc) as info:
+        fn(*args, **kwargs)
+    for fragment in fragments:
+        assert fragment in str(info.value), f"{fragment!r} not in: {info.value}"
+
+
+def test_at_least_30_cases():
+    assert len(BAD_INPUTS) >= 30
+
+
+# The same errors under torch.compile: with fullgraph=True dynamo wraps the
+# raise (its text includes ours); without fullgraph the original propagates.
+COMPILE_CASES = ["nll-float-onehot", "ce-float-indices", "ce-int-onehot", "ce-bool-target",
+                 "ce-target-N1", "ce-batch-mismatch", "ce-weight-length", "ce-smoothing-above-1",
+                 "ce-bad-reduction", "ce-probs-ignore-index"]
+
+
+@pytest.mark.parametrize("name", COMPILE_CASES)
+@pytest.mark.parametrize("fullgraph", [True, False], ids=["fullgraph", "graph-breaks-allowed"])
+def test_errors_under_compile(name, fullgraph):
+    torch._dynamo.reset()
+    _, fn, args, kwargs, exc, fragments = next(c for c in BAD_INPUTS if c[0] == name)
+    compiled = torch.compile(lambda *a: fn(*a, **kwargs), fullgraph=fullgraph, backend="eager")
+    with pytest.raises(RuntimeError if fullgraph else exc) as info:
+        compiled(*args)
+    for fragment in fragments:
+        assert fragment in str(info.value), f"{fragment!r} not in: {info.value}"
+
+
+# ---------------------------------------------------------------------------
+# Debug mode
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def debug():
+    fused_nll.set_debug(True)
+    yield
+    fused_nll.set_debug(False)
+
+
+def test_debug_warns_on_raw_logits_in_nll_loss(debug):
+    logits = torch.randn(8, 100) * 3
+    t = torch.randint(0, 100, (8,))
+    with pytest.warns(NotLogProbabilitiesWarning, match="fused_nll.cross_entropy"):
+        fused_nll.nll_loss(logits, t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("classes", [2, 1000, 32001])
+def test_debug_is_silent_on_log_probs(debug, dtype, classes):
+    lp = torch.log_softmax(torch.randn(16, classes) * 4, 1).to(dtype)
+    t = torch.randint(0, classes, (16,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused_nll.nll_loss(lp, t)
+        fused_nll.nll_loss(lp, t, reduction="none")
+
+
+def test_debug_ignores_ignored_rows(debug):
+    lp = torch.log_softmax(torch.randn(4, 10), 1)
+    lp[1] = 7.0  # padding row with garbage, ignored
+    t = torch.tensor([1, -100, 2, 3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused_nll.nll_loss(lp, t)
+
+
+def test_debug_reports_out_of_range_position(debug):
+    t = torch.tensor([[0, 1], [2, 9]])
+    with pytest.raises(IndexError, match=r"Target 9 is out of bounds.*target\[1, 1\] = 9"):
+        fused_nll.cross_entropy(torch.randn(2, 5, 2), t)
+
+
+def test_no_warning_without_debug():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused_nll.nll_loss(torch.randn(4, 10) * 5, torch.tensor([1, 2, 3, 4]))
+
+
+# ---------------------------------------------------------------------------
+# Shadow mode (FUSED_NLL_VERIFY=1)
+# ---------------------------------------------------------------------------
+
+
+def test_shadow_mode_passes_on_correct_results(monkeypatch):
+    monkeypatch.setenv("FUSED_NLL_VERIFY", "1")
+    fused_nll.cross_entropy(torch.randn(6, 9), torch.randint(0, 9, (6,)), label_smoothing=0.1)
+    fused_nll.nll_loss(torch.log_softmax(torch.randn(6, 9), 1), torch.randint(0, 9, (6,)))
+
+
+def test_shadow_mode_catches_a_wrong_result(monkeypatch):
+    from fused_nll import _ops
+
+    real = _ops.CPP.fwd
+    monkeypatch.setattr(_ops.CPP, "fwd", lambda *a: (real(*a)[0] * 1.01, *real(*a)[1:]))
+    fused_nll.cross_entropy(torch.randn(6, 9), torch.randint(0, 9, (6,)))  # off: no check
+    monkeypatch.setenv("FUSED_NLL_VERIFY", "1")
+    with pytest.raises(RuntimeError, match="FUSED_NLL_VERIFY: fused_nll.cross_entropy differs from torch"):
+        fused_nll.cross_entropy(torch.randn(6, 9), torch.randint(0, 9, (6,)))

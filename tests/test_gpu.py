@@ -1,0 +1,155 @@
+"""Public-API checks that need a CUDA GPU (skipped elsewhere): every CUDA
+backend under torch.compile, opcheck on the Triton ops, CUDA-graph capture of
+forward + backward, no host sync, no device-side assert for bad targets.
+(The parity suite runs on the CUDA backends too, through conftest.TARGETS.)"""
+import pytest
+import torch
+
+import fused_nll
+from conftest import TARGETS
+from fused_nll._reference import close, reference
+
+CUDA_BACKENDS = [b for d, b in TARGETS if d == "cuda"]
+pytestmark = pytest.mark.skipif(not CUDA_BACKENDS, reason="needs a CUDA GPU")
+
+
+@pytest.fixture(params=CUDA_BACKENDS or ["none"])
+def backend(request):
+    with fused_nll.use_backend(request.param):
+        yield request.param
+
+
+def _data(n=64, v=1000, dtype=torch.bfloat16):
+    x = torch.randn(n, v, device="cuda", dtype=dtype)
+    t = torch.randint(0, v, (n,), device="cuda")
+    t[::7] = -100
+    return x, t
+
+
+def test_compile_fullgraph_no_graph_breaks(backend):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    head = torch.nn.Linear(32, 1000, device="cuda", dtype=torch.bfloat16)
+    h = torch.randn(64, 32, device="cuda", dtype=torch.bfloat16)
+    _, t = _data()
+
+    def step(h, t):
+        return fused_nll.cross_entropy(head(h), t, label_smoothing=0.1)
+
+    eager = step(h, t)
+    eager.backward()
+    g_eager = head.weight.grad.clone()
+    head.weight.grad = None
+    compiled = torch.compile(step, fullgraph=True)(h, t)
+    compiled.backward()
+    assert sum(counters["graph_break"].values()) == 0
+    torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=1e-2)
+    torch.testing.assert_close(head.weight.grad, g_eager, rtol=2e-2, atol=1e-2)
+
+
+@pytest.mark.skipif("triton" not in CUDA_BACKENDS, reason="triton backend not usable")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck_triton_ops(dtype):
+    import fused_nll._triton_ops  # noqa: F401
+
+    ops = torch.ops.fused_nll
+    for requires_grad in (False, True):
+        x = torch.randn(6, 11, device="cuda", dtype=dtype, requires_grad=requires_grad)
+        t = torch.tensor([0, 3, -100, 10, 2, 5], device="cuda")
+        w = torch.rand(11, device="cuda")
+        for reduction in (0, 1, 2):
+            torch.library.opcheck(ops.triton_cross_entropy_fwd.default, (x, t, w, -100, 0.1, reduction, False, False))
+            torch.library.opcheck(ops.triton_cross_entropy_fwd.default, (x, t, None, -100, 0.0, reduction, False, True))
+            y = torch.softmax(torch.randn(6, 11, device="cuda"), 1).to(dtype)
+            torch.library.opcheck(ops.triton_cross_entropy_prob_fwd.default, (x, y, w, 0.1, reduction, False))
+    torch.library.opcheck(ops.triton_scale_grad_.default, (torch.randn(6, 11, device="cuda", dtype=dtype),
+                                                            torch.tensor(0.5, device="cuda", dtype=dtype)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck_cuda_cpp_ops(dtype):
+    if not fused_nll._backend.cuda_cpp_built():
+        pytest.skip("CUDA C++ kernels not built")
+    ops = torch.ops.fused_nll
+    for requires_grad in (False, True):
+        x = torch.randn(6, 11, device="cuda", dtype=dtype, requires_grad=requires_grad)
+        t = torch.tensor([0, 3, -100, 10, 2, 5], device="cuda")
+        for reduction in (0, 1, 2):
+            for compute_grad in (False, True):
+                torch.library.opcheck(ops.cross_entropy_fwd.default, (x, t, None, -100, 0.1, reduction, False, compute_grad))
+
+
+def test_cuda_graph_capture_forward_backward(backend):
+    x, t = _data()
+    x.requires_grad_(True)
+    static_scale = torch.tensor(1.0, device="cuda")
+
+    def step():
+        x.grad = None
+        loss = fused_nll.cross_entropy(x, t) * static_scale
+        loss.backward()
+        return loss
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    x.grad = None
+    with torch.cuda.graph(graph):
+        loss = fused_nll.cross_entropy(x, t) * static_scale
+        loss.backward()
+    for scale in (1.0, 0.25):
+        static_scale.fill_(scale)
+        x.grad.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        ref_loss, ref_grad = reference("cross_entropy", x, t, grad_output=torch.tensor(scale))
+        assert close(loss / scale, ref_loss, torch.bfloat16)[0]
+        assert close(x.grad, ref_grad, torch.bfloat16)[0]
+
+
+def test_no_host_sync(backend):
+    x, t = _data()
+    x.requires_grad_(True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fused_nll.cross_entropy(x, t, label_smoothing=0.1).backward()
+        fused_nll.cross_entropy(x.detach(), t, reduction="none")
+        fused_nll.nll_loss(x, t, reduction="sum").backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def test_out_of_range_target_is_nan_not_device_assert(backend):
+    x, t = _data(8, 50)
+    t = torch.tensor([0, 1, 50, 3, -5, 5, 6, -100], device="cuda")
+    loss = fused_nll.cross_entropy(x.float(), t, reduction="none")
+    torch.cuda.synchronize()  # a device assert would surface here
+    assert torch.isnan(loss[2]) and torch.isnan(loss[4])
+    assert torch.isfinite(loss[[0, 1, 3, 5, 6, 7]]).all()
+    assert torch.isnan(fused_nll.cross_entropy(x.float(), t))  # mean: nan, no crash
+    fused_nll.set_debug(True)
+    try:
+        with pytest.raises(IndexError, match=r"Target 50 is out of bounds.*target\[2\]"):
+            fused_nll.cross_entropy(x, t)
+    finally:
+        fused_nll.set_debug(False)
+    # the CUDA context is still usable
+    assert torch.isfinite(fused_nll.cross_entropy(x, t.clamp(0, 49)))
+
+
+def test_large_vocab_parity(backend):
+    for v in (128256, 256000):
+        x, t = _data(16, v)
+        ref_loss, ref_grad = reference("cross_entropy", x, t, grad_output=torch.tensor(1.0))
+        xg = x.clone().requires_grad_(True)
+        loss = fused_nll.cross_entropy(xg, t)
+        loss.backward()
+        assert close(loss, ref_loss, torch.bfloat16)[0]
+        assert close(xg.grad, ref_grad, torch.bfloat16, scale_floor=1 / 16)[0]

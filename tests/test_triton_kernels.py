@@ -1,0 +1,591 @@
+"""The Triton launchers (fused_nll.triton_kernels.cross_entropy) called directly,
+against torch in fp64 on the same inputs (contract: docs/ops.md).
+
+On a machine without CUDA these run only under Triton's interpreter, which must be
+switched on before triton is first imported:
+
+    TRITON_INTERPRET=1 pytest tests/test_triton_kernels.py
+
+Under the interpreter the shapes are small (it executes every program in numpy);
+the large-vocabulary, N*V > 2^31 and CUDA-graph tests need a GPU.
+"""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+if not (INTERPRET or torch.cuda.is_available()):
+    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1 (set before importing triton)",
+                allow_module_level=True)
+pytest.importorskip("triton")
+
+from fused_nll._reference import TOLERANCES  # noqa: E402  (per-dtype tolerances, one place)
+from fused_nll.triton_kernels import cross_entropy as ce  # noqa: E402
+
+# The interpreter runs on host memory; with a GPU, the kernels run on it.
+DEVICE = "cpu" if INTERPRET else "cuda"
+NONE, MEAN, SUM = 0, 1, 2
+REDUCTIONS = [NONE, MEAN, SUM]
+RED_NAME = {NONE: "none", MEAN: "mean", SUM: "sum"}
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+cuda_only = pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a GPU")
+# The interpreter runs the kernels in numpy, which warns about IEEE results the kernels
+# rely on (log(0) = -inf for skipped rows, nan for out-of-range targets).
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*encountered in:RuntimeWarning:triton.runtime.interpreter")
+
+
+# ---------------------------------------------------------------------------------------
+# Inputs, references and comparison
+# ---------------------------------------------------------------------------------------
+
+
+def acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def logits(*shape, dtype=torch.float32, scale=3.0):
+    return (torch.randn(*shape, dtype=torch.float64) * scale).to(dtype).to(DEVICE)
+
+
+def targets(shape, classes, ignore_every=4, ignore_index=-100, dtype=torch.int64):
+    t = torch.randint(0, classes, shape, dtype=torch.int64)
+    if ignore_every:
+        t.view(-1)[1::ignore_every] = ignore_index
+    return t.to(dtype).to(DEVICE)
+
+
+def class_weight(classes, dtype):
+    return (torch.rand(classes, dtype=torch.float64) + 0.1).to(acc(dtype)).to(DEVICE)
+
+
+def ref_index(x, t, weight, ignore_index, eps, reduction, log_probs, grad_loss=None):
+    """(loss, lse, grad) of docs/ops.md in fp64 by torch: F.cross_entropy for logits,
+    F.nll_loss plus the smoothing term for log-probabilities; the gradient by autograd
+    (grad_loss None: 1, per row for none)."""
+    xd = x.detach().double().requires_grad_()
+    wd = None if weight is None else weight.double()
+    t = t.long()
+    cdim = 0 if xd.dim() == 1 else 1
+    if not log_probs:
+        loss = F.cross_entropy(xd, t, wd, ignore_index=ignore_index, label_smoothing=eps,
+                               reduction=RED_NAME[reduction])
+    else:
+        nll = F.nll_loss(xd, t, wd, ignore_index=ignore_index, reduction="none")
+        if eps:
+            w = torch.ones(xd.shape[cdim], dtype=torch.float64, device=xd.device) if wd is None \
+                else wd
+            wshape = [-1] + [1] * (xd.dim() - 1 - cdim)
+            smooth = -(xd * w.view(wshape)).sum(cdim)
+            smooth = torch.where(t == ignore_index, 0.0, smooth)
+            nll = (1 - eps) * nll + eps / xd.shape[cdim] * smooth
+        if reduction == NONE:
+            loss = nll
+        elif reduction == SUM:
+            loss = nll.sum()
+        else:
+            counted = t != ignore_index
+            w_t = (torch.ones_like(nll) if wd is None else wd[t.clamp(0, xd.shape[cdim] - 1)])
+            loss = nll.sum() / torch.where(counted, w_t, 0.0).sum()
+    if grad_loss is None:
+        grad_loss = torch.ones_like(loss)
+    (grad,) = torch.autograd.grad(loss, xd, grad_loss.double())
+    lse = (torch.zeros(t.shape, dtype=torch.float64, device=xd.device) if log_probs
+           else torch.logsumexp(xd.detach(), cdim))
+    return loss.detach(), lse, grad
+
+
+def ref_prob(x, y, weight, eps, reduction, grad_loss=None):
+    xd = x.detach().double().requires_grad_()
+    wd = None if weight is None else weight.double()
+    loss = F.cross_entropy(xd, y.double(), wd, label_smoothing=eps,
+                           reduction=RED_NAME[reduction])
+    if grad_loss is None:
+        grad_loss = torch.ones_like(loss)
+    (grad,) = torch.autograd.grad(loss, xd, grad_loss.double())
+    return loss.detach(), torch.logsumexp(xd.detach(), 0 if x.dim() == 1 else 1), grad
+
+
+def assert_close(out, ref, dtype, what="", floor=1e-12):
+    """out == ref within TOLERANCES[dtype] (atol relative to max(|ref|, floor): pass the
+    size of the terms that cancel when ref may be ~0); nan and inf entries must match."""
+    rtol, atol = TOLERANCES[dtype]
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    finite = torch.isfinite(ref)
+    scale = ref[finite].abs().max().item() if finite.any() else 1.0
+    torch.testing.assert_close(out, ref, rtol=rtol, atol=atol * max(scale, floor),
+                               equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def check_index(x, t, weight=None, ignore_index=-100, eps=0.0, reduction=MEAN,
+                log_probs=False):
+    """Forward with compute_grad against the reference; returns the outputs."""
+    loss, lse, grad = ce.cross_entropy_fwd(x, t, weight, ignore_index, eps, reduction,
+                                           log_probs, True)
+    rloss, rlse, rgrad = ref_index(x, t, weight, ignore_index, eps, reduction, log_probs)
+    assert loss.dtype == x.dtype and lse.dtype == acc(x.dtype) and grad.dtype == x.dtype
+    assert grad.shape == x.shape and grad.is_contiguous()
+    assert_close(loss, rloss, x.dtype, "loss")
+    active = (t != ignore_index).cpu()
+    assert_close(lse.cpu()[active], rlse.cpu()[active], torch.float32, "lse")
+    rows = max(1, t.numel())
+    assert_close(grad, rgrad, x.dtype, "grad", floor=1.0 / rows if reduction == MEAN else 1.0)
+    # ignored rows: exactly 0
+    g_rows = grad.movedim(0 if x.dim() == 1 else 1, -1).cpu()
+    assert (g_rows[~active] == 0).all()
+    return loss, lse, grad
+
+
+# ---------------------------------------------------------------------------------------
+# Index targets
+# ---------------------------------------------------------------------------------------
+
+OPTIONS = {  # name: (weighted, label_smoothing)
+    "plain": (False, 0.0),
+    "weight": (True, 0.0),
+    "smooth": (False, 0.1),
+    "weight_smooth": (True, 0.25),
+}
+
+
+# V = 1 (one class: loss 0), 3 (tiny), 37 (odd, one partial block), 1000 (under the
+# interpreter's largest cheap block; on GPU 1000 < BLOCK = 1024 is one masked block).
+@pytest.mark.parametrize("classes", [1, 3, 37, 1000])
+@pytest.mark.parametrize("reduction", REDUCTIONS, ids=RED_NAME.get)
+@pytest.mark.parametrize("option", OPTIONS)
+@pytest.mark.parametrize("log_probs", [False, True], ids=["logits", "logprobs"])
+def test_index(classes, reduction, option, log_probs):
+    torch.manual_seed(classes)
+    weighted, eps = OPTIONS[option]
+    x = logits(6, classes)
+    if log_probs:
+        x = torch.log_softmax(x, 1)
+    t = targets((6,), classes)
+    w = class_weight(classes, x.dtype) if weighted else None
+    check_index(x, t, w, eps=eps, reduction=reduction, log_probs=log_probs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("target_dtype", [torch.int64, torch.int32], ids=str)
+@pytest.mark.parametrize("reduction", [NONE, MEAN], ids=RED_NAME.get)
+def test_index_dtypes(dtype, target_dtype, reduction):
+    torch.manual_seed(2)
+    x = logits(5, 37, dtype=dtype)
+    t = targets((5,), 37, dtype=target_dtype)
+    check_index(x, t, class_weight(37, dtype), eps=0.1, reduction=reduction)
+
+
+@pytest.mark.parametrize("target_dtype", [torch.uint8, torch.int8, torch.int16], ids=str)
+def test_small_int_targets(target_dtype):
+    # uint8 cannot hold -100: its rows are never ignored (as in torch); int8/int16 can
+    torch.manual_seed(3)
+    x = logits(5, 37)
+    ignore_every = 0 if target_dtype == torch.uint8 else 3
+    t = targets((5,), 37, ignore_every=ignore_every, dtype=target_dtype)
+    check_index(x, t, eps=0.1)
+
+
+@pytest.mark.parametrize("log_probs", [False, True], ids=["logits", "logprobs"])
+def test_compute_grad_false(log_probs):
+    # same loss and lse, an empty (0,) gradient
+    torch.manual_seed(4)
+    x, t, w = logits(6, 37), targets((6,), 37), class_weight(37, torch.float32)
+    with_grad = ce.cross_entropy_fwd(x, t, w, -100, 0.1, MEAN, log_probs, True)
+    loss, lse, grad = ce.cross_entropy_fwd(x, t, w, -100, 0.1, MEAN, log_probs, False)
+    assert grad.shape == (0,) and grad.dtype == x.dtype
+    torch.testing.assert_close(loss, with_grad[0], rtol=0, atol=0)
+    torch.testing.assert_close(lse, with_grad[1], rtol=0, atol=0)
+
+
+# K-dim (N, C, d1, d2) with C = 5 classes at stride S = 6, and 1-D (C,) input with a
+# 0-d target (one row: the loss and lse are 0-d for every reduction).
+@pytest.mark.parametrize("shape", [(2, 5, 3, 2), (11,)], ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS, ids=RED_NAME.get)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_kdim_and_1d(shape, reduction, dtype):
+    torch.manual_seed(5)
+    x = logits(*shape, dtype=dtype)
+    classes = shape[0] if len(shape) == 1 else shape[1]
+    tshape = () if len(shape) == 1 else (shape[0], *shape[2:])
+    t = targets(tshape, classes, ignore_every=0 if len(shape) == 1 else 4)
+    loss, lse, _ = check_index(x, t, class_weight(classes, dtype), eps=0.2, reduction=reduction)
+    assert lse.shape == tshape
+    assert loss.shape == (tshape if reduction == NONE else ())
+
+
+@pytest.mark.parametrize("layout", ["transposed", "strided_rows", "sliced_classes",
+                                    "channels_last"])
+def test_non_contiguous(layout):
+    torch.manual_seed(6)
+    if layout == "transposed":  # (C, N).t(): classes at stride N
+        x = logits(37, 6).t()
+    elif layout == "strided_rows":  # every other row of a bigger buffer
+        x = logits(12, 37)[::2]
+    elif layout == "sliced_classes":  # row stride 50, 37 classes
+        x = logits(6, 50)[:, :37]
+    else:  # (N, H, W, C) memory seen as (N, C, H, W): classes at stride 1, rows at 37
+        x = logits(2, 3, 4, 37).permute(0, 3, 1, 2)
+    assert not x.is_contiguous()
+    t = targets((x.shape[0], *x.shape[2:]), 37)
+    w = class_weight(37, x.dtype)
+    out = check_index(x, t, w, eps=0.1, reduction=NONE)
+    # identical to the contiguous copy's result
+    ref = ce.cross_entropy_fwd(x.contiguous(), t, w, -100, 0.1, NONE, False, True)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ignore_index: a valid class, or beyond int32 (the kernel argument becomes int64)
+@pytest.mark.parametrize("ignore_index", [2, 2**40])
+@pytest.mark.parametrize("reduction", REDUCTIONS, ids=RED_NAME.get)
+def test_ignore_index_values(ignore_index, reduction):
+    torch.manual_seed(7)
+    x = logits(8, 5)
+    t = torch.tensor([0, 2, 1, 2, 4, 3, 2, 0], device=DEVICE)
+    t[t == 2] = ignore_index
+    check_index(x, t, class_weight(5, x.dtype), ignore_index=ignore_index, eps=0.1,
+                reduction=reduction)
+
+
+@pytest.mark.parametrize("log_probs", [False, True], ids=["logits", "logprobs"])
+def test_all_rows_ignored(log_probs):
+    x = logits(4, 7)
+    t = torch.full((4,), -100, device=DEVICE)
+    for reduction, expect in [(MEAN, float("nan")), (SUM, 0.0)]:
+        loss, _, grad = ce.cross_entropy_fwd(x, t, None, -100, 0.1, reduction, log_probs, True)
+        torch.testing.assert_close(loss.cpu(), torch.tensor(expect), equal_nan=True)
+        assert (grad == 0).all()  # exactly 0, never 0*inf
+    loss, _, grad = ce.cross_entropy_fwd(x, t, None, -100, 0.1, NONE, log_probs, True)
+    assert (loss == 0).all() and (grad == 0).all()
+
+
+def test_zero_weights_mean_is_nan():
+    # W = 0 with counted rows: nan loss and gradient, as torch
+    x, t = logits(3, 4), torch.tensor([0, 1, 2], device=DEVICE)
+    w = torch.zeros(4, device=DEVICE)
+    loss, _, grad = ce.cross_entropy_fwd(x, t, w, -100, 0.0, MEAN, False, True)
+    rloss, _, rgrad = ref_index(x, t, w, -100, 0.0, MEAN, False)
+    assert loss.isnan() and rloss.isnan()
+    assert grad.isnan().all() and rgrad.isnan().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("eps", [0.0, 0.3])
+def test_extreme_logits(dtype, eps):
+    # +-1e4 logits: the smoothing sum must not cancel (wsum*(lse-m) - sum w*(x-m))
+    torch.manual_seed(8)
+    x = torch.where(torch.rand(6, 1000) < 0.5, -1e4, 1e4).double()
+    x += torch.randn(6, 1000)
+    x = x.to(dtype).to(DEVICE)
+    t = targets((6,), 1000)
+    for reduction in (NONE, MEAN):
+        check_index(x, t, class_weight(1000, dtype), eps=eps, reduction=reduction)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_minus_inf_logits(eps):
+    # -inf entries (masked vocabulary): finite loss without smoothing, inf with it
+    # (-sum_c w_c*lp_c), as torch; the gradient is finite either way
+    torch.manual_seed(9)
+    x = logits(6, 37)
+    x[:, ::3] = float("-inf")
+    x[2, :35] = float("-inf")  # a row with one finite logit, its target
+    t = torch.tensor([1, 2, 35, 4, -100, 5], device=DEVICE)
+    for reduction in (NONE, SUM):
+        loss, _, grad = check_index(x, t, eps=eps, reduction=reduction)
+        assert torch.isfinite(grad).all()
+        assert torch.isfinite(loss).all() == (eps == 0.0)
+
+
+@pytest.mark.parametrize("log_probs", [False, True], ids=["logits", "logprobs"])
+def test_out_of_range_target(log_probs):
+    # no device assert: that row's loss and gradient are nan and it counts 0 in W; the
+    # other rows are as if it were ignored
+    torch.manual_seed(10)
+    x = logits(6, 5)
+    t = torch.tensor([1, 5, 2, -1, -100, 4], device=DEVICE)
+    bad = torch.tensor([False, True, False, True, False, False], device=DEVICE)
+    w = class_weight(5, x.dtype)
+    t_ok = torch.where(bad, -100, t)
+    for reduction in REDUCTIONS:
+        loss, _, grad = ce.cross_entropy_fwd(x, t, w, -100, 0.1, reduction, log_probs, True)
+        rloss, _, rgrad = ref_index(x, t_ok, w, -100, 0.1, reduction, log_probs)
+        assert grad[bad].isnan().all()
+        assert_close(grad[~bad], rgrad[~bad], x.dtype, "grad")
+        if reduction == NONE:
+            assert loss[bad].isnan().all()
+            assert_close(loss[~bad], rloss[~bad], x.dtype, "loss")
+        else:
+            assert loss.isnan()
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS, ids=RED_NAME.get)
+def test_empty_batch(reduction):
+    x = logits(0, 7)
+    t = torch.zeros(0, dtype=torch.int64, device=DEVICE)
+    loss, lse, grad = ce.cross_entropy_fwd(x, t, None, -100, 0.1, reduction, False, True)
+    assert grad.shape == (0, 7) and lse.shape == (0,)
+    expect = {NONE: torch.zeros(0), MEAN: torch.tensor(float("nan")), SUM: torch.tensor(0.0)}
+    torch.testing.assert_close(loss.cpu(), expect[reduction], equal_nan=True)
+    g = ce.cross_entropy_bwd(torch.ones((), device=DEVICE), x, t, None, lse, -100, 0.1, reduction, False)
+    assert g.shape == (0, 7)
+
+
+# ---------------------------------------------------------------------------------------
+# Backward from the saved lse, and scale_grad_
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS, ids=RED_NAME.get)
+@pytest.mark.parametrize("option", OPTIONS)
+@pytest.mark.parametrize("log_probs", [False, True], ids=["logits", "logprobs"])
+def test_index_bwd(reduction, option, log_probs):
+    torch.manual_seed(11)
+    weighted, eps = OPTIONS[option]
+    x = logits(2, 37, 3)  # K-dim: rows (2, 3), classes at stride 3
+    if log_probs:
+        x = torch.log_softmax(x, 1)
+    t = targets((2, 3), 37)
+    w = class_weight(37, x.dtype) if weighted else None
+    grad_loss = (torch.randn(2, 3) if reduction == NONE else torch.tensor(0.37)).to(DEVICE)
+    _, lse, _ = ce.cross_entropy_fwd(x, t, w, -100, eps, reduction, log_probs, False)
+    grad = ce.cross_entropy_bwd(grad_loss, x, t, w, lse, -100, eps, reduction, log_probs)
+    _, _, rgrad = ref_index(x, t, w, -100, eps, reduction, log_probs, grad_loss)
+    assert grad.dtype == x.dtype and grad.is_contiguous()
+    assert_close(grad, rgrad, x.dtype, "grad")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_index_bwd_dtypes(dtype):
+    torch.manual_seed(12)
+    x = logits(5, 37, dtype=dtype).t().contiguous().t()  # transposed, too
+    t = targets((5,), 37, dtype=torch.int32)
+    w = class_weight(37, dtype)
+    grad_loss = torch.randn(5).to(dtype).to(DEVICE)
+    _, lse, _ = ce.cross_entropy_fwd(x, t, w, -100, 0.1, NONE, False, False)
+    grad = ce.cross_entropy_bwd(grad_loss, x, t, w, lse, -100, 0.1, NONE, False)
+    _, _, rgrad = ref_index(x, t, w, -100, 0.1, NONE, False, grad_loss)
+    assert_close(grad, rgrad, dtype, "grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_scale_grad(dtype):
+    torch.manual_seed(13)
+    g = torch.randn(2, 37, 3, dtype=torch.float64).to(dtype).to(DEVICE)
+    # 0-d 1: untouched (bitwise)
+    before = g.clone()
+    ce.scale_grad_(g, torch.ones((), dtype=dtype, device=DEVICE))
+    assert torch.equal(g, before)
+    # 0-d, not 1: every element
+    ce.scale_grad_(g, torch.tensor(-2.5, dtype=dtype, device=DEVICE))
+    assert_close(g, before.double() * -2.5, dtype, "scaled")
+    # rows' shape (N, d1): per row, broadcast over the classes
+    rows = torch.randn(2, 3, dtype=torch.float64).to(dtype).to(DEVICE)
+    g2 = before.clone()
+    ce.scale_grad_(g2, rows)
+    assert_close(g2, before.double() * rows.double().unsqueeze(1), dtype, "per row")
+    # 2-D gradient with an (N,) grad_loss; 1-D gradient with a 0-d one
+    g3 = before[:, :, 0].contiguous()
+    ce.scale_grad_(g3, rows[:, 0])
+    assert_close(g3, before[:, :, 0].double() * rows[:, :1].double(), dtype, "2-D")
+    g4 = before[0, :, 0].contiguous()
+    ce.scale_grad_(g4, torch.tensor(3.0, dtype=dtype, device=DEVICE))
+    assert_close(g4, before[0, :, 0].double() * 3, dtype, "1-D")
+
+
+def test_fwd_grad_times_scale_equals_bwd():
+    # the autograd path for mean/sum: forward gradient, then scale_grad_ by grad_loss
+    torch.manual_seed(14)
+    x, t, w = logits(6, 37), targets((6,), 37), class_weight(37, torch.float32)
+    _, lse, grad = ce.cross_entropy_fwd(x, t, w, -100, 0.1, MEAN, False, True)
+    gl = torch.tensor(1.7, device=DEVICE)
+    ce.scale_grad_(grad, gl)
+    ref = ce.cross_entropy_bwd(gl, x, t, w, lse, -100, 0.1, MEAN, False)
+    torch.testing.assert_close(grad, ref, rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------
+# Probability targets
+# ---------------------------------------------------------------------------------------
+
+
+def prob_targets(shape, dtype=torch.float32, cdim=1):
+    return torch.softmax(torch.randn(*shape, dtype=torch.float64), cdim).to(dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("classes", [1, 3, 37, 1000])
+@pytest.mark.parametrize("reduction", REDUCTIONS, ids=RED_NAME.get)
+@pytest.mark.parametrize("option", OPTIONS)
+def test_prob(classes, reduction, option):
+    torch.manual_seed(15)
+    weighted, eps = OPTIONS[option]
+    x, y = logits(5, classes), prob_targets((5, classes))
+    w = class_weight(classes, x.dtype) if weighted else None
+    loss, lse, grad = ce.cross_entropy_prob_fwd(x, y, w, eps, reduction, True)
+    rloss, rlse, rgrad = ref_prob(x, y, w, eps, reduction)
+    assert_close(loss, rloss, x.dtype, "loss")
+    assert_close(lse, rlse, x.dtype, "lse")
+    assert_close(grad, rgrad, x.dtype, "grad")
+    grad_loss = (torch.randn(5) if reduction == NONE else torch.tensor(-0.6)).to(DEVICE)
+    g = ce.cross_entropy_prob_bwd(grad_loss, x, y, w, lse, eps, reduction)
+    assert_close(g, ref_prob(x, y, w, eps, reduction, grad_loss)[2], x.dtype, "bwd grad")
+    # compute_grad=False: same loss, empty gradient
+    loss2, _, grad2 = ce.cross_entropy_prob_fwd(x, y, w, eps, reduction, False)
+    assert grad2.shape == (0,)
+    torch.testing.assert_close(loss2, loss, rtol=0, atol=0)
+
+
+# bf16 logits with fp32 targets: the loss is fp32 (result_type), the gradient bf16
+@pytest.mark.parametrize("dtype,target_dtype", [
+    (torch.float64, torch.float64), (torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.float32), (torch.float16, torch.float16)], ids=str)
+def test_prob_dtypes(dtype, target_dtype):
+    torch.manual_seed(16)
+    x, y = logits(5, 37, dtype=dtype), prob_targets((5, 37), target_dtype)
+    w = class_weight(37, dtype)
+    loss, _, grad = ce.cross_entropy_prob_fwd(x, y, w, 0.1, MEAN, True)
+    rloss, _, rgrad = ref_prob(x, y, w, 0.1, MEAN)
+    assert loss.dtype == torch.result_type(x, y) and grad.dtype == dtype
+    assert_close(loss, rloss, dtype, "loss")
+    assert_close(grad, rgrad, dtype, "grad")
+
+
+def test_prob_kdim_non_contiguous():
+    # K-dim logits and targets with different, non-contiguous layouts
+    torch.manual_seed(17)
+    x = logits(2, 3, 2, 5).permute(0, 3, 1, 2)  # (2, 5, 3, 2), classes last in memory
+    y = prob_targets((2, 5, 3, 2))[:, :, :, :]
+    y = y.transpose(2, 3).contiguous().transpose(2, 3)
+    assert not x.is_contiguous() and not y.is_contiguous()
+    for reduction in REDUCTIONS:
+        loss, _, grad = ce.cross_entropy_prob_fwd(x, y, None, 0.2, reduction, True)
+        rloss, _, rgrad = ref_prob(x, y, None, 0.2, reduction)
+        assert_close(loss, rloss, x.dtype, "loss")
+        assert_close(grad, rgrad, x.dtype, "grad")
+
+
+def test_prob_1d_and_empty():
+    x, y = logits(7), prob_targets((7,), cdim=0)
+    loss, lse, grad = ce.cross_entropy_prob_fwd(x, y, None, 0.0, NONE, True)
+    rloss, rlse, rgrad = ref_prob(x, y, None, 0.0, NONE)
+    assert loss.shape == () and lse.shape == ()
+    assert_close(loss, rloss, x.dtype, "loss")
+    assert_close(grad, rgrad, x.dtype, "grad")
+    x0, y0 = logits(0, 7), prob_targets((0, 7))
+    loss, _, grad = ce.cross_entropy_prob_fwd(x0, y0, None, 0.0, MEAN, True)
+    assert loss.isnan() and grad.shape == (0, 7)
+
+
+# ---------------------------------------------------------------------------------------
+# Launch configuration and the registered triton_ops
+# ---------------------------------------------------------------------------------------
+
+
+def test_row_config_is_bounded():
+    # BLOCK and num_warps come from a small set (no recompilation per vocabulary size)
+    configs = {ce._row_config(v, e, h) for v in range(1, 300_000, 997) for e in (2, 4, 8)
+               for h in (False, True)}
+    assert len(configs) <= 24
+    for block, warps in configs:
+        assert block & (block - 1) == 0 and 4 <= warps <= 32
+    assert ce._row_config(128256, 2) == (16384, 32)
+
+
+def test_triton_op_eager():
+    # the registered op, called eagerly (under the interpreter on CPU: no compile path)
+    from fused_nll import _triton_ops  # noqa: F401  (registers fused_nll::triton_*)
+
+    torch.manual_seed(18)
+    x, t = logits(4, 9), targets((4,), 9)
+    loss, lse, grad = torch.ops.fused_nll.triton_cross_entropy_fwd(x, t, None, -100, 0.1, MEAN,
+                                                                   False, True)
+    rloss, _, rgrad = ref_index(x, t, None, -100, 0.1, MEAN, False)
+    assert_close(loss, rloss, x.dtype, "loss")
+    assert_close(grad, rgrad, x.dtype, "grad")
+    torch.ops.fused_nll.triton_scale_grad_(grad, torch.tensor(2.0, device=DEVICE))
+    assert_close(grad, 2 * rgrad, x.dtype, "scaled grad")
+    gb = torch.ops.fused_nll.triton_cross_entropy_bwd(torch.tensor(2.0, device=DEVICE), x, t,
+                                                      None, lse, -100, 0.1, MEAN, False)
+    assert_close(gb, 2 * rgrad, x.dtype, "bwd")
+    y = prob_targets((4, 9))
+    ploss, plse, _ = torch.ops.fused_nll.triton_cross_entropy_prob_fwd(x, y, None, 0.0, SUM,
+                                                                       False)
+    assert_close(ploss, ref_prob(x, y, None, 0.0, SUM)[0], x.dtype, "prob loss")
+    pg = torch.ops.fused_nll.triton_cross_entropy_prob_bwd(torch.tensor(1.0, device=DEVICE), x,
+                                                           y, None, plse, 0.0, SUM)
+    assert_close(pg, ref_prob(x, y, None, 0.0, SUM)[2], x.dtype, "prob bwd")
+
+
+# ---------------------------------------------------------------------------------------
+# GPU only: real vocabularies, N*V > 2^31, CUDA graphs
+# ---------------------------------------------------------------------------------------
+
+
+@cuda_only
+@pytest.mark.parametrize("classes", [32000, 128256, 256000])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_large_vocab(classes, dtype, eps):
+    torch.manual_seed(19)
+    x = logits(64, classes, dtype=dtype)
+    t = targets((64,), classes, ignore_every=17)
+    check_index(x, t, class_weight(classes, dtype), eps=eps, reduction=MEAN)
+    y = prob_targets((8, classes))
+    loss, _, grad = ce.cross_entropy_prob_fwd(x[:8], y, None, eps, SUM, True)
+    rloss, _, rgrad = ref_prob(x[:8], y, None, eps, SUM)
+    assert_close(loss, rloss, dtype, "prob loss")
+    assert_close(grad, rgrad, dtype, "prob grad")
+
+
+@cuda_only
+def test_offsets_beyond_int32():
+    # 17000 x 128256 = 2.18e9 elements > 2^31: rows at the end need int64 offsets
+    n, classes = 17000, 128256
+    if torch.cuda.get_device_properties(0).total_memory < 24 * 2**30:
+        pytest.skip("needs ~10 GiB of GPU memory")
+    torch.manual_seed(20)
+    x = torch.randn(n, classes, dtype=torch.bfloat16, device="cuda")
+    t = torch.randint(0, classes, (n,), device="cuda")
+    loss, lse, grad = ce.cross_entropy_fwd(x, t, None, -100, 0.0, NONE, False, True)
+    rows = torch.tensor([0, 1, n // 2, n - 2, n - 1], device="cuda")
+    rloss, rlse, rgrad = ref_index(x[rows], t[rows], None, -100, 0.0, NONE, False)
+    assert_close(loss[rows], rloss, torch.bfloat16, "loss")
+    assert_close(lse[rows], rlse, torch.float32, "lse")
+    assert_close(grad[rows], rgrad, torch.bfloat16, "grad")
+    del grad
+    _, lse2, _ = ce.cross_entropy_fwd(x, t, None, -100, 0.0, SUM, False, False)
+    torch.testing.assert_close(lse2, lse, rtol=0, atol=0)
+
+
+@cuda_only
+def test_cuda_graph_capture():
+    # forward with gradient + scale_grad_ (1 and not 1): no host sync, capturable
+    torch.manual_seed(21)
+    x = logits(64, 32000, dtype=torch.bfloat16)
+    t = targets((64,), 32000)
+    w = class_weight(32000, torch.bfloat16)
+    gl = torch.ones((), device="cuda")
+
+    def step():
+        loss, _, grad = ce.cross_entropy_fwd(x, t, w, -100, 0.1, MEAN, False, True)
+        ce.scale_grad_(grad, gl)
+        return loss, grad
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss, grad = step()
+    rloss, _, rgrad = ref_index(x, t, w, -100, 0.1, MEAN, False)
+    for scale in (1.0, 3.0):
+        gl.fill_(scale)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(loss, rloss, torch.bfloat16, "loss")
+        assert_close(grad, rgrad * scale, torch.bfloat16, "grad")

@@ -1,0 +1,686 @@
+"""Triton kernels for fused log_softmax + NLL (cross-entropy).
+
+The contract (shapes, math, edge cases) is docs/ops.md; the symbols below follow it:
+row r, classes c < C, weight w_c, smoothing eps, lse_r, p_c = exp(x_c - lse_r).
+
+Design
+------
+* One program per row. The input is viewed as (N, C, S) (S = d1*...*dk, 1 for 1-D/2-D
+  input); row r = n*S + s starts at n*stride_n + s*stride_s and walks the classes with
+  stride_c, so any strides work without copying the logits.
+* Sweep 1 reads the row once in blocks of BLOCK classes and keeps an online
+  log-sum-exp: a running scalar max m and per-lane partial sums of exp(x - m), rescaled
+  when m grows. Only the max is reduced across the block inside the loop; the sums are
+  reduced once at the end.
+* Sweep 2 (only when a gradient is wanted) walks the row again, in REVERSE block
+  order, and writes the gradient. The blocks read last in sweep 1 are read first, so
+  the re-read is served by L2 as far as the cache allows.
+* Losses and lse are written per row in the accumulation dtype (fp32, fp64 for fp64
+  input); the launcher reduces the per-row losses with torch.sum (deterministic).
+* For reduction="mean" the gradient scale 1/W needs W = sum_r k_r*w_{t_r} before the
+  gradient sweep, so the launcher computes W with a few torch ops over the targets
+  (no host sync) and the kernel loads it from device memory.
+* BLOCK and num_warps come from a small table keyed by the vocabulary size and element
+  size (powers of two, capped), and C is a runtime argument: there is no
+  recompilation per vocabulary size.
+
+Every launch goes through ``torch.library.wrap_triton`` so the launchers can be the
+bodies of ``torch.library.triton_op``s (python/fused_nll/_triton_ops.py). They use only
+torch ops and kernel launches, branch only on shapes, dtypes and flags, and never read
+a tensor value on the host.
+"""
+
+import math
+import struct
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+__all__ = [
+    "cross_entropy_fwd",
+    "cross_entropy_bwd",
+    "cross_entropy_prob_fwd",
+    "cross_entropy_prob_bwd",
+    "scale_grad_",
+]
+
+# torch's Reduction enum, as used by the op schemas.
+REDUCTION_NONE, REDUCTION_MEAN, REDUCTION_SUM = 0, 1, 2
+
+# ---------------------------------------------------------------------------------------
+# Launch configuration.
+#
+# BLOCK = next power of two >= C, at least _MIN_BLOCK and at most _MAX_BLOCK[element
+# size]; num_warps gives every thread ~_ELEMS_PER_THREAD elements per block (two 16-byte
+# loads for bf16/fp16), between 4 and 32 warps. Large vocabularies therefore run
+# 32 KiB blocks (bf16: BLOCK 16384 with 32 warps; fp32: 8192 with 16 warps). Kernels
+# that keep more per-lane state (label smoothing, probability targets) use half the
+# elements per thread: at the full size they spill on sm_90 (64 registers per thread
+# at 32 warps). These module-level values are the only tuning knobs.
+# ---------------------------------------------------------------------------------------
+_MIN_BLOCK = 128
+_MAX_BLOCK = {1: 16384, 2: 16384, 4: 8192, 8: 4096}
+_ELEMS_PER_THREAD = 16
+_SCALE_BLOCK = 4096  # elements per step of the flat scale_grad_ kernel
+_SCALE_MAX_PROGRAMS = 4096  # grid cap of that kernel (it loops over the tensor)
+
+
+def _row_config(num_classes: int, element_size: int, heavy: bool = False) -> tuple[int, int]:
+    """(BLOCK, num_warps) for a row kernel over ``num_classes`` classes; ``heavy``
+    halves the block for kernels with more per-lane state."""
+    max_block = _MAX_BLOCK.get(element_size, 4096) // (2 if heavy else 1)
+    per_thread = _ELEMS_PER_THREAD // (2 if heavy else 1)
+    block = min(max(triton.next_power_of_2(max(num_classes, 1)), _MIN_BLOCK), max_block)
+    num_warps = min(32, max(4, block // (32 * per_thread)))
+    return block, num_warps
+
+
+# ---------------------------------------------------------------------------------------
+# Device helpers
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_offsets(S, stride_n, stride_s, C):
+    """This program's row r and the element offsets of (r, class 0) in x and in the grad.
+
+    int64 throughout: row*stride and n*C*S pass 2^31 for e.g. 16k tokens x 128k vocab,
+    and Triton passes strides that fit in 32 bits as int32.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    n = row // S
+    s = row - n * S
+    x_off = n * stride_n + s * stride_s
+    g_off = n * C * S + s  # grad is contiguous (N, C, S); its class stride is S
+    return row, x_off, g_off
+
+
+@triton.jit
+def _index_target(t_ptr, row, C, ignore_index):
+    """Target of the row (any int dtype) and its status: active (a class in [0, C), not
+    ignored) and ignored. A row that is neither has an out-of-range target (nan row)."""
+    t = tl.load(t_ptr + row).to(tl.int64)
+    ignored = t == ignore_index
+    active = (t >= 0) & (t < C) & (t != ignore_index)
+    return t, active, ignored
+
+
+@triton.jit
+def _online_lse(x_row, stride_c, w_ptr, n_cols, ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                SMOOTH: tl.constexpr, BLOCK: tl.constexpr):
+    """Sweep 1 of an index-target row: the first ``n_cols`` classes (C, or 0 to skip).
+
+    Returns (m, log_se, wxs, wsum) with lse = m + log_se, se = sum_c exp(x_c - m),
+    and, when SMOOTH, wxs = sum_c w_c*(x_c - m) <= 0 and wsum = sum_c w_c, so that the
+    smoothing term sum_c w_c*(lse - x_c) = wsum*log_se - wxs adds two non-negative
+    numbers (no cancellation for logits near +-1e4). m is 0 for a row of only -inf
+    (then the sums stay 0 instead of computing -inf - -inf).
+    """
+    NEG_INF: tl.constexpr = float("-inf")
+    m = tl.full([], NEG_INF, ACC)  # running max
+    se = tl.zeros([BLOCK], ACC)  # per-lane sum exp(x - m_ref)
+    wxs = tl.zeros([BLOCK], ACC)  # per-lane sum w*(x - m_ref)
+    wsum = tl.zeros([BLOCK], ACC)  # per-lane sum w
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        # evict_last: this block is read again by the gradient sweep
+        x = tl.load(x_row + cols.to(tl.int64) * stride_c, mask=mask, other=NEG_INF,
+                    eviction_policy="evict_last").to(ACC)
+        m_new = tl.maximum(m, tl.max(x, 0))
+        m_ref = tl.where(m_new == NEG_INF, 0.0, m_new)
+        # exp(m - m_ref) is 0 while m is -inf (the sums are still 0), <= 1 otherwise
+        se = se * tl.exp(m - m_ref) + tl.exp(x - m_ref)
+        if SMOOTH:
+            if HAS_WEIGHT:
+                w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(ACC)
+            else:
+                w = mask.to(ACC)
+            # re-reference sum w*(x - m) from the old max to the new one; every term
+            # stays <= 0, so nothing cancels
+            m_ref_old = tl.where(m == NEG_INF, 0.0, m)
+            wxs = wxs - (m_ref - m_ref_old) * wsum + tl.where(mask, w * (x - m_ref), 0.0)
+            wsum += w
+        m = m_new
+    m = tl.where(m == NEG_INF, 0.0, m)
+    return m, tl.log(tl.sum(se, 0)), tl.sum(wxs, 0), tl.sum(wsum, 0)
+
+
+@triton.jit
+def _index_grad_coefs(s, eps, w_t, C, wsum_ptr, ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                      SMOOTH: tl.constexpr, LOG_PROBS: tl.constexpr):
+    """(a, b, e) of _index_grad_sweep for a row with scale s (k_r/W or k_r, times
+    grad_loss in backward); wsum_ptr holds sum_c w_c."""
+    b = s * (1.0 - eps) * w_t
+    e = s * eps / C
+    a = b
+    if SMOOTH:
+        if not LOG_PROBS:
+            if HAS_WEIGHT:
+                a = b + e * tl.load(wsum_ptr).to(ACC)
+            else:
+                a = b + e * C
+    return a, b, e
+
+
+@triton.jit
+def _index_grad_sweep(x_row, stride_c, g_row, stride_gc, w_ptr, C, n_cols, t, m, log_se,
+                      active, ignored, a, b, e, ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                      SMOOTH: tl.constexpr, LOG_PROBS: tl.constexpr, BLOCK: tl.constexpr):
+    """Sweep 2 of an index-target row: g_c = a*p_c - b*[c == t] - e*w_c.
+
+    That is docs/ops.md's gradient with a = s*((1-eps)*w_t + eps/C*wsum),
+    b = s*(1-eps)*w_t, e = s*eps/C (log_probs: no p term), and
+    p_c = exp((x_c - m) - log_se). With m + log_se = lse, subtracting m first keeps p
+    accurate for logits near +-1e4, where an fp32 lse has an ulp of 1e-3 (the backward
+    kernel has only the saved lse and passes m = lse, log_se = 0). Ignored rows get
+    exactly 0 and rows with an out-of-range target nan, without reading x: n_cols
+    (C for an active row, else 0) bounds the loads.
+    """
+    n_blocks = tl.cdiv(C, BLOCK)
+    for i in range(0, n_blocks):
+        # reverse order: the row's tail, read last by sweep 1, is the likeliest in L2
+        start = (n_blocks - 1 - i) * BLOCK
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < C
+        cols64 = cols.to(tl.int64)
+        g = tl.where(cols == t, -b, 0.0)
+        if not LOG_PROBS:
+            x = tl.load(x_row + cols64 * stride_c, mask=cols < n_cols, other=0.0,
+                        eviction_policy="evict_first").to(ACC)
+            g += a * tl.exp((x - m) - log_se)
+        if SMOOTH:
+            if HAS_WEIGHT:
+                g -= e * tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(ACC)
+            else:
+                g -= e
+        g = tl.where(active, g, tl.where(ignored, 0.0, float("nan")))
+        tl.store(g_row + cols64 * stride_gc, g.to(g_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _prob_grad_sweep(x_row, stride_c, y_row, stride_yc, g_row, stride_gc, w_ptr, C, m, log_se,
+                     wysum, s, keep, smooth_add, ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    """Sweep 2 of a probability-target row: g_c = s*(p_c*sum_j w_j*y'_j - w_c*y'_c),
+    with y'_c = keep*y_c + smooth_add (keep = 1-eps, smooth_add = eps/C) and
+    p_c = exp((x_c - m) - log_se) as in _index_grad_sweep."""
+    n_blocks = tl.cdiv(C, BLOCK)
+    for i in range(0, n_blocks):
+        start = (n_blocks - 1 - i) * BLOCK  # reverse order, see _index_grad_sweep
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < C
+        cols64 = cols.to(tl.int64)
+        x = tl.load(x_row + cols64 * stride_c, mask=mask, other=0.0,
+                    eviction_policy="evict_first").to(ACC)
+        y = tl.load(y_row + cols64 * stride_yc, mask=mask, other=0.0,
+                    eviction_policy="evict_first").to(ACC)
+        wy = keep * y + smooth_add
+        if HAS_WEIGHT:
+            wy = wy * tl.load(w_ptr + cols, mask=mask, other=0.0).to(ACC)
+        g = s * (tl.exp((x - m) - log_se) * wysum - wy)
+        tl.store(g_row + cols64 * stride_gc, g.to(g_row.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _ce_fwd_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_ptr, wsum_ptr,
+                   C, S, stride_n, stride_c, stride_s, ignore_index, eps_hi, eps_lo,
+                   HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, LOG_PROBS: tl.constexpr,
+                   COMPUTE_GRAD: tl.constexpr, MEAN: tl.constexpr, BLOCK: tl.constexpr):
+    """Index targets: per-row loss and lse, and (COMPUTE_GRAD) the gradient for
+    grad_loss = 1. den_ptr: W (read when MEAN and COMPUTE_GRAD); wsum_ptr: sum_c w_c
+    (read when HAS_WEIGHT, SMOOTH, COMPUTE_GRAD and not LOG_PROBS)."""
+    ACC: tl.constexpr = lse_ptr.dtype.element_ty
+    row, x_off, g_off = _row_offsets(S, stride_n, stride_s, C)
+    x_row = x_ptr + x_off
+    t, active, ignored = _index_target(t_ptr, row, C, ignore_index)
+    t_safe = tl.where(active, t, 0)
+    n_cols = tl.where(active, C, 0)  # skip the reads of ignored / invalid rows
+    # Triton passes Python floats as fp32: eps = hi + lo recovers ~48 bits for fp64
+    eps = (tl.zeros([], ACC) + eps_hi) + eps_lo
+
+    x_t = tl.load(x_row + t_safe * stride_c, mask=active, other=0.0).to(ACC)
+    if HAS_WEIGHT:
+        w_t = tl.load(w_ptr + t_safe, mask=active, other=0.0).to(ACC)
+    else:
+        w_t = tl.full([], 1.0, ACC)
+
+    if LOG_PROBS:
+        # nll_loss on log-probabilities: lp = x, lse = 0
+        lse = tl.zeros([], ACC)
+        m = lse
+        log_se = lse
+        loss = (1.0 - eps) * w_t * (-x_t)
+        if SMOOTH:
+            wx = tl.zeros([BLOCK], ACC)
+            for start in range(0, n_cols, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                mask = cols < n_cols
+                x = tl.load(x_row + cols.to(tl.int64) * stride_c, mask=mask,
+                            other=0.0).to(ACC)
+                if HAS_WEIGHT:
+                    x *= tl.load(w_ptr + cols, mask=mask, other=0.0).to(ACC)
+                wx += tl.where(mask, x, 0.0)
+            loss += eps / C * (-tl.sum(wx, 0))
+    else:
+        m, log_se, wxs, wsum_row = _online_lse(x_row, stride_c, w_ptr, n_cols, ACC,
+                                               HAS_WEIGHT, SMOOTH, BLOCK)
+        lse = m + log_se
+        # lse - x_t, without rounding lse first (its ulp is 1e-3 at 1e4 in fp32)
+        loss = (1.0 - eps) * w_t * ((m - x_t) + log_se)
+        if SMOOTH:
+            loss += eps / C * (wsum_row * log_se - wxs)
+
+    loss = tl.where(active, loss, tl.where(ignored, 0.0, float("nan")))
+    tl.store(loss_ptr + row, loss)
+    tl.store(lse_ptr + row, tl.where(active, lse, 0.0))
+
+    if COMPUTE_GRAD:
+        if MEAN:
+            s = 1.0 / tl.load(den_ptr).to(ACC)
+        else:
+            s = tl.full([], 1.0, ACC)
+        a, b, e = _index_grad_coefs(s, eps, w_t, C, wsum_ptr, ACC, HAS_WEIGHT, SMOOTH,
+                                    LOG_PROBS)
+        _index_grad_sweep(x_row, stride_c, g_ptr + g_off, S, w_ptr, C, n_cols, t, m, log_se,
+                          active, ignored, a, b, e, ACC, HAS_WEIGHT, SMOOTH, LOG_PROBS, BLOCK)
+
+
+@triton.jit
+def _ce_bwd_kernel(gl_ptr, stride_gl, x_ptr, t_ptr, w_ptr, lse_ptr, g_ptr, den_ptr, wsum_ptr,
+                   C, S, stride_n, stride_c, stride_s, ignore_index, eps_hi, eps_lo,
+                   HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, LOG_PROBS: tl.constexpr,
+                   MEAN: tl.constexpr, BLOCK: tl.constexpr):
+    """Index targets: gradient times grad_loss (gl_ptr[row*stride_gl]; stride 0 for a
+    0-d grad_loss), p recomputed from the saved lse. One sweep."""
+    ACC: tl.constexpr = lse_ptr.dtype.element_ty
+    row, x_off, g_off = _row_offsets(S, stride_n, stride_s, C)
+    t, active, ignored = _index_target(t_ptr, row, C, ignore_index)
+    t_safe = tl.where(active, t, 0)
+    eps = (tl.zeros([], ACC) + eps_hi) + eps_lo
+
+    s = tl.load(gl_ptr + row * stride_gl).to(ACC)
+    if MEAN:
+        s = s / tl.load(den_ptr).to(ACC)
+    if HAS_WEIGHT:
+        w_t = tl.load(w_ptr + t_safe, mask=active, other=0.0).to(ACC)
+    else:
+        w_t = tl.full([], 1.0, ACC)
+    if LOG_PROBS:
+        lse = tl.zeros([], ACC)
+    else:
+        lse = tl.load(lse_ptr + row).to(ACC)
+    a, b, e = _index_grad_coefs(s, eps, w_t, C, wsum_ptr, ACC, HAS_WEIGHT, SMOOTH, LOG_PROBS)
+    _index_grad_sweep(x_ptr + x_off, stride_c, g_ptr + g_off, S, w_ptr, C,
+                      tl.where(active, C, 0), t, lse, tl.zeros([], ACC), active, ignored,
+                      a, b, e, ACC, HAS_WEIGHT, SMOOTH, LOG_PROBS, BLOCK)
+
+
+@triton.jit
+def _ce_prob_fwd_kernel(x_ptr, y_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr,
+                        R, C, S, stride_n, stride_c, stride_s,
+                        stride_yn, stride_yc, stride_ys, eps_hi, eps_lo,
+                        HAS_WEIGHT: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+                        MEAN: tl.constexpr, BLOCK: tl.constexpr):
+    """Probability targets: per-row loss -sum_c w_c*y'_c*lp_c, lse, and (COMPUTE_GRAD)
+    the gradient for grad_loss = 1 (scale 1/R for mean)."""
+    ACC: tl.constexpr = lse_ptr.dtype.element_ty
+    NEG_INF: tl.constexpr = float("-inf")
+    row, x_off, g_off = _row_offsets(S, stride_n, stride_s, C)
+    y_off = (row // S) * stride_yn + (row % S) * stride_ys
+    x_row = x_ptr + x_off
+    y_row = y_ptr + y_off
+    eps = (tl.zeros([], ACC) + eps_hi) + eps_lo
+    keep = 1.0 - eps
+    smooth_add = eps / C
+
+    # Sweep 1: online lse as in _online_lse, plus wyx = sum w*y'*(x - m) (re-referenced
+    # when m grows) and wysum = sum w*y'; loss = wysum*log_se - wyx.
+    m = tl.full([], NEG_INF, ACC)
+    se = tl.zeros([BLOCK], ACC)
+    wyx = tl.zeros([BLOCK], ACC)
+    wys = tl.zeros([BLOCK], ACC)
+    for start in range(0, C, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < C
+        cols64 = cols.to(tl.int64)
+        x = tl.load(x_row + cols64 * stride_c, mask=mask, other=NEG_INF,
+                    eviction_policy="evict_last").to(ACC)
+        y = tl.load(y_row + cols64 * stride_yc, mask=mask, other=0.0,
+                    eviction_policy="evict_last").to(ACC)
+        wy = tl.where(mask, keep * y + smooth_add, 0.0)
+        if HAS_WEIGHT:
+            wy = wy * tl.load(w_ptr + cols, mask=mask, other=0.0).to(ACC)
+        m_new = tl.maximum(m, tl.max(x, 0))
+        m_ref = tl.where(m_new == NEG_INF, 0.0, m_new)
+        m_ref_old = tl.where(m == NEG_INF, 0.0, m)
+        se = se * tl.exp(m - m_ref) + tl.exp(x - m_ref)
+        wyx = wyx - (m_ref - m_ref_old) * wys + tl.where(mask, wy * (x - m_ref), 0.0)
+        wys += wy
+        m = m_new
+    m = tl.where(m == NEG_INF, 0.0, m)
+    log_se = tl.log(tl.sum(se, 0))
+    lse = m + log_se
+    wysum = tl.sum(wys, 0)
+    tl.store(loss_ptr + row, wysum * log_se - tl.sum(wyx, 0))
+    tl.store(lse_ptr + row, lse)
+
+    if COMPUTE_GRAD:
+        if MEAN:
+            s = tl.full([], 1.0, ACC) / R  # R may arrive as constexpr 1
+        else:
+            s = tl.full([], 1.0, ACC)
+        _prob_grad_sweep(x_row, stride_c, y_row, stride_yc, g_ptr + g_off, S, w_ptr, C, m,
+                         log_se, wysum, s, keep, smooth_add, ACC, HAS_WEIGHT, BLOCK)
+
+
+@triton.jit
+def _ce_prob_bwd_kernel(gl_ptr, stride_gl, x_ptr, y_ptr, w_ptr, lse_ptr, g_ptr,
+                        R, C, S, stride_n, stride_c, stride_s,
+                        stride_yn, stride_yc, stride_ys, eps_hi, eps_lo,
+                        HAS_WEIGHT: tl.constexpr, MEAN: tl.constexpr, BLOCK: tl.constexpr):
+    """Probability targets: gradient times grad_loss from the saved lse. Sweep 1 sums
+    w*y' over the targets only; sweep 2 reads x and y and writes the gradient."""
+    ACC: tl.constexpr = lse_ptr.dtype.element_ty
+    row, x_off, g_off = _row_offsets(S, stride_n, stride_s, C)
+    y_row = y_ptr + (row // S) * stride_yn + (row % S) * stride_ys
+    eps = (tl.zeros([], ACC) + eps_hi) + eps_lo
+    keep = 1.0 - eps
+    smooth_add = eps / C
+
+    wys = tl.zeros([BLOCK], ACC)
+    for start in range(0, C, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < C
+        y = tl.load(y_row + cols.to(tl.int64) * stride_yc, mask=mask, other=0.0,
+                    eviction_policy="evict_last").to(ACC)
+        wy = tl.where(mask, keep * y + smooth_add, 0.0)
+        if HAS_WEIGHT:
+            wy = wy * tl.load(w_ptr + cols, mask=mask, other=0.0).to(ACC)
+        wys += wy
+
+    s = tl.load(gl_ptr + row * stride_gl).to(ACC)
+    if MEAN:
+        s = s / R
+    lse = tl.load(lse_ptr + row).to(ACC)
+    _prob_grad_sweep(x_ptr + x_off, stride_c, y_row, stride_yc, g_ptr + g_off, S, w_ptr, C,
+                     lse, tl.zeros([], ACC), tl.sum(wys, 0), s, keep, smooth_add, ACC,
+                     HAS_WEIGHT, BLOCK)
+
+
+@triton.jit
+def _scale_grad_kernel(g_ptr, gl_ptr, numel, BLOCK: tl.constexpr):
+    """g *= gl[0] over a contiguous g; a grid-stride loop over a capped grid.
+    With gl[0] == 1 every program returns after one scalar load: no traffic on g."""
+    gl = tl.load(gl_ptr)
+    if gl != 1:
+        if g_ptr.dtype.element_ty == tl.float64:
+            f = gl.to(tl.float64)
+        else:
+            f = gl.to(tl.float32)
+        # int64: numel passes 2^31 for 16k x 128k gradients
+        pid = tl.program_id(0).to(tl.int64)
+        step = tl.num_programs(0).to(tl.int64) * BLOCK
+        for start in range(pid * BLOCK, numel, step):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < numel
+            g = tl.load(g_ptr + offs, mask=mask)
+            tl.store(g_ptr + offs, (g.to(f.dtype) * f).to(g.dtype), mask=mask)
+
+
+@triton.jit
+def _scale_grad_rows_kernel(g_ptr, gl_ptr, stride_gl, C, S, BLOCK: tl.constexpr):
+    """g[n, :, s] *= gl[r] for the contiguous (N, C, S) gradient, one program per row."""
+    row, _, g_off = _row_offsets(S, 0, 0, C)
+    gl = tl.load(gl_ptr + row * stride_gl)
+    if g_ptr.dtype.element_ty == tl.float64:
+        f = gl.to(tl.float64)
+    else:
+        f = gl.to(tl.float32)
+    g_row = g_ptr + g_off
+    for start in range(0, C, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < C
+        ptrs = g_row + cols.to(tl.int64) * S
+        g = tl.load(ptrs, mask=mask)
+        tl.store(ptrs, (g.to(f.dtype) * f).to(g.dtype), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------
+# Host-side helpers (torch ops and shape arithmetic only: traceable, no host sync)
+# ---------------------------------------------------------------------------------------
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _as_ncs(t: torch.Tensor) -> torch.Tensor:
+    """(C,) / (N, C) / (N, C, d1..dk) -> (N, C, S). A view for 1-D/2-D input and for
+    K-dim input whose trailing dims merge (reshape copies only when they cannot)."""
+    if t.dim() == 1:
+        return t.reshape(1, t.shape[0], 1)
+    return t.reshape(t.shape[0], t.shape[1], math.prod(t.shape[2:]))
+
+
+def _rows_shape(input: torch.Tensor) -> tuple[int, ...]:
+    """Shape of the rows: () for 1-D input, (N, d1..dk) otherwise."""
+    if input.dim() == 1:
+        return ()
+    return (input.shape[0],) + tuple(input.shape[2:])
+
+
+def _split_float(value: float) -> tuple[float, float]:
+    """value = hi + lo with hi, lo exact fp32 numbers (Triton passes floats as fp32)."""
+    hi = struct.unpack("f", struct.pack("f", value))[0]
+    return hi, value - hi
+
+
+def _grad_loss_arg(grad_loss: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(flat tensor, row stride): stride 0 broadcasts a 0-d grad_loss over the rows."""
+    if grad_loss.dim() == 0:
+        return grad_loss, 0
+    flat = grad_loss.reshape(-1)
+    return flat, flat.stride(0)
+
+
+def _total_weight(target: torch.Tensor, weight, ignore_index: int, C: int,
+                  acc: torch.dtype) -> torch.Tensor:
+    """W = sum_r k_r*w_{t_r} (0-d, acc dtype); out-of-range targets count 0."""
+    t = target.reshape(-1).to(torch.int64)
+    counted = (t != ignore_index) & (t >= 0) & (t < C)
+    if weight is None:
+        return counted.sum(dtype=acc)
+    w_t = weight[t.clamp(0, max(C - 1, 0))]
+    return torch.where(counted, w_t, torch.zeros((), dtype=w_t.dtype, device=w_t.device)).sum(
+        dtype=acc)
+
+
+def _reduce_loss(loss_rows: torch.Tensor, reduction: int, den, rows_shape, out_dtype):
+    """none -> per-row losses; sum -> torch.sum in acc; mean -> sum / den; then cast."""
+    if reduction == REDUCTION_NONE:
+        return loss_rows.reshape(rows_shape).to(out_dtype)
+    total = loss_rows.sum()
+    if reduction == REDUCTION_MEAN:
+        total = total / den
+    return total.to(out_dtype)
+
+
+def _empty_grad(input: torch.Tensor) -> torch.Tensor:
+    return torch.empty((0,), dtype=input.dtype, device=input.device)
+
+
+# ---------------------------------------------------------------------------------------
+# Launchers (the bodies of the fused_nll::triton_* ops; semantics: docs/ops.md)
+# ---------------------------------------------------------------------------------------
+
+
+def cross_entropy_fwd(input: torch.Tensor, target: torch.Tensor, weight, ignore_index: int,
+                      label_smoothing: float, reduction: int, log_probs: bool,
+                      compute_grad: bool):
+    """Index-target cross-entropy (log_probs=False) or nll_loss (log_probs=True).
+
+    input: (C,), (N, C) or (N, C, d1..dk), any float dtype and strides; target: (), (N,)
+    or (N, d1..dk), any int dtype. Equivalent to
+    ``F.cross_entropy(input, target, weight, ignore_index=..., reduction=...,
+    label_smoothing=...)`` (``F.nll_loss`` plus smoothing for log_probs=True), except that
+    out-of-range targets give a nan row instead of an error.
+
+    Returns (loss, lse, grad_input): loss in input dtype (rows' shape or 0-d); lse (acc
+    dtype, rows' shape; 0 for ignored rows and with log_probs); grad_input (input's shape
+    and dtype, contiguous; the gradient for grad_loss = 1) or an empty (0,) tensor.
+    """
+    x = _as_ncs(input)
+    N, C, S = x.shape
+    R = N * S
+    acc = _acc_dtype(input.dtype)
+    device = input.device
+    rows_shape = _rows_shape(input)
+    t = target.reshape(-1)
+    loss_rows = torch.empty(R, dtype=acc, device=device)
+    lse = torch.empty(rows_shape, dtype=acc, device=device)
+    grad = torch.empty(input.shape, dtype=input.dtype, device=device) if compute_grad \
+        else _empty_grad(input)
+    smooth = label_smoothing != 0.0
+    mean = reduction == REDUCTION_MEAN
+    den = _total_weight(t, weight, ignore_index, C, acc) if mean else None
+    wsum = None
+    if weight is not None and smooth and compute_grad and not log_probs:
+        wsum = weight.sum(dtype=acc)
+    if R > 0:
+        block, num_warps = _row_config(C, input.element_size(), heavy=smooth and not log_probs)
+        eps_hi, eps_lo = _split_float(label_smoothing)
+        wrap_triton(_ce_fwd_kernel)[(R,)](
+            x, t, weight if weight is not None else lse, loss_rows, lse, grad,
+            den if den is not None else lse, wsum if wsum is not None else lse,
+            C, S, x.stride(0), x.stride(1), x.stride(2), ignore_index, eps_hi, eps_lo,
+            HAS_WEIGHT=weight is not None, SMOOTH=smooth, LOG_PROBS=log_probs,
+            COMPUTE_GRAD=compute_grad, MEAN=mean and compute_grad, BLOCK=block,
+            num_warps=num_warps)
+    loss = _reduce_loss(loss_rows, reduction, den, rows_shape, input.dtype)
+    return loss, lse, grad
+
+
+def cross_entropy_bwd(grad_loss: torch.Tensor, input: torch.Tensor, target: torch.Tensor,
+                      weight, lse: torch.Tensor, ignore_index: int, label_smoothing: float,
+                      reduction: int, log_probs: bool) -> torch.Tensor:
+    """Gradient of :func:`cross_entropy_fwd`'s loss times grad_loss (0-d for mean/sum,
+    the rows' shape for none), from the saved lse. Returns a new contiguous tensor of
+    input's shape and dtype."""
+    x = _as_ncs(input)
+    N, C, S = x.shape
+    R = N * S
+    acc = _acc_dtype(input.dtype)
+    device = input.device
+    t = target.reshape(-1)
+    grad = torch.empty(input.shape, dtype=input.dtype, device=device)
+    lse_flat = lse.reshape(-1).to(acc).contiguous()
+    gl, stride_gl = _grad_loss_arg(grad_loss)
+    smooth = label_smoothing != 0.0
+    mean = reduction == REDUCTION_MEAN
+    den = _total_weight(t, weight, ignore_index, C, acc) if mean else lse_flat
+    wsum = lse_flat
+    if weight is not None and smooth and not log_probs:
+        wsum = weight.sum(dtype=acc)
+    if R > 0:
+        block, num_warps = _row_config(C, input.element_size())
+        eps_hi, eps_lo = _split_float(label_smoothing)
+        wrap_triton(_ce_bwd_kernel)[(R,)](
+            gl, stride_gl, x, t, weight if weight is not None else lse_flat, lse_flat, grad,
+            den, wsum, C, S, x.stride(0), x.stride(1), x.stride(2), ignore_index,
+            eps_hi, eps_lo, HAS_WEIGHT=weight is not None, SMOOTH=smooth,
+            LOG_PROBS=log_probs, MEAN=mean, BLOCK=block, num_warps=num_warps)
+    return grad
+
+
+def cross_entropy_prob_fwd(input: torch.Tensor, target: torch.Tensor, weight,
+                           label_smoothing: float, reduction: int, compute_grad: bool):
+    """Probability-target cross-entropy: ``F.cross_entropy(input, target, weight,
+    reduction=..., label_smoothing=...)`` with float target of input's shape (any
+    strides). Returns (loss, lse, grad_input) as :func:`cross_entropy_fwd`; the loss
+    dtype is ``torch.result_type(input, target)`` and mean divides by the row count."""
+    x = _as_ncs(input)
+    y = _as_ncs(target)
+    N, C, S = x.shape
+    R = N * S
+    acc = _acc_dtype(input.dtype)
+    device = input.device
+    rows_shape = _rows_shape(input)
+    loss_rows = torch.empty(R, dtype=acc, device=device)
+    lse = torch.empty(rows_shape, dtype=acc, device=device)
+    grad = torch.empty(input.shape, dtype=input.dtype, device=device) if compute_grad \
+        else _empty_grad(input)
+    mean = reduction == REDUCTION_MEAN
+    if R > 0:
+        block, num_warps = _row_config(C, max(input.element_size(), target.element_size()),
+                                       heavy=True)
+        eps_hi, eps_lo = _split_float(label_smoothing)
+        wrap_triton(_ce_prob_fwd_kernel)[(R,)](
+            x, y, weight if weight is not None else lse, loss_rows, lse, grad,
+            R, C, S, x.stride(0), x.stride(1), x.stride(2),
+            y.stride(0), y.stride(1), y.stride(2), eps_hi, eps_lo,
+            HAS_WEIGHT=weight is not None, COMPUTE_GRAD=compute_grad, MEAN=mean,
+            BLOCK=block, num_warps=num_warps)
+    out_dtype = torch.result_type(input, target)
+    loss = _reduce_loss(loss_rows, reduction, R, rows_shape, out_dtype)
+    return loss, lse, grad
+
+
+def cross_entropy_prob_bwd(grad_loss: torch.Tensor, input: torch.Tensor,
+                           target: torch.Tensor, weight, lse: torch.Tensor,
+                           label_smoothing: float, reduction: int) -> torch.Tensor:
+    """Gradient of :func:`cross_entropy_prob_fwd`'s loss times grad_loss, from the saved
+    lse. Returns a new contiguous tensor of input's shape and dtype."""
+    x = _as_ncs(input)
+    y = _as_ncs(target)
+    N, C, S = x.shape
+    R = N * S
+    acc = _acc_dtype(input.dtype)
+    grad = torch.empty(input.shape, dtype=input.dtype, device=input.device)
+    lse_flat = lse.reshape(-1).to(acc).contiguous()
+    gl, stride_gl = _grad_loss_arg(grad_loss)
+    if R > 0:
+        block, num_warps = _row_config(C, max(input.element_size(), target.element_size()),
+                                       heavy=True)
+        eps_hi, eps_lo = _split_float(label_smoothing)
+        wrap_triton(_ce_prob_bwd_kernel)[(R,)](
+            gl, stride_gl, x, y, weight if weight is not None else lse_flat, lse_flat, grad,
+            R, C, S, x.stride(0), x.stride(1), x.stride(2),
+            y.stride(0), y.stride(1), y.stride(2), eps_hi, eps_lo,
+            HAS_WEIGHT=weight is not None, MEAN=reduction == REDUCTION_MEAN,
+            BLOCK=block, num_warps=num_warps)
+    return grad
+
+
+def scale_grad_(grad_input: torch.Tensor, grad_loss: torch.Tensor) -> None:
+    """grad_input *= grad_loss in place (0-d: every element; rows' shape: per row,
+    broadcast over the classes). A 0-d grad_loss equal to 1 is detected on the device:
+    the kernel returns before touching grad_input, and the host never reads it."""
+    numel = grad_input.numel()
+    if numel == 0:
+        return
+    if not grad_input.is_contiguous():
+        # not produced by these ops (their gradients are contiguous): plain torch
+        if grad_loss.dim() == 0 or grad_input.dim() == 1:
+            grad_input.mul_(grad_loss)
+        else:
+            grad_input.mul_(grad_loss.unsqueeze(1))
+        return
+    if grad_loss.dim() == 0 or grad_input.dim() == 1:
+        grid = (min(triton.cdiv(numel, _SCALE_BLOCK), _SCALE_MAX_PROGRAMS),)
+        wrap_triton(_scale_grad_kernel)[grid](grad_input, grad_loss.reshape(()), numel,
+                                              BLOCK=_SCALE_BLOCK, num_warps=8)
+        return
+    g = _as_ncs(grad_input)
+    N, C, S = g.shape
+    gl, stride_gl = _grad_loss_arg(grad_loss)
+    block, num_warps = _row_config(C, grad_input.element_size())
+    wrap_triton(_scale_grad_rows_kernel)[(N * S,)](g, gl, stride_gl, C, S, BLOCK=block,
+                                                   num_warps=num_warps)
