@@ -421,7 +421,7 @@ at::Tensor cross_entropy_prob_bwd_cpu(const at::Tensor& grad_loss, const at::Ten
 
 // ---------------------------------------------------------------------------
 
-void scale_grad_cpu(const at::Tensor& grad, const at::Tensor& grad_loss) {
+void scale_grad_cpu(at::Tensor& grad, const at::Tensor& grad_loss) {
   if (grad.numel() == 0) return;
   if (grad_loss.dim() == 0) {
     // CPU memory, so reading the value is free; skip the pass when it is 1.
