@@ -244,3 +244,22 @@ def test_gradcheck_fp64(kind, compute_in_forward):
         t = torch.tensor([0, 3, -100, 6, 2])
         fn = lambda x: fused_nll.nll_loss(x, t, weight=w, reduction=reduction)
     assert torch.autograd.gradcheck(fn, (x,))
+
+
+def test_precomputed_gradient_buffer_becomes_dot_grad(monkeypatch):
+    # The gradient written by the forward op must reach x.grad without a copy
+    # (a copy is a full extra read + write of N x V).
+    from fused_nll import _ops
+
+    pointers = []
+
+    def fwd(*args):
+        out = real(*args)
+        pointers.append(out[2].data_ptr())  # the address only: a reference would force a copy
+        return out
+
+    real = _ops.CPP.fwd
+    monkeypatch.setattr(_ops.CPP, "fwd", fwd)
+    x = logits(16, 300).requires_grad_(True)
+    fused_nll.cross_entropy(x, index_targets(16, 300, "cpu")).backward()
+    assert x.grad.data_ptr() == pointers[0]

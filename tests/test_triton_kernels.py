@@ -491,7 +491,7 @@ def test_row_config_is_bounded():
     assert len(configs) <= 24
     for block, warps in configs:
         assert block & (block - 1) == 0 and 4 <= warps <= 32
-    assert ce._row_config(128256, 2) == (16384, 32)
+    assert ce._row_config(128256, 2) == (8192, 8)  # the H200 sweep's choice
 
 
 def test_triton_op_eager():

@@ -9,8 +9,10 @@
 //   r = n*S + s starts at n*stride_N + s*stride_S and walks the C classes with
 //   stride_C. The returned gradient is contiguous, so its class stride is S.
 // - A group of `blockDim.x` threads (a power of two) owns one row; a block holds
-//   `blockDim.y` groups (several rows per block only for short rows, where the
-//   group fits in a warp), and blocks stride over the rows.
+//   `blockDim.y` groups (several rows per block when a group has fewer than
+//   kSmallBlock threads; such a group may still span two warps, so block
+//   reductions give every group its own shared-memory slots), and blocks
+//   stride over the rows.
 // - Forward, pass 1 reads the row once and keeps, per thread, an online softmax
 //   state (max m, Σ exp(x - m)) plus Σ a_c·(x_c - m) and Σ a_c for a per-class
 //   coefficient a_c (w_c for label smoothing, w_c·y'_c for probability targets).
@@ -248,8 +250,12 @@ __device__ __forceinline__ double shfl_xor(double v, int off) {
 
 // All-reduce over the blockDim.x threads of a row group; every thread of the
 // group gets the same value. Must be reached by all threads of the block
-// (it uses full-warp shuffles, and __syncthreads when a group spans warps,
-// which only happens with blockDim.y == 1).
+// (it uses full-warp shuffles, and __syncthreads when a group spans warps).
+// smem needs one slot per warp of the block (<= 32). A group wider than a warp
+// (blockDim.x a multiple of 32) owns the slots [threadIdx.y * nwarps, +nwarps):
+// row_launch does put several such groups in one block (e.g. 64 x 2 for fp32
+// rows of 513..1024 classes), and with a slot index that ignored threadIdx.y
+// the groups overwrote each other's partial states (wrong losses).
 template <typename T, typename Op>
 __device__ __forceinline__ T group_allreduce(T v, Op op, T* smem) {
   const int width = blockDim.x < 32 ? static_cast<int>(blockDim.x) : 32;
@@ -258,11 +264,12 @@ __device__ __forceinline__ T group_allreduce(T v, Op op, T* smem) {
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int nwarps = blockDim.x >> 5;
+  T* const slots = smem + threadIdx.y * nwarps;  // this group's slots only
   __syncthreads();  // smem may still be read from the previous call
-  if (lane == 0) smem[warp] = v;
+  if (lane == 0) slots[warp] = v;
   __syncthreads();
-  v = smem[0];
-  for (int i = 1; i < nwarps; ++i) v = op(v, smem[i]);
+  v = slots[0];
+  for (int i = 1; i < nwarps; ++i) v = op(v, slots[i]);
   return v;
 }
 

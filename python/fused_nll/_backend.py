@@ -17,6 +17,8 @@ import os
 
 import torch
 
+from . import _C  # noqa: F401  (the op library must be loaded before the check below)
+
 BACKENDS = ("cpp", "triton", "cuda")
 
 # A stack so that nested use_backend() blocks restore the outer choice.
@@ -65,8 +67,13 @@ def triton_status() -> tuple[bool, str]:
     return True, "ok"
 
 
+# Read once at import (the compiled library is loaded by then): a plain bool
+# that torch.compile treats as a constant.
+_CUDA_CPP_BUILT = torch._C._dispatch_has_kernel_for_dispatch_key("fused_nll::cross_entropy_fwd", "CUDA")
+
+
 def cuda_cpp_built() -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key("fused_nll::cross_entropy_fwd", "CUDA")
+    return _CUDA_CPP_BUILT
 
 
 def interpreter_on() -> bool:

@@ -133,14 +133,20 @@ class FusedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
         if ctx.first_grad_loss is None:
-            (grad,) = ctx.saved_tensors
-            ctx.grad = grad  # the in-place scale bumps its version: unpack only once
-            ctx.scale(grad, grad_loss)
             ctx.first_grad_loss = grad_loss.detach().clone()
-        else:
-            grad = _times_upstream(ctx.grad, grad_loss / ctx.first_grad_loss)
-        return (None, None, grad, None, None) + (None,) * ctx.n_args
+            if torch.compiler.is_compiling():
+                ctx.scale(grad, grad_loss)  # Inductor keeps it in place (a reinplaced custom op)
+            else:
+                # Below ADInplaceOrView the in-place scale leaves the version
+                # counter alone, so a later backward can still unpack the saved
+                # tensor, and no other reference is kept, so autograd can hand
+                # this very buffer to .grad instead of copying it.
+                with torch._C._AutoDispatchBelowADInplaceOrView():
+                    ctx.scale(grad, grad_loss)
+            return (None, None, grad, None, None) + (None,) * ctx.n_args
+        return (None, None, _times_upstream(grad, grad_loss / ctx.first_grad_loss), None, None) + (None,) * ctx.n_args
 
 
 def triton_family():
