@@ -14,6 +14,14 @@ def _checks_on() -> tuple[bool, bool]:
     return _backend.debug_enabled(), _debug.verify_enabled()
 
 
+def _host_targets(input: torch.Tensor) -> bool:
+    """CPU tensors in eager mode: the targets are in host memory, so checking
+    them costs one pass over N integers and no synchronisation. The check
+    raises torch's IndexError (with the position) from Python; the C++ kernel
+    checks too, for direct op calls and under torch.compile."""
+    return input.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def _run(prob: bool, input, target, weight, *args) -> torch.Tensor:
     """Calls the forward op of the backend chosen for the input's device.
 
@@ -79,7 +87,7 @@ def cross_entropy(
             )
         loss = _run(True, input, target, w, ls, red)
     else:
-        if debug:
+        if debug or _host_targets(input):
             _debug.check_targets(input, target, ignore_index, "cross_entropy")
         loss = _run(False, input, _validate.index_target(target), w, int(ignore_index), ls, red, False)
     if verify:
@@ -109,8 +117,9 @@ def nll_loss(
     _validate.check_same_device(input, target, "target", "nll_loss")
     w = _validate.weight(weight, input, "nll_loss")
     debug, verify = _checks_on()
-    if debug:
+    if debug or _host_targets(input):
         _debug.check_targets(input, target, ignore_index, "nll_loss")
+    if debug:
         _debug.check_log_probs(input, target, ignore_index)
     loss = _run(False, input, _validate.index_target(target), w, int(ignore_index), 0.0, red, True)
     if verify:
