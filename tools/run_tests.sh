@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command (README): the CPU suite, then the Triton kernels through
+# The test command (README): the CPU suite, then the Triton kernels (their own
+# tests and the parity suite, on small shapes) through
 # Triton's interpreter in a separate process (TRITON_INTERPRET must be set
 # before triton is imported). GPU tests skip without CUDA.
 set -uo pipefail
@@ -15,5 +16,5 @@ run() {  # pytest exit code 5 = "no tests collected": treat as a failure, never 
 status=0
 run python -m pytest -q "$@" || status=1
 TRITON_INTERPRET=1 FUSED_NLL_TEST_BACKENDS=cpu/triton run python -m pytest -q \
-  tests/test_triton_kernels.py "$@" || status=1
+  tests/test_triton_kernels.py tests/test_parity.py "$@" || status=1
 exit $status
