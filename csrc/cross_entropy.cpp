@@ -3,16 +3,42 @@
 // One pass over the rows, parallel with at::parallel_for. Each row is swept
 // at most three times while it sits in cache (max; sum of exponentials and
 // the smoothing sum; gradient), and log-probabilities are never written to
-// memory. The per-row sweeps are the seam for vectorisation (issue 6).
+// memory. The sweeps over a row with unit class stride (the (N, C) layouts)
+// use at::vec::Vectorized; other layouts keep the scalar strided sweeps.
+//
+// at::vec picks its implementation from CPU_CAPABILITY_* macros, which ATen
+// sets when it compiles a kernel once per capability. This file is compiled
+// once, so select the implementation the compiler flags allow: with the
+// default flags (x86-64 baseline) that is the generic one (plain arrays, no
+// SIMD exp); building with -march=x86-64-v3 (or -mavx2 -mfma -mf16c) gives
+// 256-bit AVX2, with -march=x86-64-v4 512-bit AVX512. The code is correct for
+// any width. Must precede every ATen include.
+#if !defined(CPU_CAPABILITY_AVX512) && !defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_DEFAULT)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    defined(__AVX512DQ__) && defined(__FMA__)
+#define CPU_CAPABILITY_AVX512
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define CPU_CAPABILITY_AVX2
+#endif
+#endif
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <tuple>
+#include <type_traits>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 namespace fused_nll {
 namespace {
@@ -48,6 +74,26 @@ std::vector<int64_t> rows_shape(const at::Tensor& input) {
   for (int64_t d = 0; d < input.dim(); ++d)
     if (d != 1) shape.push_back(input.size(d));
   return shape;
+}
+
+// A new gradient of the input's shape (contiguous). A multi-MiB gradient is
+// written once, page by page, right after allocation; with 4 KiB pages its
+// first-touch page faults cost more than the kernel (2048 x 32000 fp32 on 2
+// cores: ~90 ms of faults against ~30 ms of compute), so ask for transparent
+// huge pages on it. Only a hint: without THP ("never") nothing changes.
+at::Tensor new_grad(const at::Tensor& input) {
+  at::Tensor grad = at::empty(input.sizes(), input.options());
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t bytes = grad.nbytes();
+  if (bytes >= 4 * kHuge) {
+    const auto begin = reinterpret_cast<uintptr_t>(grad.data_ptr());
+    const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1);
+    const uintptr_t hi = (begin + bytes) & ~(kHuge - 1);
+    if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+  }
+#endif
+  return grad;
 }
 
 at::ScalarType acc_type_of(at::ScalarType t) {
@@ -115,6 +161,308 @@ acc_t blocked_sum(int64_t classes, F&& f) {
   return total;
 }
 
+// Stream the gradient past the caches when it is much larger than they are
+// (it is not read again until the backward's consumer runs).
+inline bool stream_grad(const void* grad, int64_t bytes) {
+  return grad != nullptr && bytes >= (int64_t(64) << 20);
+}
+
+// ---------------------------------------------------------------------------
+// Vectorised sweeps over a contiguous row segment [c0, c1) (class stride 1).
+// Loads convert to acc_t (bf16/fp16 -> fp32 a whole Vectorized<data_t> at a
+// time); every step handles kChunk = 2 acc vectors, which also gives two
+// independent accumulator chains. The last, partial chunk is masked with
+// Vec::set, so no scalar tail loop is needed.
+// ---------------------------------------------------------------------------
+
+template <typename data_t>
+struct VecRow {
+  using acc_t = at::opmath_type<data_t>;
+  using Vec = at::vec::Vectorized<acc_t>;
+  static constexpr int64_t K = Vec::size();
+  static constexpr int64_t kChunk = 2 * K;
+  // Sums are blocked as in blocked_sum: per-lane partials over one block are
+  // added to the running totals, so each lane's fp32 rounding error grows
+  // with the number of blocks (C / 512 for V = 128k), not of elements.
+  static constexpr int64_t kBlock = 512;
+  static_assert(kBlock % kChunk == 0 || kChunk > kBlock, "block holds whole chunks");
+
+  // n <= kChunk elements from p as two acc vectors (lanes past n undefined).
+  static void load(const data_t* p, int64_t n, Vec& lo, Vec& hi) {
+    if constexpr (std::is_same_v<data_t, acc_t>) {
+      if (n == kChunk) {
+        lo = Vec::loadu(p);
+        hi = Vec::loadu(p + K);
+      } else {
+        lo = Vec::loadu(p, std::min(n, K));
+        hi = n > K ? Vec::loadu(p + K, n - K) : Vec(0);
+      }
+    } else {
+      using DVec = at::vec::Vectorized<data_t>;
+      static_assert(DVec::size() == kChunk, "one data vector converts to two acc vectors");
+      const DVec v = n == kChunk ? DVec::loadu(p) : DVec::loadu(p, n);
+      std::tie(lo, hi) = at::vec::convert_to_float<data_t>(v);
+    }
+  }
+
+  static void store(data_t* p, int64_t n, const Vec& lo, const Vec& hi) {
+    if constexpr (std::is_same_v<data_t, acc_t>) {
+      if (n == kChunk) {
+        lo.store(p);
+        hi.store(p + K);
+      } else {
+        lo.store(p, std::min(n, K));
+        if (n > K) hi.store(p + K, n - K);
+      }
+    } else {
+      const auto v = at::vec::convert_from_float<data_t>(lo, hi);
+      if (n == kChunk)
+        v.store(p);
+      else
+        v.store(p, n);
+    }
+  }
+
+  // store(), with a non-temporal (streaming) store for a whole chunk at a
+  // vector-aligned address where the ISA has one: a gradient larger than the
+  // caches is not read again soon, and streaming skips the read-for-ownership
+  // of every destination line (a third of the traffic of the gradient sweep).
+  // The caller issues stream_fence() when the row is done.
+  static void store_stream(data_t* p, int64_t n, const Vec& lo, const Vec& hi) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+    constexpr uintptr_t kAlign = 64;
+#else
+    constexpr uintptr_t kAlign = 32;
+#endif
+    if (n == kChunk && reinterpret_cast<uintptr_t>(p) % kAlign == 0) {
+      if constexpr (std::is_same_v<data_t, float>) {
+#if defined(CPU_CAPABILITY_AVX512)
+        _mm512_stream_ps(p, lo);
+        _mm512_stream_ps(p + K, hi);
+#else
+        _mm256_stream_ps(p, lo);
+        _mm256_stream_ps(p + K, hi);
+#endif
+        return;
+      } else if constexpr (std::is_same_v<data_t, double>) {
+#if defined(CPU_CAPABILITY_AVX512)
+        _mm512_stream_pd(p, lo);
+        _mm512_stream_pd(p + K, hi);
+#else
+        _mm256_stream_pd(p, lo);
+        _mm256_stream_pd(p + K, hi);
+#endif
+        return;
+      } else {
+        const auto v = at::vec::convert_from_float<data_t>(lo, hi);
+#if defined(CPU_CAPABILITY_AVX512)
+        _mm512_stream_si512(reinterpret_cast<__m512i*>(p), v);
+#else
+        _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
+#endif
+        return;
+      }
+    }
+#endif
+    store(p, n, lo, hi);
+  }
+  static void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    _mm_sfence();
+#endif
+  }
+
+  // v in the first `count` lanes, fill in the others.
+  static Vec keep(const Vec& v, const Vec& fill, int64_t count) {
+    if (count >= K) return v;
+    if (count <= 0) return fill;
+    return Vec::set(fill, v, count);
+  }
+
+  // exp_u20 (fp32, relative error ~2e-6, cheap polynomial) is well inside the
+  // fp32 tolerance of p and of the sum of exponentials; fp64 keeps the
+  // accurate exp. exp_u20 flushes x < ln(FLT_MIN) (and -inf) to 0 but maps
+  // NaN to a finite value: callers only pass it arguments from rows whose max
+  // (or lse) is finite, where x - m is never NaN.
+  static Vec exp(const Vec& v) {
+    if constexpr (std::is_same_v<acc_t, float>)
+      return v.exp_u20();
+    else
+      return v.exp();
+  }
+
+  static acc_t hsum(const Vec& v) {
+    __at_align__ acc_t buf[K];
+    v.store(buf);
+    acc_t total = 0;
+    for (const auto i : c10::irange(K)) total += buf[i];
+    return total;
+  }
+
+  // max over [c0, c1); NaN propagates (at::vec::maximum is IEEE maximum).
+  static acc_t max(const data_t* x, int64_t c0, int64_t c1) {
+    const Vec ninf(-std::numeric_limits<acc_t>::infinity());
+    Vec m0 = ninf, m1 = ninf;
+    for (int64_t c = c0; c < c1; c += kChunk) {
+      const int64_t n = std::min(kChunk, c1 - c);
+      Vec lo, hi;
+      load(x + c, n, lo, hi);
+      m0 = at::vec::maximum(m0, keep(lo, ninf, n));
+      m1 = at::vec::maximum(m1, keep(hi, ninf, n - K));
+    }
+    __at_align__ acc_t buf[K];
+    at::vec::maximum(m0, m1).store(buf);
+    acc_t m = buf[0];
+    for (const auto i : c10::irange(K))
+      if (greater_or_nan(buf[i], m)) m = buf[i];
+    return m;
+  }
+
+  // Over [c0, c1): sum_c exp(x_c - m) (if want_exp) and sum_c w_c (x_c - m)
+  // (if want_wx; w == nullptr means w_c = 1), in one sweep.
+  static std::pair<acc_t, acc_t> sums(const data_t* x, const acc_t* w, int64_t c0, int64_t c1,
+                                      acc_t m, bool want_exp, bool want_wx) {
+    const Vec zero(0), vm(m);
+    Vec se(0), wx(0);
+    for (int64_t b0 = c0; b0 < c1; b0 += kBlock) {
+      const int64_t b1 = std::min(b0 + kBlock, c1);
+      Vec se0(0), se1(0), wx0(0), wx1(0);
+      for (int64_t c = b0; c < b1; c += kChunk) {
+        const int64_t n = std::min(kChunk, b1 - c);
+        Vec lo, hi;
+        load(x + c, n, lo, hi);
+        const Vec d0 = lo - vm, d1 = hi - vm;
+        if (want_exp) {
+          se0 += keep(exp(d0), zero, n);
+          se1 += keep(exp(d1), zero, n - K);
+        }
+        if (want_wx) {
+          if (w) {
+            Vec w0, w1;
+            VecRow<acc_t>::load(w + c, n, w0, w1);
+            wx0 = at::vec::fmadd(keep(w0, zero, n), keep(d0, zero, n), wx0);
+            wx1 = at::vec::fmadd(keep(w1, zero, n - K), keep(d1, zero, n - K), wx1);
+          } else {
+            wx0 += keep(d0, zero, n);
+            wx1 += keep(d1, zero, n - K);
+          }
+        }
+      }
+      se += se0 + se1;
+      wx += wx0 + wx1;
+    }
+    return {want_exp ? hsum(se) : acc_t(0), want_wx ? hsum(wx) : acc_t(0)};
+  }
+
+  // Index targets: g_c = a_p * exp((x_c - m) - log_sum) - e * w_c over
+  // [c0, c1) (no p term when !with_p, i.e. log_probs); the caller rewrites
+  // the target's entry.
+  static void grad(const data_t* x, const acc_t* w, data_t* g, int64_t c0, int64_t c1, acc_t m,
+                   acc_t log_sum, acc_t a_p, acc_t e, bool with_p, bool stream) {
+    const Vec vm(m), vls(log_sum), va(a_p), ve(-e);
+    for (int64_t c = c0; c < c1; c += kChunk) {
+      const int64_t n = std::min(kChunk, c1 - c);
+      Vec g0 = ve, g1 = ve;
+      if (w) {
+        Vec w0, w1;
+        VecRow<acc_t>::load(w + c, n, w0, w1);
+        g0 = g0 * w0;
+        g1 = g1 * w1;
+      }
+      if (with_p) {
+        Vec lo, hi;
+        load(x + c, n, lo, hi);
+        g0 = at::vec::fmadd(va, exp((lo - vm) - vls), g0);
+        g1 = at::vec::fmadd(va, exp((hi - vm) - vls), g1);
+      }
+      if (stream)
+        store_stream(g + c, n, g0, g1);
+      else
+        store(g + c, n, g0, g1);
+    }
+    if (stream) stream_fence();
+  }
+
+  // Probability targets, over [c0, c1), with y'_c = (1 - eps) y_c + eps_c:
+  // {sum_c exp(x_c - m) (if want_exp), wy = sum_c w_c y'_c,
+  //  wyx = sum_c w_c y'_c (x_c - m) (if want_wyx)}.
+  template <typename y_t>
+  static std::tuple<acc_t, acc_t, acc_t> prob_sums(const data_t* x, const y_t* y, const acc_t* w,
+                                                   int64_t c0, int64_t c1, acc_t m, acc_t eps,
+                                                   acc_t eps_c, bool want_exp, bool want_wyx) {
+    const Vec zero(0), vm(m), v1e(1 - eps), vec_eps_c(eps_c);
+    Vec se(0), wy(0), wyx(0);
+    for (int64_t b0 = c0; b0 < c1; b0 += kBlock) {
+      const int64_t b1 = std::min(b0 + kBlock, c1);
+      Vec se0(0), se1(0), wy0(0), wy1(0), wyx0(0), wyx1(0);
+      for (int64_t c = b0; c < b1; c += kChunk) {
+        const int64_t n = std::min(kChunk, b1 - c);
+        Vec y0, y1;
+        VecRow<y_t>::load(y + c, n, y0, y1);
+        y0 = at::vec::fmadd(v1e, y0, vec_eps_c);
+        y1 = at::vec::fmadd(v1e, y1, vec_eps_c);
+        if (w) {
+          Vec w0, w1;
+          VecRow<acc_t>::load(w + c, n, w0, w1);
+          y0 = y0 * w0;
+          y1 = y1 * w1;
+        }
+        y0 = keep(y0, zero, n);  // w_c y'_c, 0 past the row's end
+        y1 = keep(y1, zero, n - K);
+        wy0 += y0;
+        wy1 += y1;
+        if (want_exp || want_wyx) {
+          Vec lo, hi;
+          load(x + c, n, lo, hi);
+          const Vec d0 = lo - vm, d1 = hi - vm;
+          if (want_exp) {
+            se0 += keep(exp(d0), zero, n);
+            se1 += keep(exp(d1), zero, n - K);
+          }
+          if (want_wyx) {
+            wyx0 = at::vec::fmadd(y0, keep(d0, zero, n), wyx0);
+            wyx1 = at::vec::fmadd(y1, keep(d1, zero, n - K), wyx1);
+          }
+        }
+      }
+      se += se0 + se1;
+      wy += wy0 + wy1;
+      wyx += wyx0 + wyx1;
+    }
+    return {want_exp ? hsum(se) : acc_t(0), hsum(wy), want_wyx ? hsum(wyx) : acc_t(0)};
+  }
+
+  // Probability targets: g_c = s * (p_c * wy - w_c y'_c) over [c0, c1).
+  template <typename y_t>
+  static void prob_grad(const data_t* x, const y_t* y, const acc_t* w, data_t* g, int64_t c0,
+                        int64_t c1, acc_t m, acc_t log_sum, acc_t eps, acc_t eps_c, acc_t s,
+                        acc_t wy, bool stream) {
+    const Vec vm(m), vls(log_sum), v1e(1 - eps), vec_eps_c(eps_c), vs(s), vwy(wy);
+    for (int64_t c = c0; c < c1; c += kChunk) {
+      const int64_t n = std::min(kChunk, c1 - c);
+      Vec y0, y1, lo, hi;
+      VecRow<y_t>::load(y + c, n, y0, y1);
+      y0 = at::vec::fmadd(v1e, y0, vec_eps_c);
+      y1 = at::vec::fmadd(v1e, y1, vec_eps_c);
+      if (w) {
+        Vec w0, w1;
+        VecRow<acc_t>::load(w + c, n, w0, w1);
+        y0 = y0 * w0;
+        y1 = y1 * w1;
+      }
+      load(x + c, n, lo, hi);
+      const Vec g0 = vs * at::vec::fmsub(exp((lo - vm) - vls), vwy, y0);
+      const Vec g1 = vs * at::vec::fmsub(exp((hi - vm) - vls), vwy, y1);
+      if (stream)
+        store_stream(g + c, n, g0, g1);
+      else
+        store(g + c, n, g0, g1);
+    }
+    if (stream) stream_fence();
+  }
+};
+
 // ---------------------------------------------------------------------------
 // Class-index targets.
 // ---------------------------------------------------------------------------
@@ -147,66 +495,127 @@ template <typename scalar_t, typename acc_t, typename target_t>
 void index_rows(const Layout& L, const scalar_t* x, const target_t* t, const acc_t* w,
                 const IndexArgs& a, const acc_t* lse_in, acc_t* row_loss, acc_t* lse_out,
                 scalar_t* grad, RowScale<acc_t> scale) {
+  using VR = VecRow<scalar_t>;
   const int64_t C = L.c;
   const acc_t eps = static_cast<acc_t>(a.label_smoothing);
   const acc_t eps_c = eps / static_cast<acc_t>(C);
   const acc_t wsum = weight_sum(w, C);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
+  // Vector sweeps need unit class stride in the input and in the gradient
+  // (grad is contiguous (N, C, S), so S == 1).
+  const bool vectorised = L.stride_c == 1 && L.s == 1;
+  const bool stream = stream_grad(grad, L.rows() * C * int64_t(sizeof(scalar_t)));
+
+  // The row's lse and loss from its statistics (log_sum = log(sum_c exp(x_c -
+  // m)); lse = m + log_sum; shifted_wx = sum_c w_c (x_c - m)); returns the
+  // gradient's coefficients: g_c = a_p*p_c - e*w_c - [c == t]*b (docs/ops.md).
+  struct Coef {
+    acc_t a_p, e, b;
+  };
+  auto finish = [&](int64_t r, acc_t x_t, acc_t w_t, acc_t m, acc_t log_sum,
+                    acc_t shifted_wx) -> Coef {
+    const acc_t lse = m + log_sum;
+    if (lse_out) lse_out[r] = a.log_probs ? acc_t(0) : lse;
+    if (row_loss) {
+      // nll = -w_t * lp_t; smooth = -sum_c w_c lp_c = wsum*log_sum - shifted_wx.
+      acc_t loss = -w_t * ((x_t - m) - log_sum);
+      if (eps != 0) loss = (1 - eps) * loss + eps_c * (wsum * log_sum - shifted_wx);
+      row_loss[r] = loss;
+    }
+    const acc_t s = scale(r);
+    return {a.log_probs ? acc_t(0) : s * ((1 - eps) * w_t + eps_c * wsum), s * eps_c,
+            s * (1 - eps) * w_t};
+  };
+  // p_c is taken as exp((x_c - m) - log_sum): exact in the forward pass even
+  // for |logits| ~ 1e4, where lse itself rounds to 1e-3 in fp32.
+  auto target_grad = [&](const Coef& k, acc_t x_t, acc_t w_t, acc_t m, acc_t log_sum) {
+    acc_t v = -k.e * w_t - k.b;
+    if (!a.log_probs) v += k.a_p * std::exp((x_t - m) - log_sum);
+    return static_cast<scalar_t>(v);
+  };
+
+  // Any layout: strided scalar sweeps.
+  auto scalar_row = [&](int64_t r) {
+    const int64_t cls = static_cast<int64_t>(t[r]);
+    // grad is contiguous (N, C, S): the row starts at n*C*S + s, stride S.
+    scalar_t* g = grad ? grad + (r / L.s) * C * L.s + (r % L.s) : nullptr;
+    if (cls == a.ignore_index) {
+      if (row_loss) row_loss[r] = 0;
+      if (lse_out) lse_out[r] = 0;
+      if (g)
+        for (const auto c : c10::irange(C)) g[c * L.s] = scalar_t(0);
+      return;
+    }
+    const scalar_t* xr = x + L.offset(r);
+    const acc_t w_t = w ? w[cls] : acc_t(1);
+    const acc_t x_t = static_cast<acc_t>(xr[cls * L.stride_c]);
+
+    acc_t m = 0, log_sum = 0, shifted_wx = 0;
+    if (!a.log_probs) {
+      if (lse_in) {
+        m = lse_in[r];
+      } else {
+        m = row_max<scalar_t, acc_t>(xr, L.stride_c, C);
+        auto shifted = [&](int64_t c) { return static_cast<acc_t>(xr[c * L.stride_c]) - m; };
+        log_sum = std::log(blocked_sum<acc_t>(C, [&](int64_t c) { return std::exp(shifted(c)); }));
+        if (eps != 0)
+          shifted_wx = blocked_sum<acc_t>(C, [&](int64_t c) { return (w ? w[c] : acc_t(1)) * shifted(c); });
+      }
+    } else if (row_loss && eps != 0) {
+      shifted_wx = blocked_sum<acc_t>(
+          C, [&](int64_t c) { return (w ? w[c] : acc_t(1)) * static_cast<acc_t>(xr[c * L.stride_c]); });
+    }
+    const Coef k = finish(r, x_t, w_t, m, log_sum, shifted_wx);
+    if (g) {
+      for (const auto c : c10::irange(C)) {
+        acc_t v = -k.e * (w ? w[c] : acc_t(1));
+        if (!a.log_probs) v += k.a_p * std::exp((static_cast<acc_t>(xr[c * L.stride_c]) - m) - log_sum);
+        if (c == cls) v -= k.b;
+        g[c * L.s] = static_cast<scalar_t>(v);
+      }
+    }
+  };
+
+  // Unit class stride: the same three sweeps, vectorised; the gradient is
+  // written in the row's last sweep while it is still in cache.
+  auto vector_row = [&](int64_t r) {
+    const int64_t cls = static_cast<int64_t>(t[r]);
+    scalar_t* g = grad ? grad + r * C : nullptr;
+    if (cls == a.ignore_index) {
+      if (row_loss) row_loss[r] = 0;
+      if (lse_out) lse_out[r] = 0;
+      if (g) std::fill(g, g + C, scalar_t(0));
+      return;
+    }
+    const scalar_t* xr = x + L.offset(r);
+    const acc_t w_t = w ? w[cls] : acc_t(1);
+    const acc_t x_t = static_cast<acc_t>(xr[cls]);
+    acc_t m = 0, log_sum = 0, shifted_wx = 0;
+    if (!a.log_probs) {
+      m = lse_in ? lse_in[r] : VR::max(xr, 0, C);
+      // inf/nan max (or lse): exp_u20 would not give nan/0 as std::exp does.
+      if (!std::isfinite(m)) return scalar_row(r);
+      if (!lse_in) {
+        const auto [sum_exp, wx] = VR::sums(xr, w, 0, C, m, true, eps != 0);
+        log_sum = std::log(sum_exp);
+        shifted_wx = wx;
+      }
+    } else if (row_loss && eps != 0) {
+      shifted_wx = VR::sums(xr, w, 0, C, acc_t(0), false, true).second;
+    }
+    const Coef k = finish(r, x_t, w_t, m, log_sum, shifted_wx);
+    if (g) {
+      VR::grad(xr, w, g, 0, C, m, log_sum, k.a_p, k.e, !a.log_probs, stream);
+      g[cls] = target_grad(k, x_t, w_t, m, log_sum);
+    }
+  };
+
   at::parallel_for(0, L.rows(), grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t cls = static_cast<int64_t>(t[r]);
-      // grad is contiguous (N, C, S): the row starts at n*C*S + s, stride S.
-      scalar_t* g = grad ? grad + (r / L.s) * C * L.s + (r % L.s) : nullptr;
-      if (cls == a.ignore_index) {
-        if (row_loss) row_loss[r] = 0;
-        if (lse_out) lse_out[r] = 0;
-        if (g)
-          for (const auto c : c10::irange(C)) g[c * L.s] = scalar_t(0);
-        continue;
-      }
-      const scalar_t* xr = x + L.offset(r);
-      const acc_t w_t = w ? w[cls] : acc_t(1);
-      const acc_t x_t = static_cast<acc_t>(xr[cls * L.stride_c]);
-
-      // log_sum = log(sum_c exp(x_c - m)); lse = m + log_sum.
-      acc_t m = 0, log_sum = 0, shifted_wx = 0;  // shifted_wx = sum_c w_c (x_c - m)
-      if (!a.log_probs) {
-        if (lse_in) {
-          m = lse_in[r];
-        } else {
-          m = row_max<scalar_t, acc_t>(xr, L.stride_c, C);
-          auto shifted = [&](int64_t c) { return static_cast<acc_t>(xr[c * L.stride_c]) - m; };
-          log_sum = std::log(blocked_sum<acc_t>(C, [&](int64_t c) { return std::exp(shifted(c)); }));
-          if (eps != 0)
-            shifted_wx = blocked_sum<acc_t>(C, [&](int64_t c) { return (w ? w[c] : acc_t(1)) * shifted(c); });
-        }
-      } else if (row_loss && eps != 0) {
-        shifted_wx = blocked_sum<acc_t>(
-            C, [&](int64_t c) { return (w ? w[c] : acc_t(1)) * static_cast<acc_t>(xr[c * L.stride_c]); });
-      }
-      const acc_t lse = m + log_sum;
-      if (lse_out) lse_out[r] = a.log_probs ? acc_t(0) : lse;
-      if (row_loss) {
-        // nll = -w_t * lp_t; smooth = -sum_c w_c lp_c = wsum*log_sum - shifted_wx.
-        acc_t loss = -w_t * ((x_t - m) - log_sum);
-        if (eps != 0) loss = (1 - eps) * loss + eps_c * (wsum * log_sum - shifted_wx);
-        row_loss[r] = loss;
-      }
-      if (g) {
-        // g_c = a*p_c - e*w_c - [c == t]*b  (docs/ops.md), p_c = exp(x_c - lse)
-        // taken as exp((x_c - m) - log_sum): exact in the forward pass even for
-        // |logits| ~ 1e4, where lse itself rounds to 1e-3 in fp32.
-        const acc_t s = scale(r);
-        const acc_t b = s * (1 - eps) * w_t;
-        const acc_t e = s * eps_c;
-        const acc_t a_p = a.log_probs ? acc_t(0) : s * ((1 - eps) * w_t + eps_c * wsum);
-        for (const auto c : c10::irange(C)) {
-          acc_t v = -e * (w ? w[c] : acc_t(1));
-          if (!a.log_probs) v += a_p * std::exp((static_cast<acc_t>(xr[c * L.stride_c]) - m) - log_sum);
-          if (c == cls) v -= b;
-          g[c * L.s] = static_cast<scalar_t>(v);
-        }
-      }
+      if (vectorised)
+        vector_row(r);
+      else
+        scalar_row(r);
     }
   });
 }
@@ -271,7 +680,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cpu(
   const auto shape = rows_shape(input);
   at::Tensor row_loss = at::empty({x3.size(0) * x3.size(2)}, input.options().dtype(acc));
   at::Tensor lse = at::empty(shape, input.options().dtype(acc));
-  at::Tensor grad = compute_grad ? at::empty(input.sizes(), input.options())
+  at::Tensor grad = compute_grad ? new_grad(input)
                                  : at::empty({0}, input.options());
   const IndexArgs a{ignore_index, label_smoothing, reduction, log_probs};
   double total_weight = 0;
@@ -289,7 +698,7 @@ at::Tensor cross_entropy_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& 
   const at::Tensor x3 = as_ncs(input);
   const at::Tensor t = flat_targets(target);
   const at::Tensor lse_flat = lse.reshape({-1}).contiguous();
-  at::Tensor grad = at::empty(input.sizes(), input.options());
+  at::Tensor grad = new_grad(input);
   const IndexArgs a{ignore_index, label_smoothing, reduction, log_probs};
   dispatch_index(input.scalar_type(), t.scalar_type(), [&](auto data_tag, auto target_tag) {
     run_index<decltype(data_tag), decltype(target_tag)>(x3, t, weight, a, &lse_flat, &grad_loss,
@@ -309,38 +718,72 @@ void prob_rows(const Layout& L, const data_t* x, const Layout& Ly, const y_t* y,
   const int64_t C = L.c;
   const acc_t eps_c = eps / static_cast<acc_t>(C);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
-  at::parallel_for(0, L.rows(), grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
+  // Vector sweeps: unit class stride in x, y and grad (S == 1), and y loads
+  // into the same accumulation vectors as x (e.g. fp32 or bf16 targets for
+  // bf16 logits; fp64 targets for fp32 logits take the scalar path).
+  constexpr bool same_acc = std::is_same_v<at::opmath_type<y_t>, acc_t>;
+  const bool vectorised = same_acc && L.stride_c == 1 && L.s == 1 && Ly.stride_c == 1;
+  const bool stream = stream_grad(grad, L.rows() * C * int64_t(sizeof(data_t)));
+
+  auto scalar_row = [&](int64_t r) {
+    const data_t* xr = x + L.offset(r);
+    const y_t* yr = y + Ly.offset(r);
+    auto smoothed = [&](int64_t c) {  // w_c * y'_c
+      const acc_t yc = (1 - eps) * static_cast<acc_t>(yr[c * Ly.stride_c]) + eps_c;
+      return w ? w[c] * yc : yc;
+    };
+    acc_t m, log_sum = 0;
+    if (lse_in) {
+      m = lse_in[r];
+    } else {
+      m = row_max<data_t, acc_t>(xr, L.stride_c, C);
+      log_sum = std::log(blocked_sum<acc_t>(
+          C, [&](int64_t c) { return std::exp(static_cast<acc_t>(xr[c * L.stride_c]) - m); }));
+    }
+    const acc_t lse = m + log_sum;
+    if (lse_out) lse_out[r] = lse;
+    // wy = sum_c w_c y'_c; loss = -sum_c w_c y'_c (x_c - lse) = wy*log_sum - sum_c w_c y'_c (x_c - m)
+    const acc_t wy = blocked_sum<acc_t>(C, smoothed);
+    const acc_t wyx = row_loss ? blocked_sum<acc_t>(C, [&](int64_t c) {
+      return smoothed(c) * (static_cast<acc_t>(xr[c * L.stride_c]) - m);
+    }) : acc_t(0);
+    if (row_loss) row_loss[r] = wy * log_sum - wyx;
+    if (grad) {
+      data_t* g = grad + (r / L.s) * C * L.s + (r % L.s);
+      const acc_t s = scale(r);
+      for (const auto c : c10::irange(C)) {
+        const acc_t p = std::exp((static_cast<acc_t>(xr[c * L.stride_c]) - m) - log_sum);
+        g[c * L.s] = static_cast<data_t>(s * (p * wy - smoothed(c)));
+      }
+    }
+  };
+
+  // The same math in two vector sweeps after the max: {sum of exp, wy, wyx}
+  // in one, the gradient in the other.
+  auto vector_row = [&](int64_t r) {
+    if constexpr (same_acc) {
+      using VR = VecRow<data_t>;
       const data_t* xr = x + L.offset(r);
       const y_t* yr = y + Ly.offset(r);
-      auto smoothed = [&](int64_t c) {  // w_c * y'_c
-        const acc_t yc = (1 - eps) * static_cast<acc_t>(yr[c * Ly.stride_c]) + eps_c;
-        return w ? w[c] * yc : yc;
-      };
-      acc_t m, log_sum = 0;
-      if (lse_in) {
-        m = lse_in[r];
-      } else {
-        m = row_max<data_t, acc_t>(xr, L.stride_c, C);
-        log_sum = std::log(blocked_sum<acc_t>(
-            C, [&](int64_t c) { return std::exp(static_cast<acc_t>(xr[c * L.stride_c]) - m); }));
-      }
-      const acc_t lse = m + log_sum;
-      if (lse_out) lse_out[r] = lse;
-      // wy = sum_c w_c y'_c; loss = -sum_c w_c y'_c (x_c - lse) = wy*log_sum - sum_c w_c y'_c (x_c - m)
-      const acc_t wy = blocked_sum<acc_t>(C, smoothed);
-      const acc_t wyx = row_loss ? blocked_sum<acc_t>(C, [&](int64_t c) {
-        return smoothed(c) * (static_cast<acc_t>(xr[c * L.stride_c]) - m);
-      }) : acc_t(0);
+      const acc_t m = lse_in ? lse_in[r] : VR::max(xr, 0, C);
+      // inf/nan max (or lse): exp_u20 would not give nan/0 as std::exp does.
+      if (!std::isfinite(m)) return scalar_row(r);
+      const auto [sum_exp, wy, wyx] =
+          VR::prob_sums(xr, yr, w, 0, C, m, eps, eps_c, !lse_in, row_loss != nullptr);
+      const acc_t log_sum = lse_in ? acc_t(0) : std::log(sum_exp);
+      if (lse_out) lse_out[r] = m + log_sum;
       if (row_loss) row_loss[r] = wy * log_sum - wyx;
-      if (grad) {
-        data_t* g = grad + (r / L.s) * C * L.s + (r % L.s);
-        const acc_t s = scale(r);
-        for (const auto c : c10::irange(C)) {
-          const acc_t p = std::exp((static_cast<acc_t>(xr[c * L.stride_c]) - m) - log_sum);
-          g[c * L.s] = static_cast<data_t>(s * (p * wy - smoothed(c)));
-        }
-      }
+      if (grad)
+        VR::prob_grad(xr, yr, w, grad + r * C, 0, C, m, log_sum, eps, eps_c, scale(r), wy, stream);
+    }
+  };
+
+  at::parallel_for(0, L.rows(), grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      if (vectorised)
+        vector_row(r);
+      else
+        scalar_row(r);
     }
   });
 }
@@ -393,7 +836,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_prob_fwd_cpu(
   const int64_t rows = x3.size(0) * x3.size(2);
   at::Tensor row_loss = at::empty({rows}, input.options().dtype(acc));
   at::Tensor lse = at::empty(shape, input.options().dtype(acc));
-  at::Tensor grad = compute_grad ? at::empty(input.sizes(), input.options())
+  at::Tensor grad = compute_grad ? new_grad(input)
                                  : at::empty({0}, input.options());
   dispatch_prob(input.scalar_type(), target.scalar_type(), [&](auto data_tag, auto y_tag) {
     run_prob<decltype(data_tag), decltype(y_tag)>(x3, y3, weight, label_smoothing, reduction,
@@ -411,7 +854,7 @@ at::Tensor cross_entropy_prob_bwd_cpu(const at::Tensor& grad_loss, const at::Ten
                                       int64_t reduction) {
   const at::Tensor x3 = as_ncs(input), y3 = as_ncs(target);
   const at::Tensor lse_flat = lse.reshape({-1}).contiguous();
-  at::Tensor grad = at::empty(input.sizes(), input.options());
+  at::Tensor grad = new_grad(input);
   dispatch_prob(input.scalar_type(), target.scalar_type(), [&](auto data_tag, auto y_tag) {
     run_prob<decltype(data_tag), decltype(y_tag)>(x3, y3, weight, label_smoothing, reduction,
                                                   &lse_flat, &grad_loss, nullptr, nullptr, &grad);
