@@ -33,6 +33,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <vector>
 #include <tuple>
 #include <type_traits>
 
@@ -159,6 +160,15 @@ acc_t blocked_sum(int64_t classes, F&& f) {
     total += part;
   }
   return total;
+}
+
+// A per-thread buffer of at least n elements (kept between calls: the
+// OpenMP threads persist).
+template <typename T>
+T* thread_scratch(int64_t n) {
+  thread_local std::vector<T> buffer;
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+  return buffer.data();
 }
 
 // Stream the gradient past the caches when it is much larger than they are
@@ -321,8 +331,10 @@ struct VecRow {
 
   // Over [c0, c1): sum_c exp(x_c - m) (if want_exp) and sum_c w_c (x_c - m)
   // (if want_wx; w == nullptr means w_c = 1), in one sweep.
+  // If e_out is given, exp(x_c - m) is also stored there (for `grad`).
   static std::pair<acc_t, acc_t> sums(const data_t* x, const acc_t* w, int64_t c0, int64_t c1,
-                                      acc_t m, bool want_exp, bool want_wx) {
+                                      acc_t m, bool want_exp, bool want_wx,
+                                      acc_t* e_out = nullptr) {
     const Vec zero(0), vm(m);
     Vec se(0), wx(0);
     for (int64_t b0 = c0; b0 < c1; b0 += kBlock) {
@@ -334,8 +346,10 @@ struct VecRow {
         load(x + c, n, lo, hi);
         const Vec d0 = lo - vm, d1 = hi - vm;
         if (want_exp) {
-          se0 += keep(exp(d0), zero, n);
-          se1 += keep(exp(d1), zero, n - K);
+          const Vec e0 = keep(exp(d0), zero, n), e1 = keep(exp(d1), zero, n - K);
+          se0 += e0;
+          se1 += e1;
+          if (e_out) VecRow<acc_t>::store(e_out + c, n, e0, e1);
         }
         if (want_wx) {
           if (w) {
@@ -358,9 +372,12 @@ struct VecRow {
   // Index targets: g_c = a_p * exp((x_c - m) - log_sum) - e * w_c over
   // [c0, c1) (no p term when !with_p, i.e. log_probs); the caller rewrites
   // the target's entry.
+  // With e_in (exp(x_c - m) saved by `sums`), p_c = e_in[c] * exp(-log_sum):
+  // a multiply instead of a second exp per element.
   static void grad(const data_t* x, const acc_t* w, data_t* g, int64_t c0, int64_t c1, acc_t m,
-                   acc_t log_sum, acc_t a_p, acc_t e, bool with_p, bool stream) {
-    const Vec vm(m), vls(log_sum), va(a_p), ve(-e);
+                   acc_t log_sum, acc_t a_p, acc_t e, bool with_p, bool stream,
+                   const acc_t* e_in = nullptr) {
+    const Vec vm(m), vls(log_sum), va(a_p), ve(-e), vinv(std::exp(-log_sum));
     for (int64_t c = c0; c < c1; c += kChunk) {
       const int64_t n = std::min(kChunk, c1 - c);
       Vec g0 = ve, g1 = ve;
@@ -370,7 +387,12 @@ struct VecRow {
         g0 = g0 * w0;
         g1 = g1 * w1;
       }
-      if (with_p) {
+      if (with_p && e_in) {
+        Vec e0, e1;
+        VecRow<acc_t>::load(e_in + c, n, e0, e1);
+        g0 = at::vec::fmadd(va, e0 * vinv, g0);
+        g1 = at::vec::fmadd(va, e1 * vinv, g1);
+      } else if (with_p) {
         Vec lo, hi;
         load(x + c, n, lo, hi);
         g0 = at::vec::fmadd(va, exp((lo - vm) - vls), g0);
@@ -591,12 +613,16 @@ void index_rows(const Layout& L, const scalar_t* x, const target_t* t, const acc
     const acc_t w_t = w ? w[cls] : acc_t(1);
     const acc_t x_t = static_cast<acc_t>(xr[cls]);
     acc_t m = 0, log_sum = 0, shifted_wx = 0;
+    acc_t* e_cache = nullptr;
     if (!a.log_probs) {
       m = lse_in ? lse_in[r] : VR::max(xr, 0, C);
       // inf/nan max (or lse): exp_u20 would not give nan/0 as std::exp does.
       if (!std::isfinite(m)) return scalar_row(r);
       if (!lse_in) {
-        const auto [sum_exp, wx] = VR::sums(xr, w, 0, C, m, true, eps != 0);
+        // With a gradient to write, keep exp(x_c - m) (C acc values, in
+        // cache) so the gradient sweep needs no second exp.
+        e_cache = g ? thread_scratch<acc_t>(C) : nullptr;
+        const auto [sum_exp, wx] = VR::sums(xr, w, 0, C, m, true, eps != 0, e_cache);
         log_sum = std::log(sum_exp);
         shifted_wx = wx;
       }
@@ -605,7 +631,7 @@ void index_rows(const Layout& L, const scalar_t* x, const target_t* t, const acc
     }
     const Coef k = finish(r, x_t, w_t, m, log_sum, shifted_wx);
     if (g) {
-      VR::grad(xr, w, g, 0, C, m, log_sum, k.a_p, k.e, !a.log_probs, stream);
+      VR::grad(xr, w, g, 0, C, m, log_sum, k.a_p, k.e, !a.log_probs, stream, e_cache);
       g[cls] = target_grad(k, x_t, w_t, m, log_sum);
     }
   };
