@@ -636,6 +636,135 @@ void index_rows(const Layout& L, const scalar_t* x, const target_t* t, const acc
     }
   };
 
+  // K-dim input (N, C, S) with unit stride along S (the usual contiguous
+  // (N, C, H, W)): class stride is S, so instead of one row at a time the
+  // vector lanes hold kChunk neighbouring positions s, i.e. kChunk rows, and
+  // the sweeps walk the classes. Lanes whose max is not finite, and every
+  // other layout, take scalar_row.
+  using Vec = typename VR::Vec;
+  constexpr int64_t kLanes = VR::kChunk;
+  auto lane_block = [&](int64_t n, int64_t s0) {
+    const int64_t lanes = std::min(kLanes, L.s - s0);
+    const scalar_t* xb = x + n * L.stride_n + s0;
+    scalar_t* gb = grad ? grad + n * C * L.s + s0 : nullptr;
+    const int64_t r0 = n * L.s + s0;
+    __at_align__ acc_t m[kLanes], se[kLanes], wx[kLanes], ls[kLanes], ap[kLanes], ee[kLanes];
+    std::fill(m, m + kLanes, acc_t(0));
+    std::fill(se, se + kLanes, acc_t(1));
+    std::fill(wx, wx + kLanes, acc_t(0));
+    bool scalar_lane[kLanes] = {};  // max (or lse) not finite: left to scalar_row
+    auto column = [&](int64_t c, Vec& lo, Vec& hi) { VR::load(xb + c * L.stride_c, lanes, lo, hi); };
+    if (!a.log_probs && lse_in) {
+      for (int64_t j = 0; j < lanes; ++j) {
+        m[j] = lse_in[r0 + j];
+        if (!std::isfinite(m[j])) scalar_lane[j] = true, m[j] = 0;
+      }
+    } else if (!a.log_probs) {
+      const Vec ninf(-std::numeric_limits<acc_t>::infinity());
+      Vec m0 = ninf, m1 = ninf, lo, hi;
+      for (int64_t c = 0; c < C; ++c) {
+        column(c, lo, hi);
+        m0 = at::vec::maximum(m0, lo);
+        m1 = at::vec::maximum(m1, hi);
+      }
+      m0.store(m);
+      m1.store(m + VR::K);
+      for (int64_t j = 0; j < lanes; ++j)
+        if (!std::isfinite(m[j])) scalar_lane[j] = true, m[j] = 0;
+      for (int64_t j = lanes; j < kLanes; ++j) m[j] = 0;
+    }
+    if (!a.log_probs && !lse_in) {
+      const Vec vm0 = Vec::loadu(m), vm1 = Vec::loadu(m + VR::K);
+      Vec se0(0), se1(0), wx0(0), wx1(0), lo, hi;
+      for (int64_t c = 0; c < C; ++c) {
+        column(c, lo, hi);
+        const Vec d0 = lo - vm0, d1 = hi - vm1;
+        se0 += VR::exp(d0);
+        se1 += VR::exp(d1);
+        if (eps != 0) {
+          const Vec wc(w ? w[c] : acc_t(1));
+          wx0 = at::vec::fmadd(wc, d0, wx0);
+          wx1 = at::vec::fmadd(wc, d1, wx1);
+        }
+      }
+      se0.store(se);
+      se1.store(se + VR::K);
+      wx0.store(wx);
+      wx1.store(wx + VR::K);
+    } else if (a.log_probs && row_loss && eps != 0) {
+      Vec wx0(0), wx1(0), lo, hi;
+      for (int64_t c = 0; c < C; ++c) {
+        column(c, lo, hi);
+        const Vec wc(w ? w[c] : acc_t(1));
+        wx0 = at::vec::fmadd(wc, lo, wx0);
+        wx1 = at::vec::fmadd(wc, hi, wx1);
+      }
+      wx0.store(wx);
+      wx1.store(wx + VR::K);
+    }
+    // Per lane: the loss, lse and gradient coefficients (as vector_row).
+    Coef coef[kLanes];
+    for (int64_t j = 0; j < lanes; ++j) {
+      const int64_t r = r0 + j;
+      const int64_t cls = static_cast<int64_t>(t[r]);
+      ap[j] = ee[j] = 0;
+      ls[j] = 0;
+      if (cls == a.ignore_index) {
+        scalar_lane[j] = false;  // nothing to compute: loss 0, gradient 0
+        if (row_loss) row_loss[r] = 0;
+        if (lse_out) lse_out[r] = 0;
+        continue;
+      }
+      if (scalar_lane[j]) continue;
+      const acc_t w_t = w ? w[cls] : acc_t(1);
+      const acc_t x_t = static_cast<acc_t>(xb[cls * L.stride_c + j]);
+      ls[j] = (a.log_probs || lse_in) ? acc_t(0) : std::log(se[j]);
+      coef[j] = finish(r, x_t, w_t, m[j], ls[j], wx[j]);
+      ap[j] = coef[j].a_p;
+      ee[j] = coef[j].e;
+    }
+    if (gb) {
+      const Vec vm0 = Vec::loadu(m), vm1 = Vec::loadu(m + VR::K);
+      const Vec vl0 = Vec::loadu(ls), vl1 = Vec::loadu(ls + VR::K);
+      const Vec va0 = Vec::loadu(ap), va1 = Vec::loadu(ap + VR::K);
+      const Vec ve0 = Vec::loadu(ee), ve1 = Vec::loadu(ee + VR::K);
+      Vec lo, hi;
+      for (int64_t c = 0; c < C; ++c) {
+        const Vec wc(w ? w[c] : acc_t(1));
+        Vec g0 = -(ve0 * wc), g1 = -(ve1 * wc);
+        if (!a.log_probs) {
+          column(c, lo, hi);
+          g0 = at::vec::fmadd(va0, VR::exp((lo - vm0) - vl0), g0);
+          g1 = at::vec::fmadd(va1, VR::exp((hi - vm1) - vl1), g1);
+        }
+        VR::store(gb + c * L.s, lanes, g0, g1);
+      }
+      // Ignored lanes are exactly 0; the target's entry is recomputed exactly.
+      for (int64_t j = 0; j < lanes; ++j) {
+        const int64_t cls = static_cast<int64_t>(t[r0 + j]);
+        if (scalar_lane[j]) continue;
+        if (cls == a.ignore_index) {
+          for (int64_t c = 0; c < C; ++c) gb[c * L.s + j] = scalar_t(0);
+        } else {
+          const acc_t w_t = w ? w[cls] : acc_t(1);
+          const acc_t x_t = static_cast<acc_t>(xb[cls * L.stride_c + j]);
+          gb[cls * L.s + j] = target_grad(coef[j], x_t, w_t, m[j], ls[j]);
+        }
+      }
+    }
+    for (int64_t j = 0; j < lanes; ++j)
+      if (scalar_lane[j]) scalar_row(r0 + j);
+  };
+
+  if (!vectorised && L.s > 1 && L.stride_s == 1) {
+    const int64_t blocks_per_n = (L.s + kLanes - 1) / kLanes;
+    const int64_t lane_grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C * kLanes, 1));
+    at::parallel_for(0, L.n * blocks_per_n, lane_grain, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) lane_block(b / blocks_per_n, (b % blocks_per_n) * kLanes);
+    });
+    return;
+  }
+
   at::parallel_for(0, L.rows(), grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       if (vectorised)

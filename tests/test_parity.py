@@ -52,6 +52,31 @@ def test_k_dim(target, dtype, reduction, shape):
     check_parity("cross_entropy", x, t, weight=w, reduction=reduction, label_smoothing=0.05)
 
 
+# Many spatial positions (S = 111, not a multiple of any vector width): the CPU
+# kernel computes neighbouring positions in vector lanes; with ignored
+# positions, non-finite lanes, weights, smoothing, nll on log-probs and the
+# backward-from-lse path (reduction="none").
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_k_dim_many_positions(target, dtype, reduction):
+    torch.manual_seed(3)
+    x = logits(2, 6, 37, 3, dtype=torch.float64, device="cpu")
+    x[0, :, 6, 1] = float("-inf")      # a row of -inf only: nan, like torch
+    x[1, 2, 7, 0] = float("-inf")      # -inf away from the target
+    if reduction != "none":  # (none: backward from the fp32 lse, see test_extreme_logits)
+        x[1, :, 9, 2] += 1e4           # large offset
+    x = x.to(dtype).to(target)
+    t = torch.randint(0, 6, (2, 37, 3))
+    t[1, 7, 0] = 3
+    t[:, ::5, :] = -100
+    t = t.to(target)
+    w = torch.rand(6, device=target) + 0.1
+    for ls in (0.0, 0.1):
+        check_parity("cross_entropy", x, t, weight=w, reduction=reduction, label_smoothing=ls)
+    lp = torch.log_softmax(logits(2, 6, 37, 3, dtype=torch.float64), 1).to(dtype).to(target)
+    check_parity("nll_loss", lp, t, weight=w, reduction=reduction)
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_single_sample_1d(target, reduction):
     x = logits(11, device=target)
