@@ -636,6 +636,64 @@ void index_rows(const Layout& L, const scalar_t* x, const target_t* t, const acc
     }
   };
 
+  // Fewer rows than threads and a long row (e.g. one 128k-class sample):
+  // each sweep of a row is split into one segment per thread, the partial
+  // max and sums combined in segment order (deterministic for a thread count).
+  auto split_row = [&](int64_t r) {
+    const int64_t cls = static_cast<int64_t>(t[r]);
+    scalar_t* g = grad ? grad + r * C : nullptr;
+    if (cls == a.ignore_index) return vector_row(r);
+    const int64_t parts = at::get_num_threads();
+    const int64_t seg = ((C + parts - 1) / parts + VR::kChunk - 1) / VR::kChunk * VR::kChunk;
+    auto split = [&](auto&& f) {
+      at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p)
+          if (p * seg < C) f(p * seg, std::min(C, (p + 1) * seg), p);
+      });
+    };
+    const scalar_t* xr = x + L.offset(r);
+    const acc_t w_t = w ? w[cls] : acc_t(1);
+    const acc_t x_t = static_cast<acc_t>(xr[cls]);
+    std::vector<acc_t> part_a(parts, acc_t(0)), part_b(parts, acc_t(0));
+    acc_t m = 0, log_sum = 0, shifted_wx = 0;
+    if (!a.log_probs) {
+      if (lse_in) {
+        m = lse_in[r];
+      } else {
+        std::fill(part_a.begin(), part_a.end(), -std::numeric_limits<acc_t>::infinity());
+        split([&](int64_t c0, int64_t c1, int64_t p) { part_a[p] = VR::max(xr, c0, c1); });
+        m = part_a[0];
+        for (const acc_t v : part_a)
+          if (greater_or_nan(v, m)) m = v;
+      }
+      if (!std::isfinite(m)) return scalar_row(r);
+      if (!lse_in) {
+        split([&](int64_t c0, int64_t c1, int64_t p) {
+          std::tie(part_a[p], part_b[p]) = VR::sums(xr, w, c0, c1, m, true, eps != 0);
+        });
+        acc_t sum_exp = 0;
+        for (int64_t p = 0; p < parts; ++p) sum_exp += part_a[p], shifted_wx += part_b[p];
+        log_sum = std::log(sum_exp);
+      }
+    } else if (row_loss && eps != 0) {
+      split([&](int64_t c0, int64_t c1, int64_t p) {
+        part_b[p] = VR::sums(xr, w, c0, c1, acc_t(0), false, true).second;
+      });
+      for (const acc_t v : part_b) shifted_wx += v;
+    }
+    const Coef k = finish(r, x_t, w_t, m, log_sum, shifted_wx);
+    if (g) {
+      split([&](int64_t c0, int64_t c1, int64_t) {
+        VR::grad(xr, w, g, c0, c1, m, log_sum, k.a_p, k.e, !a.log_probs, /*stream=*/false);
+      });
+      g[cls] = target_grad(k, x_t, w_t, m, log_sum);
+    }
+  };
+  if (vectorised && L.rows() < at::get_num_threads() && C >= 32768) {
+    for (int64_t r = 0; r < L.rows(); ++r) split_row(r);
+    return;
+  }
+
   // K-dim input (N, C, S) with unit stride along S (the usual contiguous
   // (N, C, H, W)): class stride is S, so instead of one row at a time the
   // vector lanes hold kChunk neighbouring positions s, i.e. kChunk rows, and

@@ -299,3 +299,16 @@ def test_cpp_kernel_itself_raises_index_error():
     with pytest.raises(IndexError, match="Target 5 is out of bounds."):
         torch.ops.fused_nll.cross_entropy_fwd(logits(3, 5), torch.tensor([0, 5, 1]), None, -100,
                                               0.0, 1, False, False)
+
+
+# One long row (fewer rows than threads): the CPU kernel splits each sweep of
+# the row across threads and combines the partial max/sums.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_single_long_row(target, dtype, reduction):
+    torch.manual_seed(4)
+    x = logits(1, 40001, dtype=dtype, device=target)
+    t = torch.tensor([123], device=target)
+    w = torch.rand(40001, device=target) + 0.1
+    check_parity("cross_entropy", x, t, weight=w, reduction=reduction, label_smoothing=0.2)
+    check_parity("cross_entropy", x, t, reduction=reduction)
