@@ -3,7 +3,8 @@ F.cross_entropy, torch.compile(F.cross_entropy) and, when installed,
 Liger-Kernel, measured in the same run.
 
 Reported per case: median time, GB/s and % of the memory-bandwidth floor, and
-peak extra memory (GPU). Bytes counted (the floor):
+peak extra memory (GPU only: torch.cuda.max_memory_allocated; torch keeps no
+allocator statistics for CPU tensors, so the CPU column stays empty). Bytes counted (the floor):
   forward:            read the logits once                  N*V*elt
   forward + backward: read the logits once, write the
                       gradient once                         2*N*V*elt
