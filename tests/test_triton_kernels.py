@@ -21,7 +21,7 @@ if not (INTERPRET or torch.cuda.is_available()):
                 allow_module_level=True)
 pytest.importorskip("triton")
 
-from fused_nll._reference import TOLERANCES  # noqa: E402  (per-dtype tolerances, one place)
+from fused_nll._reference import TOLERANCES, close, reference  # noqa: E402  (tolerances in one place)
 from fused_nll.triton_kernels import cross_entropy as ce  # noqa: E402
 
 # The interpreter runs on host memory; with a GPU, the kernels run on it.
@@ -589,3 +589,21 @@ def test_cuda_graph_capture():
         torch.cuda.synchronize()
         assert_close(loss, rloss, torch.bfloat16, "loss")
         assert_close(grad, rgrad * scale, torch.bfloat16, "grad")
+
+
+def test_persistent_grid_loops_over_rows(monkeypatch):
+    # Fewer programs than rows (the _PROGRAMS_PER_SM knob on a GPU): each program
+    # loops over rows r, r + programs, ...; results must not change.
+    monkeypatch.setattr(ce, "_programs", lambda rows, device: max(1, rows // 3))
+    torch.manual_seed(5)
+    x = torch.randn(10, 300, device=DEVICE)
+    t = torch.randint(0, 300, (10,), device=DEVICE)
+    t[2] = -100
+    w = torch.rand(300, device=DEVICE)
+    for reduction in (0, 1, 2):
+        loss, lse, grad = ce.cross_entropy_fwd(x, t, w, -100, 0.1, reduction, False, True)
+        ref_loss, ref_grad = reference("cross_entropy", x, t, weight=w, label_smoothing=0.1,
+                                       reduction=["none", "mean", "sum"][reduction],
+                                       grad_output=torch.ones(loss.shape, dtype=torch.float64))
+        assert close(loss, ref_loss, torch.float32)[0]
+        assert close(grad, ref_grad, torch.float32)[0]

@@ -68,6 +68,20 @@ _SCALE_BLOCK = 4096  # elements per step of the flat scale_grad_ kernel
 _SCALE_MAX_PROGRAMS = 4096  # grid cap of that kernel (it loops over the tensor)
 
 
+# Persistent grid for the index forward kernel: None launches one program per
+# row; k launches k programs per SM, each looping over rows. Untuned: a knob for
+# benchmarks/triton_sweep.py (fewer rows in flight may let the gradient sweep
+# re-read its row from L2 instead of HBM).
+_PROGRAMS_PER_SM = None
+
+
+def _programs(rows: int, device: torch.device) -> int:
+    if _PROGRAMS_PER_SM is None or device.type != "cuda":
+        return rows
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(rows, _PROGRAMS_PER_SM * sms))
+
+
 def _row_config(num_classes: int, element_size: int, heavy: bool = False) -> tuple[int, int]:
     """(BLOCK, num_warps) for a row kernel over ``num_classes`` classes; ``heavy``
     halves the block for kernels with more per-lane state."""
@@ -85,12 +99,18 @@ def _row_config(num_classes: int, element_size: int, heavy: bool = False) -> tup
 
 @triton.jit
 def _row_offsets(S, stride_n, stride_s, C):
-    """This program's row r and the element offsets of (r, class 0) in x and in the grad.
+    """This program's row r and the element offsets of (r, class 0) in x and in the grad."""
+    return _offsets_of_row(tl.program_id(0).to(tl.int64), S, stride_n, stride_s, C)
+
+
+@triton.jit
+def _offsets_of_row(row, S, stride_n, stride_s, C):
+    """Row r and the element offsets of (r, class 0) in x and in the grad.
 
     int64 throughout: row*stride and n*C*S pass 2^31 for e.g. 16k tokens x 128k vocab,
     and Triton passes strides that fit in 32 bits as int32.
     """
-    row = tl.program_id(0).to(tl.int64)
+    row = tl.full([], 0, tl.int64) + row  # also a loop index (a Python int in the interpreter)
     n = row // S
     s = row - n * S
     x_off = n * stride_n + s * stride_s
@@ -232,14 +252,30 @@ def _prob_grad_sweep(x_row, stride_c, y_row, stride_yc, g_row, stride_gc, w_ptr,
 
 @triton.jit
 def _ce_fwd_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_ptr, wsum_ptr,
-                   C, S, stride_n, stride_c, stride_s, ignore_index, eps_hi, eps_lo,
+                   R, C, S, stride_n, stride_c, stride_s, ignore_index, eps_hi, eps_lo,
                    HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, LOG_PROBS: tl.constexpr,
                    COMPUTE_GRAD: tl.constexpr, MEAN: tl.constexpr, BLOCK: tl.constexpr):
     """Index targets: per-row loss and lse, and (COMPUTE_GRAD) the gradient for
     grad_loss = 1. den_ptr: W (read when MEAN and COMPUTE_GRAD); wsum_ptr: sum_c w_c
-    (read when HAS_WEIGHT, SMOOTH, COMPUTE_GRAD and not LOG_PROBS)."""
+    (read when HAS_WEIGHT, SMOOTH, COMPUTE_GRAD and not LOG_PROBS).
+
+    Rows r = program_id, program_id + num_programs, ...: one row per program with
+    the default grid of R programs; a smaller (persistent) grid bounds the rows in
+    flight, e.g. so that the gradient sweep re-reads each row from L2 (see
+    _PROGRAMS_PER_SM)."""
+    for row in range(tl.program_id(0), R, tl.num_programs(0)):
+        _ce_fwd_row(row, x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_ptr, wsum_ptr,
+                    C, S, stride_n, stride_c, stride_s, ignore_index, eps_hi, eps_lo,
+                    HAS_WEIGHT, SMOOTH, LOG_PROBS, COMPUTE_GRAD, MEAN, BLOCK)
+
+
+@triton.jit
+def _ce_fwd_row(row, x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_ptr, wsum_ptr,
+                C, S, stride_n, stride_c, stride_s, ignore_index, eps_hi, eps_lo,
+                HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, LOG_PROBS: tl.constexpr,
+                COMPUTE_GRAD: tl.constexpr, MEAN: tl.constexpr, BLOCK: tl.constexpr):
     ACC: tl.constexpr = lse_ptr.dtype.element_ty
-    row, x_off, g_off = _row_offsets(S, stride_n, stride_s, C)
+    row, x_off, g_off = _offsets_of_row(row, S, stride_n, stride_s, C)
     x_row = x_ptr + x_off
     t, active, ignored = _index_target(t_ptr, row, C, ignore_index)
     t_safe = tl.where(active, t, 0)
@@ -558,10 +594,10 @@ def cross_entropy_fwd(input: torch.Tensor, target: torch.Tensor, weight, ignore_
     if R > 0:
         block, num_warps = _row_config(C, input.element_size(), heavy=smooth and not log_probs)
         eps_hi, eps_lo = _split_float(label_smoothing)
-        wrap_triton(_ce_fwd_kernel)[(R,)](
+        wrap_triton(_ce_fwd_kernel)[(_programs(R, device),)](
             x, t, weight if weight is not None else lse, loss_rows, lse, grad,
             den if den is not None else lse, wsum if wsum is not None else lse,
-            C, S, x.stride(0), x.stride(1), x.stride(2), ignore_index, eps_hi, eps_lo,
+            R, C, S, x.stride(0), x.stride(1), x.stride(2), ignore_index, eps_hi, eps_lo,
             HAS_WEIGHT=weight is not None, SMOOTH=smooth, LOG_PROBS=log_probs,
             COMPUTE_GRAD=compute_grad, MEAN=mean and compute_grad, BLOCK=block,
             num_warps=num_warps)
