@@ -1,5 +1,7 @@
 """The fp64 torch reference and the per-dtype tolerances, in one place (used by
-the tests and by `python -m fused_nll verify`)."""
+the tests, `python -m fused_nll verify` and the FUSED_NLL_VERIFY shadow mode).
+Its comparisons read values on the host (.cpu(), .item()) on purpose: it is
+never on the op path, which has no host synchronisation."""
 from __future__ import annotations
 
 import torch
