@@ -706,7 +706,8 @@ void index_rows(const Layout& L, const scalar_t* x, const target_t* t, const acc
     const scalar_t* xb = x + n * L.stride_n + s0;
     scalar_t* gb = grad ? grad + n * C * L.s + s0 : nullptr;
     const int64_t r0 = n * L.s + s0;
-    __at_align__ acc_t m[kLanes], se[kLanes], wx[kLanes], ls[kLanes], ap[kLanes], ee[kLanes];
+    __at_align__ acc_t m[kLanes], se[kLanes], wx[kLanes], ls[kLanes], ap[kLanes], ee[kLanes],
+        xt[kLanes];
     std::fill(m, m + kLanes, acc_t(0));
     std::fill(se, se + kLanes, acc_t(1));
     std::fill(wx, wx + kLanes, acc_t(0));
@@ -775,11 +776,19 @@ void index_rows(const Layout& L, const scalar_t* x, const target_t* t, const acc
       }
       if (scalar_lane[j]) continue;
       const acc_t w_t = w ? w[cls] : acc_t(1);
-      const acc_t x_t = static_cast<acc_t>(xb[cls * L.stride_c + j]);
+      xt[j] = static_cast<acc_t>(xb[cls * L.stride_c + j]);  // kept: grad may overwrite x
       ls[j] = (a.log_probs || lse_in) ? acc_t(0) : std::log(se[j]);
-      coef[j] = finish(r, x_t, w_t, m[j], ls[j], wx[j]);
+      coef[j] = finish(r, xt[j], w_t, m[j], ls[j], wx[j]);
       ap[j] = coef[j].a_p;
       ee[j] = coef[j].e;
+    }
+    // A lane left to scalar_row must still read its logits after the vector
+    // gradient sweep, which would overwrite them when the gradient is written
+    // into the input (in-place forward): then the whole block goes to
+    // scalar_row (rare: a row whose max is inf or nan).
+    if (gb && std::any_of(scalar_lane, scalar_lane + lanes, [](bool b) { return b; })) {
+      for (int64_t j = 0; j < lanes; ++j) scalar_row(r0 + j);
+      return;
     }
     if (gb) {
       const Vec vm0 = Vec::loadu(m), vm1 = Vec::loadu(m + VR::K);
@@ -805,8 +814,7 @@ void index_rows(const Layout& L, const scalar_t* x, const target_t* t, const acc
           for (int64_t c = 0; c < C; ++c) gb[c * L.s + j] = scalar_t(0);
         } else {
           const acc_t w_t = w ? w[cls] : acc_t(1);
-          const acc_t x_t = static_cast<acc_t>(xb[cls * L.stride_c + j]);
-          gb[cls * L.s + j] = target_grad(coef[j], x_t, w_t, m[j], ls[j]);
+          gb[cls * L.s + j] = target_grad(coef[j], xt[j], w_t, m[j], ls[j]);
         }
       }
     }
@@ -883,25 +891,51 @@ double run_index(const at::Tensor& x3, const at::Tensor& t, const std::optional<
   return static_cast<double>(W);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cpu(
-    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    int64_t ignore_index, double label_smoothing, int64_t reduction, bool log_probs,
-    bool compute_grad) {
+// The in-place ops write the gradient over the input: the kernels read every
+// element of a row before they write it, and index the gradient as a
+// contiguous (N, C, S) tensor, so the input must be contiguous.
+void check_inplace(const at::Tensor& input) {
+  TORCH_CHECK(input.is_contiguous(),
+              "fused_nll: the in-place forward writes the gradient into `input`, which must "
+              "be contiguous; got strides ", input.strides());
+}
+
+// Forward with index targets; the gradient (if any) goes to *grad.
+std::tuple<at::Tensor, at::Tensor> index_forward(const at::Tensor& input, const at::Tensor& target,
+                                                 const std::optional<at::Tensor>& weight,
+                                                 const IndexArgs& a, at::Tensor* grad) {
   const at::Tensor x3 = as_ncs(input);
   const at::Tensor t = flat_targets(target);
   const auto acc = acc_type_of(input.scalar_type());
   const auto shape = rows_shape(input);
   at::Tensor row_loss = at::empty({x3.size(0) * x3.size(2)}, input.options().dtype(acc));
   at::Tensor lse = at::empty(shape, input.options().dtype(acc));
-  at::Tensor grad = compute_grad ? new_grad(input)
-                                 : at::empty({0}, input.options());
-  const IndexArgs a{ignore_index, label_smoothing, reduction, log_probs};
   double total_weight = 0;
   dispatch_index(input.scalar_type(), t.scalar_type(), [&](auto data_tag, auto target_tag) {
     total_weight = run_index<decltype(data_tag), decltype(target_tag)>(
-        x3, t, weight, a, nullptr, nullptr, &row_loss, &lse, compute_grad ? &grad : nullptr);
+        x3, t, weight, a, nullptr, nullptr, &row_loss, &lse, grad);
   });
-  return {reduce_loss(row_loss, reduction, total_weight, input.scalar_type(), shape), lse, grad};
+  return {reduce_loss(row_loss, a.reduction, total_weight, input.scalar_type(), shape), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cpu(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    int64_t ignore_index, double label_smoothing, int64_t reduction, bool log_probs,
+    bool compute_grad) {
+  at::Tensor grad = compute_grad ? new_grad(input) : at::empty({0}, input.options());
+  auto [loss, lse] = index_forward(input, target, weight,
+                                   {ignore_index, label_smoothing, reduction, log_probs},
+                                   compute_grad ? &grad : nullptr);
+  return {loss, lse, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_inplace_cpu(
+    at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    int64_t ignore_index, double label_smoothing, int64_t reduction, bool log_probs) {
+  check_inplace(input);
+  at::Tensor grad = input;
+  return index_forward(input, target, weight,
+                       {ignore_index, label_smoothing, reduction, log_probs}, &grad);
 }
 
 at::Tensor cross_entropy_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& input,
@@ -1038,9 +1072,11 @@ void run_prob(const at::Tensor& x3, const at::Tensor& y3, const std::optional<at
       scale);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_prob_fwd_cpu(
-    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    double label_smoothing, int64_t reduction, bool compute_grad) {
+// Forward with probability targets; the gradient (if any) goes to *grad.
+std::tuple<at::Tensor, at::Tensor> prob_forward(const at::Tensor& input, const at::Tensor& target,
+                                                const std::optional<at::Tensor>& weight,
+                                                double label_smoothing, int64_t reduction,
+                                                at::Tensor* grad) {
   TORCH_CHECK(target.sizes() == input.sizes(),
               "fused_nll: probability target must have the input's shape");
   const at::Tensor x3 = as_ncs(input), y3 = as_ncs(target);
@@ -1049,15 +1085,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_prob_fwd_cpu(
   const int64_t rows = x3.size(0) * x3.size(2);
   at::Tensor row_loss = at::empty({rows}, input.options().dtype(acc));
   at::Tensor lse = at::empty(shape, input.options().dtype(acc));
-  at::Tensor grad = compute_grad ? new_grad(input)
-                                 : at::empty({0}, input.options());
   dispatch_prob(input.scalar_type(), target.scalar_type(), [&](auto data_tag, auto y_tag) {
     run_prob<decltype(data_tag), decltype(y_tag)>(x3, y3, weight, label_smoothing, reduction,
-                                                  nullptr, nullptr, &row_loss, &lse,
-                                                  compute_grad ? &grad : nullptr);
+                                                  nullptr, nullptr, &row_loss, &lse, grad);
   });
   const auto out_dtype = at::result_type(input, target);
-  return {reduce_loss(row_loss, reduction, static_cast<double>(rows), out_dtype, shape), lse, grad};
+  return {reduce_loss(row_loss, reduction, static_cast<double>(rows), out_dtype, shape), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_prob_fwd_cpu(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    double label_smoothing, int64_t reduction, bool compute_grad) {
+  at::Tensor grad = compute_grad ? new_grad(input) : at::empty({0}, input.options());
+  auto [loss, lse] = prob_forward(input, target, weight, label_smoothing, reduction,
+                                  compute_grad ? &grad : nullptr);
+  return {loss, lse, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_prob_fwd_inplace_cpu(
+    at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    double label_smoothing, int64_t reduction) {
+  check_inplace(input);
+  at::Tensor grad = input;
+  return prob_forward(input, target, weight, label_smoothing, reduction, &grad);
 }
 
 at::Tensor cross_entropy_prob_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& input,
@@ -1095,6 +1145,8 @@ TORCH_LIBRARY_IMPL(fused_nll, CPU, m) {
   m.impl("cross_entropy_bwd", &cross_entropy_bwd_cpu);
   m.impl("cross_entropy_prob_fwd", &cross_entropy_prob_fwd_cpu);
   m.impl("cross_entropy_prob_bwd", &cross_entropy_prob_bwd_cpu);
+  m.impl("cross_entropy_fwd_inplace", &cross_entropy_fwd_inplace_cpu);
+  m.impl("cross_entropy_prob_fwd_inplace", &cross_entropy_prob_fwd_inplace_cpu);
   m.impl("scale_grad_", &scale_grad_cpu);
 }
 

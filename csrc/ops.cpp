@@ -31,6 +31,16 @@ TORCH_LIBRARY(fused_nll, m) {
   m.def(
       "cross_entropy_prob_bwd(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, "
       "Tensor lse, float label_smoothing, int reduction) -> Tensor");
+  // inplace_backward: the *_fwd ops with compute_grad=true, except that the
+  // gradient is written into the (contiguous) input itself, whose logits are
+  // then gone; no gradient buffer is allocated.
+  m.def(
+      "cross_entropy_fwd_inplace(Tensor(a!) input, Tensor target, Tensor? weight, "
+      "int ignore_index, float label_smoothing, int reduction, bool log_probs) "
+      "-> (Tensor loss, Tensor lse)");
+  m.def(
+      "cross_entropy_prob_fwd_inplace(Tensor(a!) input, Tensor target, Tensor? weight, "
+      "float label_smoothing, int reduction) -> (Tensor loss, Tensor lse)");
   // Scales a gradient precomputed by a *_fwd op by the upstream gradient, in place.
   m.def("scale_grad_(Tensor(a!) grad_input, Tensor grad_loss) -> ()");
 }

@@ -38,17 +38,21 @@ def target(request):
 
 
 def check_parity(fn, input, target, weight=None, ignore_index=-100, reduction="mean",
-                 label_smoothing=0.0, grad_scale=None):
+                 label_smoothing=0.0, grad_scale=None, inplace=False):
     """Loss and input gradient of fused_nll.<fn> equal torch's fp64 reference.
 
     grad_scale: upstream gradient (None: random for 'none', 1 for mean/sum).
+    inplace: call with inplace_backward=True on a non-leaf copy of the input,
+    and check that the copy's storage ends up holding the gradient.
     """
     dtype = input.dtype
     x = input.detach().clone().requires_grad_(True)
     kwargs = dict(weight=weight, ignore_index=ignore_index, reduction=reduction)
     if fn == "cross_entropy":
         kwargs["label_smoothing"] = label_smoothing
-    loss = getattr(fused_nll, fn)(x, target, **kwargs)
+    x_in = x.clone() if inplace else x
+    extra = {"inplace_backward": True} if inplace else {}
+    loss = getattr(fused_nll, fn)(x_in, target, **kwargs, **extra)
     if grad_scale is None:
         grad_scale = (torch.randn(loss.shape, dtype=torch.float64, device=loss.device)
                       if reduction == "none" else torch.ones((), dtype=torch.float64, device=loss.device))
@@ -60,6 +64,8 @@ def check_parity(fn, input, target, weight=None, ignore_index=-100, reduction="m
     assert ok, f"loss: {detail}"
     (grad,) = torch.autograd.grad(loss, x, grad_scale)
     assert grad.dtype == dtype and grad.shape == input.shape
+    if inplace:
+        assert torch.equal(x_in.detach(), grad), "the logits' storage should hold the gradient"
     # Gradient entries are O(upstream gradient / rows); that is the scale of
     # the terms that cancel where the reference gradient is ~0.
     classes = input.shape[0] if input.dim() == 1 else input.shape[1]

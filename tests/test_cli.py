@@ -53,5 +53,7 @@ def test_bench_quick_writes_csv(tmp_path):
               "--impls", "fused_nll,eager", "--csv", str(csv))
     assert out.returncode == 0, out.stderr
     lines = csv.read_text().splitlines()
-    assert lines[0].startswith("impl,") and len(lines) == 1 + 2 * 2  # 2 impls x 2 modes
+    # fwd: fused_nll[cpp], torch eager; fwdbwd: those and fused_nll[cpp] inplace_backward
+    assert lines[0].startswith("impl,") and len(lines) == 1 + 2 + 3
+    assert [line.split(",")[6] for line in lines if "inplace_backward" in line] == ["fwdbwd"]
     assert "% floor" in out.stdout

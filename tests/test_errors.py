@@ -58,6 +58,11 @@ BAD_INPUTS = [
     ("ce-weight-other-device", ce, (x, idx), {"weight": torch.ones(C, device="meta")}, RuntimeError, ["weight is on meta", "weight.to(input.device)"]),
     ("ce-input-not-tensor", ce, ([[1.0, 2.0]], idx), {}, TypeError, ["input must be a torch.Tensor"]),
     ("ce-target-not-tensor", ce, (x, [0, 1, 2, 3]), {}, TypeError, ["target must be a torch.Tensor"]),
+    ("ce-inplace-not-bool", ce, (x, idx), {"inplace_backward": "yes"}, TypeError, ["inplace_backward must be True or False", "'yes'"]),
+    ("ce-inplace-leaf", ce, (x.clone().requires_grad_(True), idx), {"inplace_backward": True}, RuntimeError, ["leaf tensor", "LM head", "drop inplace_backward"]),
+    ("ce-inplace-view-of-leaf", ce, (x.clone().requires_grad_(True).view(N, C), idx), {"inplace_backward": True}, RuntimeError, ["or a view of one"]),
+    ("nll-inplace-log-softmax-output", nll, (torch.log_softmax(x.clone().requires_grad_(True), 1), idx), {"inplace_backward": True}, RuntimeError, ["output of logsoftmax", "fused_nll.cross_entropy(logits, target, inplace_backward=True)"]),
+    ("nll-inplace-non-contiguous", nll, ((torch.randn(C, N, requires_grad=True) * 1).t(), idx), {"inplace_backward": True}, ValueError, ["contiguous", "strides [1, 4]", "Drop inplace_backward"]),
 ]
 
 

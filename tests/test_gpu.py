@@ -26,7 +26,8 @@ def _data(n=64, v=1000, dtype=torch.bfloat16):
     return x, t
 
 
-def test_compile_fullgraph_no_graph_breaks(backend):
+@pytest.mark.parametrize("inplace", [False, True], ids=["grad-buffer", "inplace_backward"])
+def test_compile_fullgraph_no_graph_breaks(backend, inplace):
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -36,7 +37,7 @@ def test_compile_fullgraph_no_graph_breaks(backend):
     _, t = _data()
 
     def step(h, t):
-        return fused_nll.cross_entropy(head(h), t, label_smoothing=0.1)
+        return fused_nll.cross_entropy(head(h), t, label_smoothing=0.1, inplace_backward=inplace)
 
     eager = step(h, t)
     eager.backward()
@@ -66,6 +67,9 @@ def test_opcheck_triton_ops(dtype):
             torch.library.opcheck(ops.triton_cross_entropy_prob_fwd.default, (x, y, w, 0.1, reduction, False))
     torch.library.opcheck(ops.triton_scale_grad_.default, (torch.randn(6, 11, device="cuda", dtype=dtype),
                                                             torch.tensor(0.5, device="cuda", dtype=dtype)))
+    x = torch.randn(6, 11, device="cuda", dtype=dtype)
+    torch.library.opcheck(ops.triton_cross_entropy_fwd_inplace.default, (x.clone(), t, w, -100, 0.1, 1, False))
+    torch.library.opcheck(ops.triton_cross_entropy_prob_fwd_inplace.default, (x.clone(), y, w, 0.1, 1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -79,6 +83,11 @@ def test_opcheck_cuda_cpp_ops(dtype):
         for reduction in (0, 1, 2):
             for compute_grad in (False, True):
                 torch.library.opcheck(ops.cross_entropy_fwd.default, (x, t, None, -100, 0.1, reduction, False, compute_grad))
+    x = torch.randn(6, 11, device="cuda", dtype=dtype)
+    for log_probs in (False, True):
+        torch.library.opcheck(ops.cross_entropy_fwd_inplace.default, (x.clone(), t.clamp_min(0), None, -100, 0.1, 1, log_probs))
+    y = torch.softmax(torch.randn(6, 11, device="cuda"), 1).to(dtype)
+    torch.library.opcheck(ops.cross_entropy_prob_fwd_inplace.default, (x.clone(), y, None, 0.1, 2))
 
 
 def test_cuda_graph_capture_forward_backward(backend):
@@ -153,3 +162,21 @@ def test_large_vocab_parity(backend):
         loss.backward()
         assert close(loss, ref_loss, torch.bfloat16)[0]
         assert close(xg.grad, ref_grad, torch.bfloat16, scale_floor=1 / 16)[0]
+
+
+@pytest.mark.parametrize("log_probs", [False, True], ids=["cross_entropy", "nll_loss"])
+def test_large_vocab_inplace_backward(backend, log_probs):
+    """Long rows (many warps per row): every thread reads x_t before any
+    thread overwrites it with the gradient."""
+    x, t = _data(16, 128256)
+    if log_probs:
+        x = torch.log_softmax(x.float(), 1).to(torch.bfloat16)
+    fn = "nll_loss" if log_probs else "cross_entropy"
+    ref_loss, ref_grad = reference(fn, x, t, grad_output=torch.tensor(1.0))
+    leaf = x.clone().requires_grad_(True)
+    xi = leaf.clone()
+    loss = getattr(fused_nll, fn)(xi, t, inplace_backward=True)
+    loss.backward()
+    assert close(loss, ref_loss, torch.bfloat16)[0]
+    assert close(leaf.grad, ref_grad, torch.bfloat16, scale_floor=1 / 16)[0]
+    assert torch.equal(xi.detach(), leaf.grad)

@@ -58,3 +58,25 @@ def test_scale_grad(dtype):
     torch.library.opcheck(ops.scale_grad_.default, (grad.clone(), torch.tensor(1.0, dtype=dtype)))
     torch.library.opcheck(ops.scale_grad_.default, (grad.clone(), torch.tensor(0.5, dtype=dtype)))
     torch.library.opcheck(ops.scale_grad_.default, (grad.clone(), torch.randn(6, dtype=dtype)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_inplace_fwd(dtype, reduction):
+    """The in-place forward ops (input mutated, declared Tensor(a!)). Without
+    requires_grad: they have no autograd of their own (FusedLoss drives them)."""
+    x, t, w = _inputs(dtype, False)
+    torch.library.opcheck(ops.cross_entropy_fwd_inplace.default, (x.clone(), t, w, -100, 0.1, reduction, False))
+    torch.library.opcheck(ops.cross_entropy_fwd_inplace.default, (x.clone(), t.clamp_min(0), None, 3, 0.0, reduction, True))
+    y = torch.softmax(torch.randn(6, 11), 1).to(dtype)
+    torch.library.opcheck(ops.cross_entropy_prob_fwd_inplace.default, (x.clone(), y, w, 0.1, reduction))
+
+
+def test_inplace_fwd_bumps_version_and_writes_the_gradient():
+    x, t, w = _inputs(torch.float32, False)
+    _, _, grad = ops.cross_entropy_fwd(x, t, w, -100, 0.1, 1, False, True)
+    x2 = x.clone()
+    version = x2._version
+    ops.cross_entropy_fwd_inplace(x2, t, w, -100, 0.1, 1, False)
+    assert x2._version > version
+    torch.testing.assert_close(x2, grad, rtol=0, atol=0)

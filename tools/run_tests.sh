@@ -16,5 +16,5 @@ run() {  # pytest exit code 5 = "no tests collected": treat as a failure, never 
 status=0
 run python -m pytest -q "$@" || status=1
 TRITON_INTERPRET=1 FUSED_NLL_TEST_BACKENDS=cpu/triton run python -m pytest -q \
-  tests/test_triton_kernels.py tests/test_parity.py "$@" || status=1
+  tests/test_triton_kernels.py tests/test_parity.py tests/test_inplace_backward.py "$@" || status=1
 exit $status

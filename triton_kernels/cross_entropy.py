@@ -43,6 +43,8 @@ __all__ = [
     "cross_entropy_bwd",
     "cross_entropy_prob_fwd",
     "cross_entropy_prob_bwd",
+    "cross_entropy_fwd_inplace",
+    "cross_entropy_prob_fwd_inplace",
     "scale_grad_",
 ]
 
@@ -574,6 +576,36 @@ def cross_entropy_fwd(input: torch.Tensor, target: torch.Tensor, weight, ignore_
     dtype, rows' shape; 0 for ignored rows and with log_probs); grad_input (input's shape
     and dtype, contiguous; the gradient for grad_loss = 1) or an empty (0,) tensor.
     """
+    grad = torch.empty(input.shape, dtype=input.dtype, device=input.device) \
+        if compute_grad else None
+    loss, lse = _index_fwd(input, target, weight, ignore_index, label_smoothing, reduction,
+                           log_probs, grad)
+    return loss, lse, grad if compute_grad else _empty_grad(input)
+
+
+def cross_entropy_fwd_inplace(input: torch.Tensor, target: torch.Tensor, weight,
+                              ignore_index: int, label_smoothing: float, reduction: int,
+                              log_probs: bool):
+    """:func:`cross_entropy_fwd` with compute_grad=True, the gradient written over the
+    (contiguous) input: each program reads a block of its row before it writes the
+    same block, and x_t is loaded before the gradient sweep. Returns (loss, lse)."""
+    _check_inplace(input)
+    return _index_fwd(input, target, weight, ignore_index, label_smoothing, reduction,
+                      log_probs, input)
+
+
+def _check_inplace(input: torch.Tensor) -> None:
+    if not input.is_contiguous():
+        raise ValueError(
+            "fused_nll: the in-place forward writes the gradient into `input`, which must be "
+            f"contiguous; got strides {list(input.stride())}")
+
+
+def _index_fwd(input, target, weight, ignore_index, label_smoothing, reduction, log_probs,
+               grad):
+    """Loss and lse; the gradient (grad_loss = 1) into `grad`, a contiguous tensor of the
+    input's shape (possibly the input itself), unless grad is None."""
+    compute_grad = grad is not None
     x = _as_ncs(input)
     N, C, S = x.shape
     R = N * S
@@ -583,8 +615,6 @@ def cross_entropy_fwd(input: torch.Tensor, target: torch.Tensor, weight, ignore_
     t = target.reshape(-1)
     loss_rows = torch.empty(R, dtype=acc, device=device)
     lse = torch.empty(rows_shape, dtype=acc, device=device)
-    grad = torch.empty(input.shape, dtype=input.dtype, device=device) if compute_grad \
-        else _empty_grad(input)
     smooth = label_smoothing != 0.0
     mean = reduction == REDUCTION_MEAN
     den = _total_weight(t, weight, ignore_index, C, acc) if mean else None
@@ -595,14 +625,14 @@ def cross_entropy_fwd(input: torch.Tensor, target: torch.Tensor, weight, ignore_
         block, num_warps = _row_config(C, input.element_size(), heavy=smooth and not log_probs)
         eps_hi, eps_lo = _split_float(label_smoothing)
         wrap_triton(_ce_fwd_kernel)[(_programs(R, device),)](
-            x, t, weight if weight is not None else lse, loss_rows, lse, grad,
-            den if den is not None else lse, wsum if wsum is not None else lse,
+            x, t, weight if weight is not None else lse, loss_rows, lse,
+            grad if compute_grad else lse, den if den is not None else lse, wsum if wsum is not None else lse,
             R, C, S, x.stride(0), x.stride(1), x.stride(2), ignore_index, eps_hi, eps_lo,
             HAS_WEIGHT=weight is not None, SMOOTH=smooth, LOG_PROBS=log_probs,
             COMPUTE_GRAD=compute_grad, MEAN=mean and compute_grad, BLOCK=block,
             num_warps=num_warps)
     loss = _reduce_loss(loss_rows, reduction, den, rows_shape, input.dtype)
-    return loss, lse, grad
+    return loss, lse
 
 
 def cross_entropy_bwd(grad_loss: torch.Tensor, input: torch.Tensor, target: torch.Tensor,
@@ -643,6 +673,23 @@ def cross_entropy_prob_fwd(input: torch.Tensor, target: torch.Tensor, weight,
     reduction=..., label_smoothing=...)`` with float target of input's shape (any
     strides). Returns (loss, lse, grad_input) as :func:`cross_entropy_fwd`; the loss
     dtype is ``torch.result_type(input, target)`` and mean divides by the row count."""
+    grad = torch.empty(input.shape, dtype=input.dtype, device=input.device) \
+        if compute_grad else None
+    loss, lse = _prob_fwd(input, target, weight, label_smoothing, reduction, grad)
+    return loss, lse, grad if compute_grad else _empty_grad(input)
+
+
+def cross_entropy_prob_fwd_inplace(input: torch.Tensor, target: torch.Tensor, weight,
+                                   label_smoothing: float, reduction: int):
+    """:func:`cross_entropy_prob_fwd` with compute_grad=True, the gradient written over
+    the (contiguous) input. Returns (loss, lse)."""
+    _check_inplace(input)
+    return _prob_fwd(input, target, weight, label_smoothing, reduction, input)
+
+
+def _prob_fwd(input, target, weight, label_smoothing, reduction, grad):
+    """Loss and lse; the gradient into `grad` as in _index_fwd."""
+    compute_grad = grad is not None
     x = _as_ncs(input)
     y = _as_ncs(target)
     N, C, S = x.shape
@@ -652,22 +699,20 @@ def cross_entropy_prob_fwd(input: torch.Tensor, target: torch.Tensor, weight,
     rows_shape = _rows_shape(input)
     loss_rows = torch.empty(R, dtype=acc, device=device)
     lse = torch.empty(rows_shape, dtype=acc, device=device)
-    grad = torch.empty(input.shape, dtype=input.dtype, device=device) if compute_grad \
-        else _empty_grad(input)
     mean = reduction == REDUCTION_MEAN
     if R > 0:
         block, num_warps = _row_config(C, max(input.element_size(), target.element_size()),
                                        heavy=True)
         eps_hi, eps_lo = _split_float(label_smoothing)
         wrap_triton(_ce_prob_fwd_kernel)[(R,)](
-            x, y, weight if weight is not None else lse, loss_rows, lse, grad,
-            R, C, S, x.stride(0), x.stride(1), x.stride(2),
+            x, y, weight if weight is not None else lse, loss_rows, lse,
+            grad if compute_grad else lse, R, C, S, x.stride(0), x.stride(1), x.stride(2),
             y.stride(0), y.stride(1), y.stride(2), eps_hi, eps_lo,
             HAS_WEIGHT=weight is not None, COMPUTE_GRAD=compute_grad, MEAN=mean,
             BLOCK=block, num_warps=num_warps)
     out_dtype = torch.result_type(input, target)
     loss = _reduce_loss(loss_rows, reduction, R, rows_shape, out_dtype)
-    return loss, lse, grad
+    return loss, lse
 
 
 def cross_entropy_prob_bwd(grad_loss: torch.Tensor, input: torch.Tensor,

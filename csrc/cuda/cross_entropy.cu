@@ -2,7 +2,7 @@
 //
 // The contract (schemas, shapes, math, edge cases) is docs/ops.md; the schemas
 // themselves are defined once, in csrc/ops.cpp. This file only registers CUDA
-// implementations of the five ops.
+// implementations of the seven ops.
 //
 // Design
 // - The input is viewed as (N, C, S) (reshape: a view whenever possible). Row
@@ -373,6 +373,12 @@ __global__ void __launch_bounds__(kMaxThreads)
     const bool bad = !ignored && (t < 0 || t >= C);
     const scalar_t* xrow = p.x + n * p.xN + s * p.xS;
     const int64_t len = ignored ? 0 : C;
+    // The gradient may be written over x (in-place forward, p.grad == p.x):
+    // x_t is read up front, and a barrier below orders that read of every
+    // thread before any gradient write.
+    const bool inplace = static_cast<const void*>(p.grad) == static_cast<const void*>(p.x);
+    acc_t xt = 0;
+    if (!kBackward && !ignored && !bad) xt = static_cast<acc_t>(xrow[t * p.xC]);
 
     // Shift and log-sum for p_c = exp((x_c - shift) - logsum).
     acc_t shift = 0, logsum = 0, wsum = static_cast<acc_t>(C);
@@ -394,7 +400,6 @@ __global__ void __launch_bounds__(kMaxThreads)
         lse = shift + logsum;
         if (smooth) wsum = st.b;
         if (!ignored && !bad) {
-          const acc_t xt = static_cast<acc_t>(xrow[t * p.xC]);
           const acc_t wt = w ? w[t] : acc_t(1);
           // -lp_t = (m - x_t) + log s: no rounding of lse near large logits.
           loss = (acc_t(1) - eps) * wt * ((shift - xt) + logsum);
@@ -413,7 +418,6 @@ __global__ void __launch_bounds__(kMaxThreads)
           wx = group_allreduce(wx, Plus{}, smem_sum);
         }
         if (!ignored && !bad) {
-          const acc_t xt = static_cast<acc_t>(xrow[t * p.xC]);
           const acc_t wt = w ? w[t] : acc_t(1);
           loss = -(acc_t(1) - eps) * wt * xt;
           if (smooth) loss -= eps_c * wx;
@@ -428,6 +432,9 @@ __global__ void __launch_bounds__(kMaxThreads)
       if (smooth && p.wsum != nullptr) wsum = *p.wsum;
     }
 
+    // Still uniform over the block here. A barrier (not a shuffle) also
+    // orders the memory accesses: x_t read before g_t = x_t is overwritten.
+    if (inplace) __syncthreads();
     if (p.grad == nullptr || !in_range) continue;  // no block-wide sync below
     scalar_t* grow = p.grad + n * C * S + s;
     if (ignored || bad) {
@@ -721,16 +728,25 @@ at::Tensor reduce_loss(const at::Tensor& row_loss, const Layout& l, int64_t redu
   return total.to(out_dtype);
 }
 
+// The in-place forward writes the gradient over the input, indexed as a
+// contiguous (N, C, S) tensor like every gradient here.
+void check_inplace(const at::Tensor& input) {
+  TORCH_CHECK(input.is_contiguous(),
+              "fused_nll: the in-place forward writes the gradient into `input`, which must "
+              "be contiguous; got strides ", input.strides());
+}
+
 // Shared by fwd and bwd with index targets.
 template <bool kBackward>
 at::Tensor run_index(const at::Tensor& input, const at::Tensor& target,
                      const std::optional<at::Tensor>& weight_opt, int64_t ignore_index,
                      double label_smoothing, int64_t reduction, bool log_probs,
                      bool compute_grad, const at::Tensor* grad_loss, const at::Tensor* lse,
-                     at::Tensor* loss_out, at::Tensor* lse_out) {
+                     at::Tensor* loss_out, at::Tensor* lse_out, bool grad_into_input = false) {
   const Layout l = layout_of(input);
   const int64_t R = l.rows();
   const at::ScalarType acc = acc_type_of(input.scalar_type());
+  if (grad_into_input) check_inplace(input);
   TORCH_CHECK(target.numel() == R, "fused_nll: target must have ", R, " elements, got ",
               target.numel());
   const at::Tensor x = input.reshape({l.N, l.C, l.S});
@@ -739,8 +755,9 @@ at::Tensor run_index(const at::Tensor& input, const at::Tensor& target,
   const at::Tensor* wp = weight.has_value() ? &*weight : nullptr;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  at::Tensor grad = compute_grad ? at::empty(input.sizes(), input.options())
-                                 : at::empty({0}, input.options());
+  at::Tensor grad = grad_into_input ? input
+                  : compute_grad    ? at::empty(input.sizes(), input.options())
+                                    : at::empty({0}, input.options());
   at::Tensor row_loss, lse_rows;
   if (!kBackward) {
     row_loss = at::empty({R}, input.options().dtype(acc));
@@ -817,10 +834,12 @@ template <bool kBackward>
 at::Tensor run_prob(const at::Tensor& input, const at::Tensor& target,
                     const std::optional<at::Tensor>& weight_opt, double label_smoothing,
                     int64_t reduction, bool compute_grad, const at::Tensor* grad_loss,
-                    const at::Tensor* lse, at::Tensor* loss_out, at::Tensor* lse_out) {
+                    const at::Tensor* lse, at::Tensor* loss_out, at::Tensor* lse_out,
+                    bool grad_into_input = false) {
   const Layout l = layout_of(input);
   const int64_t R = l.rows();
   const at::ScalarType acc = acc_type_of(input.scalar_type());
+  if (grad_into_input) check_inplace(input);
   TORCH_CHECK(target.sizes() == input.sizes(),
               "fused_nll: probability target must have the input's shape");
   const at::Tensor x = input.reshape({l.N, l.C, l.S});
@@ -828,8 +847,9 @@ at::Tensor run_prob(const at::Tensor& input, const at::Tensor& target,
   const std::optional<at::Tensor> weight = prepare_weight(weight_opt, l, acc);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  at::Tensor grad = compute_grad ? at::empty(input.sizes(), input.options())
-                                 : at::empty({0}, input.options());
+  at::Tensor grad = grad_into_input ? input
+                  : compute_grad    ? at::empty(input.sizes(), input.options())
+                                    : at::empty({0}, input.options());
   at::Tensor row_loss, lse_rows;
   if (!kBackward) {
     row_loss = at::empty({R}, input.options().dtype(acc));
@@ -937,6 +957,27 @@ at::Tensor cross_entropy_prob_bwd_cuda(const at::Tensor& grad_loss, const at::Te
                         /*compute_grad=*/true, &grad_loss, &lse, nullptr, nullptr);
 }
 
+std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_inplace_cuda(
+    at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    int64_t ignore_index, double label_smoothing, int64_t reduction, bool log_probs) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor loss, lse;
+  run_index<false>(input, target, weight, ignore_index, label_smoothing, reduction, log_probs,
+                   /*compute_grad=*/true, nullptr, nullptr, &loss, &lse,
+                   /*grad_into_input=*/true);
+  return {loss, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_prob_fwd_inplace_cuda(
+    at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    double label_smoothing, int64_t reduction) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor loss, lse;
+  run_prob<false>(input, target, weight, label_smoothing, reduction, /*compute_grad=*/true,
+                  nullptr, nullptr, &loss, &lse, /*grad_into_input=*/true);
+  return {loss, lse};
+}
+
 void scale_grad_cuda(at::Tensor& grad_input, const at::Tensor& grad_loss) {
   if (grad_input.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(grad_input.device());
@@ -982,6 +1023,8 @@ TORCH_LIBRARY_IMPL(fused_nll, CUDA, m) {
   m.impl("cross_entropy_bwd", &cross_entropy_bwd_cuda);
   m.impl("cross_entropy_prob_fwd", &cross_entropy_prob_fwd_cuda);
   m.impl("cross_entropy_prob_bwd", &cross_entropy_prob_bwd_cuda);
+  m.impl("cross_entropy_fwd_inplace", &cross_entropy_fwd_inplace_cuda);
+  m.impl("cross_entropy_prob_fwd_inplace", &cross_entropy_prob_fwd_inplace_cuda);
   m.impl("scale_grad_", &scale_grad_cuda);
 }
 

@@ -98,7 +98,13 @@ def implementations(device, wanted):
             with fused_nll.use_backend(backend):
                 return fused_nll.cross_entropy(x, t)
 
+        def run_inplace(x, t, backend=backend):
+            with fused_nll.use_backend(backend):
+                return fused_nll.cross_entropy(x, t, inplace_backward=True)
+
         impls[f"fused_nll[{backend}]"] = run
+        run_inplace.inplace = True  # bench_case hands it non-leaf logits
+        impls[f"fused_nll[{backend}] inplace_backward"] = run_inplace
     impls["torch eager"] = lambda x, t: F.cross_entropy(x, t)
     compiled = torch.compile(F.cross_entropy)
     impls["torch.compile"] = lambda x, t: compiled(x, t)
@@ -126,6 +132,18 @@ def bench_case(fn, n, v, dtype, mode, device, reps):
     if mode == "fwd":
         step = lambda: fn(x, t)  # noqa: E731  (inference: no gradient kept)
         ctx = torch.no_grad
+    elif getattr(fn, "inplace", False):
+        # inplace_backward needs non-leaf logits (as a model's head produces):
+        # made once, outside the timing; every step overwrites them with the
+        # gradient, which is then the next step's input (same shapes, same work).
+        x.requires_grad_(True)
+        with torch.enable_grad():
+            x = x * 1
+
+        def step():
+            torch.autograd.grad(fn(x, t), x)
+
+        ctx = torch.enable_grad
     else:
         x.requires_grad_(True)
 
@@ -145,7 +163,9 @@ def bench_case(fn, n, v, dtype, mode, device, reps):
             step()
             torch.cuda.synchronize()
             # extra = peak beyond the inputs, minus the gradient torch must return
-            grad_bytes = x.numel() * x.element_size() if mode == "fwdbwd" else 0
+            # (inplace_backward returns it in the logits' storage)
+            new_grad = mode == "fwdbwd" and not getattr(fn, "inplace", False)
+            grad_bytes = x.numel() * x.element_size() if new_grad else 0
             peak = max(0, torch.cuda.max_memory_allocated() - base - grad_bytes) / 2**20
         ms = time_ms(step, device, reps)
     return ms, peak
@@ -189,7 +209,8 @@ def main(argv=None) -> int:
     print(f"{card}; torch {torch.__version__}; triton {triton_version}; {today}; "
           f"measured copy bandwidth {bw:.0f} GB/s")
 
-    cases = [(s, d, m, i) for s in shapes for d in dtypes for m in modes for i in impls]
+    cases = [(s, d, m, i) for s in shapes for d in dtypes for m in modes for i in impls
+             if m != "fwd" or not getattr(impls[i], "inplace", False)]  # same as without
     rows = []
     for k, ((n, v), dname, mode, impl) in enumerate(cases, 1):
         bar = "#" * (30 * k // len(cases))

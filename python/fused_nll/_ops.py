@@ -59,9 +59,41 @@ def _(grad_loss, input, target, weight, lse, label_smoothing, reduction):
     return input.new_empty(input.shape)
 
 
+@torch.library.register_fake("fused_nll::cross_entropy_fwd_inplace")
+def _(input, target, weight, ignore_index, label_smoothing, reduction, log_probs):
+    return _fwd_outputs(input, input.dtype, reduction, False)[:2]
+
+
+@torch.library.register_fake("fused_nll::cross_entropy_prob_fwd_inplace")
+def _(input, target, weight, label_smoothing, reduction):
+    return _fwd_outputs(input, torch.result_type(input, target), reduction, False)[:2]
+
+
 @torch.library.register_fake("fused_nll::scale_grad_")
 def _(grad_input, grad_loss):
     return None
+
+
+# The in-place forward ops overwrite their input: bump its version counter (as
+# torch's own in-place ops do), so that autograd raises instead of silently
+# using the overwritten logits if anything else saved them for backward. The
+# C++ schema alone does not do this; torch.library.custom_op/triton_op does it
+# the same way for the Triton family.
+_IMPL = torch.library.Library("fused_nll", "IMPL")
+
+
+def _bump_input_version(name: str) -> None:
+    op = getattr(ops, name).default
+
+    def kernel(keyset, input, *args):
+        torch.autograd.graph.increment_version(input)
+        return op.redispatch(keyset & torch._C._after_ADInplaceOrView_keyset, input, *args)
+
+    _IMPL.impl(name, kernel, "ADInplaceOrView", with_keyset=True)
+
+
+_bump_input_version("cross_entropy_fwd_inplace")
+_bump_input_version("cross_entropy_prob_fwd_inplace")
 
 
 # ---------------------------------------------------------------------------
@@ -111,10 +143,13 @@ def register_autograd(fwd_name, bwd, prob_fwd_name, prob_bwd):
 
 
 class FusedLoss(torch.autograd.Function):
-    """The public API's path when a gradient will be needed for a mean/sum loss:
-    the forward op writes the gradient in the same pass over the logits, and
-    this Function keeps it private, so backward can scale it in place (nothing
-    to do for the usual 1.0, decided on the device) instead of copying it.
+    """The public API's path when the gradient is written in the forward pass:
+    a mean/sum loss that will need a gradient, or any reduction with
+    ``inplace_backward=True``. The forward op writes the gradient (for an
+    upstream gradient of 1) in the same pass over the logits, into a private
+    buffer or, in place, over the logits themselves; backward scales it in
+    place (nothing to do for the usual 1.0, decided on the device; per row for
+    reduction="none") and hands that very buffer on, with no copy.
 
     A later backward through the same graph (retain_graph=True, gradcheck)
     must not touch the tensor the first one handed out: it returns a new one,
@@ -123,10 +158,15 @@ class FusedLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, triton: bool, prob: bool, input, target, weight, *args):
+    def forward(ctx, triton: bool, prob: bool, inplace: bool, input, target, weight, *args):
         family = triton_family() if triton else CPP
-        fwd = family.prob_fwd if prob else family.fwd
-        loss, _, grad = fwd(input, target, weight, *args, True)
+        if inplace:
+            fwd = family.prob_fwd_inplace if prob else family.fwd_inplace
+            loss, _ = fwd(input, target, weight, *args)
+            grad = input  # now holds the gradient (its version counter was bumped)
+        else:
+            fwd = family.prob_fwd if prob else family.fwd
+            loss, _, grad = fwd(input, target, weight, *args, True)
         ctx.scale, ctx.first_grad_loss, ctx.n_args = family.scale, None, len(args)
         ctx.save_for_backward(grad)
         return loss
@@ -134,6 +174,7 @@ class FusedLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
+        none = (None,) * (2 + ctx.n_args)  # target, weight, *args
         if ctx.first_grad_loss is None:
             ctx.first_grad_loss = grad_loss.detach().clone()
             if torch.compiler.is_compiling():
@@ -145,8 +186,8 @@ class FusedLoss(torch.autograd.Function):
                 # this very buffer to .grad instead of copying it.
                 with torch._C._AutoDispatchBelowADInplaceOrView():
                     ctx.scale(grad, grad_loss)
-            return (None, None, grad, None, None) + (None,) * ctx.n_args
-        return (None, None, _times_upstream(grad, grad_loss / ctx.first_grad_loss), None, None) + (None,) * ctx.n_args
+            return (None, None, None, grad) + none
+        return (None, None, None, _times_upstream(grad, grad_loss / ctx.first_grad_loss)) + none
 
 
 def triton_family():
@@ -161,6 +202,8 @@ def _cpp_op_family():
         bwd=ops.cross_entropy_bwd,
         prob_fwd=ops.cross_entropy_prob_fwd,
         prob_bwd=ops.cross_entropy_prob_bwd,
+        fwd_inplace=ops.cross_entropy_fwd_inplace,
+        prob_fwd_inplace=ops.cross_entropy_prob_fwd_inplace,
         scale=ops.scale_grad_,
     )
 

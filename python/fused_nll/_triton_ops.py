@@ -1,4 +1,4 @@
-"""The Triton backend: the five ops of docs/ops.md registered as
+"""The Triton backend: the seven ops of docs/ops.md registered as
 ``torch.library.triton_op``s named ``fused_nll::triton_<name>``.
 
 Their bodies are the launchers of ``fused_nll.triton_kernels.cross_entropy``: torch
@@ -86,6 +86,33 @@ def triton_cross_entropy_prob_bwd(
     )
 
 
+@torch.library.triton_op("fused_nll::triton_cross_entropy_fwd_inplace", mutates_args=("input",))
+def triton_cross_entropy_fwd_inplace(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: int,
+    log_probs: bool,
+) -> tuple[Tensor, Tensor]:
+    return _kernels.cross_entropy_fwd_inplace(
+        input, target, weight, ignore_index, label_smoothing, reduction, log_probs
+    )
+
+
+@torch.library.triton_op("fused_nll::triton_cross_entropy_prob_fwd_inplace",
+                         mutates_args=("input",))
+def triton_cross_entropy_prob_fwd_inplace(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    label_smoothing: float,
+    reduction: int,
+) -> tuple[Tensor, Tensor]:
+    return _kernels.cross_entropy_prob_fwd_inplace(input, target, weight, label_smoothing, reduction)
+
+
 @torch.library.triton_op("fused_nll::triton_scale_grad_", mutates_args=("grad_input",))
 def triton_scale_grad_(grad_input: Tensor, grad_loss: Tensor) -> None:
     _kernels.scale_grad_(grad_input, grad_loss)
@@ -98,6 +125,8 @@ TRITON = SimpleNamespace(
     bwd=_triton.triton_cross_entropy_bwd,
     prob_fwd=_triton.triton_cross_entropy_prob_fwd,
     prob_bwd=_triton.triton_cross_entropy_prob_bwd,
+    fwd_inplace=_triton.triton_cross_entropy_fwd_inplace,
+    prob_fwd_inplace=_triton.triton_cross_entropy_prob_fwd_inplace,
     scale=_triton.triton_scale_grad_,
 )
 register_autograd("fused_nll::triton_cross_entropy_fwd", TRITON.bwd,

@@ -173,3 +173,47 @@ def weight(weight, input: torch.Tensor, fn: str):
     check_same_device(input, weight, "weight", fn)
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
     return weight.to(acc).contiguous()
+
+
+# Producers whose backward reads their own output: overwriting it in place is
+# the classic nll_loss(log_softmax(x)) case, caught here with a clear message
+# (autograd's version check would catch any producer, but only at backward).
+_SAVE_THEIR_OUTPUT = {"LogSoftmaxBackward0", "SoftmaxBackward0"}
+
+
+def inplace_backward(flag, input: torch.Tensor, fn: str) -> bool:
+    """Whether the gradient will be written over `input` (inplace_backward=True
+    and a gradient will be needed); raises when that is unsafe."""
+    if not isinstance(flag, bool):
+        raise TypeError(
+            f"fused_nll.{fn}: inplace_backward must be True or False, got "
+            f"{type(flag).__name__} {flag!r}."
+        )
+    if not (flag and input.requires_grad and torch.is_grad_enabled()):
+        return False  # nothing to write: the input is left alone
+    base = None if torch.compiler.is_compiling() else input._base
+    if input.is_leaf or (base is not None and base.is_leaf and base.requires_grad):
+        raise RuntimeError(
+            f"fused_nll.{fn}: inplace_backward=True writes the gradient over input, but input "
+            f"(shape {_shape(input)}) is a leaf tensor that requires grad (or a view of one), so "
+            "its .grad would be its own storage and its values would be lost. Use it on logits "
+            "computed by "
+            "the model (e.g. the LM head's output), or drop inplace_backward."
+        )
+    producer = None if torch.compiler.is_compiling() else input.grad_fn
+    if producer is not None and type(producer).__name__ in _SAVE_THEIR_OUTPUT:
+        raise RuntimeError(
+            f"fused_nll.{fn}: inplace_backward=True would overwrite input, the output of "
+            f"{type(producer).__name__[:-len('Backward0')].lower()}, whose backward needs it "
+            "(autograd would fail at backward). Pass the logits instead: "
+            "fused_nll.cross_entropy(logits, target, inplace_backward=True), or drop "
+            "inplace_backward."
+        )
+    if not input.is_contiguous():
+        raise ValueError(
+            f"fused_nll.{fn}: inplace_backward=True needs a contiguous input, got shape "
+            f"{_shape(input)} with strides {list(input.stride())}. Drop inplace_backward "
+            "(non-contiguous logits are read in place without a copy), or make the "
+            "producing op write contiguous logits."
+        )
+    return True
