@@ -25,14 +25,14 @@ fi
 
 if [[ $STAGES == *tests* ]]; then
   start=$(date +%s)
-  timeout ${TEST_TIMEOUT:-240} $PY -m pytest -q --maxfail=25 -p no:cacheprovider ${TESTS:-tests/test_gpu.py tests/test_triton_kernels.py tests/test_cuda_backend.py tests/test_parity.py} \
+  timeout ${TEST_TIMEOUT:-240} $PY -m pytest -q --maxfail=25 -p no:cacheprovider ${TESTS:-tests/test_gpu.py tests/test_triton_kernels.py tests/test_cuda_backend.py tests/test_inplace_backward.py tests/test_parity.py} \
     > "$OUT/tests.log" 2>&1
   echo "tests rc=$? in $(( $(date +%s) - start )) s: $(tail -1 "$OUT/tests.log")"
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
 fi
 
 if [[ $STAGES == *sweep* ]]; then
-  timeout 120 $PY benchmarks/triton_sweep.py > "$OUT/sweep.log" 2>&1; echo "sweep rc=$?"; cat "$OUT/sweep.log" | tail -14
+  timeout ${SWEEP_TIMEOUT:-180} $PY benchmarks/triton_sweep.py > "$OUT/sweep.log" 2>&1; echo "sweep rc=$?"; tail -30 "$OUT/sweep.log"
 fi
 
 if [[ $STAGES == *bench* ]]; then

@@ -1,24 +1,62 @@
-"""Sweep of the Triton kernels' (BLOCK, num_warps) table on a GPU: prints the
-median fwd and fwd+bwd time per configuration at the reference shapes, to
-choose triton_kernels/cross_entropy.py's _MAX_BLOCK / _ELEMS_PER_THREAD /
-_PROGRAMS_PER_SM (persistent grid for the index forward kernel)."""
+"""Sweep of the Triton kernels' tuning knobs on a GPU: prints the median fwd and
+fwd+bwd time per configuration at the reference shapes (bf16, mean, every 17th
+target ignored), to choose the module-level knobs of
+triton_kernels/cross_entropy.py: _MAX_BLOCK / _ELEMS_PER_THREAD (block and warps),
+_PROGRAMS_PER_SM (persistent grid of the index forward kernel) and the split-row
+gradient path (_SPLIT_PARTS, _SPLIT_PROGRAMS_PER_SM, _SPLIT_NUM_WARPS).
+
+Before timing, every configuration's loss and gradient are compared with the
+default configuration's (the split path exchanges partial sums between programs
+inside one launch, which only a GPU runs): a mismatch is printed as BAD and the
+configuration is not timed.
+
+    python benchmarks/triton_sweep.py [--quick]
+"""
+import sys
+
 import torch
 from triton.testing import do_bench
 
 import fused_nll
 from fused_nll.triton_kernels import cross_entropy as ck
 
-# (max block, elements per thread, programs per SM or None for one program per row)
-CONFIGS = [(16384, 16, None), (8192, 32, None), (4096, 16, None), (4096, 8, None),
-           (16384, 16, 1), (16384, 16, 2), (8192, 16, 2), (8192, 32, 4), (8192, 32, 8)]
+# (label, knob overrides); "max_block" sets _MAX_BLOCK[2] (bf16).
+CONFIGS = [
+    ("default", {}),
+    ("block16k/16", {"max_block": 16384, "_ELEMS_PER_THREAD": 16}),
+    ("block4k/16", {"max_block": 4096, "_ELEMS_PER_THREAD": 16}),
+    ("persist 2/SM 16k", {"max_block": 16384, "_ELEMS_PER_THREAD": 16, "_PROGRAMS_PER_SM": 2}),
+    ("persist 8/SM", {"_PROGRAMS_PER_SM": 8}),
+    ("split 4x1/SM", {"_SPLIT_PARTS": 4, "_SPLIT_PROGRAMS_PER_SM": 1}),
+    ("split 4x2/SM", {"_SPLIT_PARTS": 4, "_SPLIT_PROGRAMS_PER_SM": 2}),
+    ("split 8x2/SM", {"_SPLIT_PARTS": 8, "_SPLIT_PROGRAMS_PER_SM": 2}),
+    ("split 8x4/SM", {"_SPLIT_PARTS": 8, "_SPLIT_PROGRAMS_PER_SM": 4}),
+    ("split 8x4/SM w4", {"_SPLIT_PARTS": 8, "_SPLIT_PROGRAMS_PER_SM": 4, "_SPLIT_NUM_WARPS": 4}),
+    ("split 16x4/SM w4", {"_SPLIT_PARTS": 16, "_SPLIT_PROGRAMS_PER_SM": 4, "_SPLIT_NUM_WARPS": 4}),
+    ("split 16x8/SM w4", {"_SPLIT_PARTS": 16, "_SPLIT_PROGRAMS_PER_SM": 8, "_SPLIT_NUM_WARPS": 4}),
+]
 SHAPES = [(8192, 128256), (8192, 32000)]
+KNOBS = ["_ELEMS_PER_THREAD", "_PROGRAMS_PER_SM", "_SPLIT_PARTS", "_SPLIT_PROGRAMS_PER_SM",
+         "_SPLIT_NUM_WARPS", "_SPLIT_MIN_CLASSES"]
+
+
+def apply(overrides, saved):
+    ck._MAX_BLOCK.update(saved["_MAX_BLOCK"])
+    for k in KNOBS:
+        setattr(ck, k, saved[k])
+    for k, v in overrides.items():
+        if k == "max_block":
+            ck._MAX_BLOCK[2] = v
+        else:
+            setattr(ck, k, v)
 
 
 def main():
-    default = (dict(ck._MAX_BLOCK), ck._ELEMS_PER_THREAD, ck._PROGRAMS_PER_SM)
-    print(f"default: max_block {default[0]}, elems/thread {default[1]}")
-    print(f"{'N':>6s} {'V':>7s} {'max_block':>9s} {'elems':>5s} {'BLOCK':>6s} {'warps':>5s} {'prog/SM':>7s} {'fwd ms':>8s} {'fwd+bwd ms':>10s}")
-    for n, v in SHAPES:
+    quick = "--quick" in sys.argv
+    saved = {"_MAX_BLOCK": dict(ck._MAX_BLOCK), **{k: getattr(ck, k) for k in KNOBS}}
+    print(f"defaults: {saved}")
+    print(f"{'N':>6s} {'V':>7s} {'config':<18s} {'fwd ms':>8s} {'fwd+bwd ms':>10s}  check")
+    for n, v in SHAPES[:1] if quick else SHAPES:
         x = torch.randn(n, v, device="cuda", dtype=torch.bfloat16)
         t = torch.randint(0, v, (n,), device="cuda")
         t[::17] = -100
@@ -28,17 +66,28 @@ def main():
             xg.grad = None
             fused_nll.cross_entropy(xg, t).backward()
 
-        for max_block, elems, per_sm in CONFIGS:
-            ck._MAX_BLOCK[2], ck._ELEMS_PER_THREAD, ck._PROGRAMS_PER_SM = max_block, elems, per_sm
-            block, warps = ck._row_config(v, 2)
-            with fused_nll.use_backend("triton"), torch.no_grad():
-                fwd = do_bench(lambda: fused_nll.cross_entropy(x, t), warmup=25, rep=150, return_mode="median")
+        ref = None
+        for label, overrides in CONFIGS:
+            apply(overrides, saved)
             with fused_nll.use_backend("triton"):
-                both = do_bench(fwdbwd, warmup=25, rep=150, return_mode="median")
-            print(f"{n:6d} {v:7d} {max_block:9d} {elems:5d} {block:6d} {warps:5d} {str(per_sm):>7s} "
-                  f"{fwd:8.3f} {both:10.3f}", flush=True)
-    ck._MAX_BLOCK.update(default[0])
-    ck._ELEMS_PER_THREAD, ck._PROGRAMS_PER_SM = default[1], default[2]
+                fwdbwd()
+                torch.cuda.synchronize()
+                got = (xg.grad.float(), fused_nll.cross_entropy(x, t).float())
+                if ref is None:
+                    ref = got
+                bad = not (torch.allclose(got[0], ref[0], rtol=2e-2, atol=1e-7)
+                           and torch.allclose(got[1], ref[1], rtol=1e-3))
+                if bad:
+                    err = (got[0] - ref[0]).abs().max().item()
+                    print(f"{n:6d} {v:7d} {label:<18s} {'-':>8s} {'-':>10s}  BAD (grad max err {err:.2e})",
+                          flush=True)
+                    continue
+                with torch.no_grad():
+                    fwd = do_bench(lambda: fused_nll.cross_entropy(x, t), warmup=25, rep=100,
+                                   return_mode="median")
+                both = do_bench(fwdbwd, warmup=25, rep=100, return_mode="median")
+            print(f"{n:6d} {v:7d} {label:<18s} {fwd:8.3f} {both:10.3f}  ok", flush=True)
+    apply({}, saved)
 
 
 if __name__ == "__main__":

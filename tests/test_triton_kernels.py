@@ -607,3 +607,91 @@ def test_persistent_grid_loops_over_rows(monkeypatch):
                                        grad_output=torch.ones(loss.shape, dtype=torch.float64))
         assert close(loss, ref_loss, torch.float32)[0]
         assert close(grad, ref_grad, torch.float32)[0]
+
+
+# ---------------------------------------------------------------------------------------
+# Split rows (_SPLIT_PARTS): the gradient path that cuts each row into column chunks
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def split_rows(monkeypatch):
+    """Turns the split-row path on for every row length; yields a setter of the parts.
+    Under the interpreter it runs as two launches (the in-launch exchange needs a GPU)."""
+    monkeypatch.setattr(ce, "_SPLIT_MIN_CLASSES", 1)
+
+    def parts(k):
+        monkeypatch.setattr(ce, "_SPLIT_PARTS", k)
+
+    return parts
+
+
+@pytest.mark.parametrize("parts", [2, 3, 5])
+@pytest.mark.parametrize("reduction", REDUCTIONS, ids=RED_NAME.get)
+@pytest.mark.parametrize("option", OPTIONS)
+def test_split_rows(split_rows, parts, reduction, option):
+    # 1000 classes: with BLOCK-multiple chunks some parts get a short or an empty
+    # chunk; rows with -inf runs and a huge logit; ignored rows
+    split_rows(parts)
+    torch.manual_seed(parts)
+    weighted, eps = OPTIONS[option]
+    x = logits(7, 1000)
+    x[1, :700] = float("-inf")
+    x[2, 999] = 1e4
+    x[3, 0] = -1e4
+    t = targets((7,), 1000)
+    t[1] = 800
+    w = class_weight(1000, x.dtype) if weighted else None
+    check_index(x, t, w, eps=eps, reduction=reduction)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=str)
+def test_split_rows_kdim_dtypes_and_inplace(split_rows, dtype):
+    split_rows(4)
+    torch.manual_seed(9)
+    x = logits(3, 300, 5, dtype=dtype)
+    t = targets((3, 5), 300)
+    w = class_weight(300, dtype)
+    loss, _, grad = check_index(x, t, w, eps=0.1, reduction=SUM)
+    xi = x.clone()
+    loss_i, _ = ce.cross_entropy_fwd_inplace(xi, t, w, -100, 0.1, SUM, False)
+    torch.testing.assert_close(loss_i, loss, rtol=0, atol=0)
+    torch.testing.assert_close(xi, grad, rtol=0, atol=0)
+
+
+@cuda_only
+def test_split_rows_one_launch_on_gpu():
+    """The one-launch split path (parts exchange partial sums through global memory,
+    spinning on a counter) against the default path, in a child process with a
+    timeout: a deadlock must fail the test, not hang the suite."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import torch
+        from fused_nll.triton_kernels import cross_entropy as ce
+        torch.manual_seed(0)
+        for v in (128256, 32000):
+            x = torch.randn(1000, v, device="cuda", dtype=torch.bfloat16) * 3
+            t = torch.randint(0, v, (1000,), device="cuda")
+            t[::7] = -100
+            w = torch.rand(v, device="cuda") + 0.1
+            for eps, weight in ((0.0, None), (0.1, w)):
+                ref = ce.cross_entropy_fwd(x, t, weight, -100, eps, 1, False, True)
+                for parts, per_sm in ((4, 1), (16, 8)):
+                    ce._SPLIT_PARTS, ce._SPLIT_PROGRAMS_PER_SM = parts, per_sm
+                    got = ce.cross_entropy_fwd(x, t, weight, -100, eps, 1, False, True)
+                    xi = x.clone()
+                    got_i = ce.cross_entropy_fwd_inplace(xi, t, weight, -100, eps, 1, False)
+                    ce._SPLIT_PARTS = None
+                    torch.cuda.synchronize()
+                    torch.testing.assert_close(got[0], ref[0], rtol=1e-3, atol=0)
+                    torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-5)
+                    torch.testing.assert_close(got[2].float(), ref[2].float(), rtol=2e-2, atol=1e-8)
+                    torch.testing.assert_close(xi, got[2], rtol=0, atol=0)
+                    torch.testing.assert_close(got_i[0], got[0], rtol=0, atol=0)
+        print("split ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "split ok" in out.stdout, out.stderr[-3000:]

@@ -77,6 +77,22 @@ _SCALE_MAX_PROGRAMS = 4096  # grid cap of that kernel (it loops over the tensor)
 _PROGRAMS_PER_SM = None
 
 
+# Split rows (forward with gradient, index targets, logits not log-probs): each row is
+# cut into _SPLIT_PARTS column chunks, one program per chunk, so that a row's second
+# sweep (the gradient) re-reads a chunk 1/parts the size while it is still in L2.
+# None: off (the default until timed on a GPU: benchmarks/triton_sweep.py). Used only
+# for rows of at least _SPLIT_MIN_CLASSES classes. On CUDA the parts of a row exchange
+# their partial sums inside one launch (a persistent grid of _SPLIT_PROGRAMS_PER_SM
+# programs per SM, all resident, spinning on a per-row counter); elsewhere (Triton's
+# interpreter runs programs one after the other) or with _SPLIT_FUSED = False the same
+# kernel runs as two launches (sweep 1 + partial sums; combine + gradient sweep).
+_SPLIT_PARTS = None
+_SPLIT_MIN_CLASSES = 16384
+_SPLIT_PROGRAMS_PER_SM = 1
+_SPLIT_NUM_WARPS = None  # None: from _row_config of the chunk
+_SPLIT_FUSED = True
+
+
 def _programs(rows: int, device: torch.device) -> int:
     if _PROGRAMS_PER_SM is None or device.type != "cuda":
         return rows
@@ -330,6 +346,105 @@ def _ce_fwd_row(row, x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_ptr, wsu
                                     LOG_PROBS)
         _index_grad_sweep(x_row, stride_c, g_ptr + g_off, S, w_ptr, C, n_cols, t, m, log_se,
                           active, ignored, a, b, e, ACC, HAS_WEIGHT, SMOOTH, LOG_PROBS, BLOCK)
+
+
+@triton.jit
+def _ce_split_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_ptr, wsum_ptr,
+                     part_ptr, xt_ptr, cnt_ptr, R, C, S, stride_n, stride_c, stride_s,
+                     ignore_index, eps_hi, eps_lo, chunk,
+                     HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, MEAN: tl.constexpr,
+                     PARTS: tl.constexpr, PHASE: tl.constexpr, BLOCK: tl.constexpr):
+    """_ce_fwd_kernel with COMPUTE_GRAD (index targets, not LOG_PROBS), each row cut
+    into PARTS chunks of `chunk` classes (a multiple of BLOCK): program p works on
+    chunk p % PARTS of rows p // PARTS, p // PARTS + G, ... (G = programs / PARTS).
+
+    Per row, each part publishes (m, se, wxs, wsum) of its chunk (_online_lse) in
+    part_ptr[row, part, 0:4], and part 0 the target logit x_t in xt_ptr[row]; the
+    parts combine the PARTS records in the same order (identical bits in every part),
+    part 0 writes loss and lse, and each part writes the gradient of its own chunk.
+    A chunk with se == 0 (empty, or only -inf) does not take part in the max.
+
+    PHASE 0: all in one launch; a part publishes, then bumps cnt_ptr[row] (release,
+    after a barrier so every thread's stores are ordered before it) and spins until
+    all PARTS parts have (acquire). Every program of the grid must be resident at
+    once: the launcher caps the grid at _SPLIT_PROGRAMS_PER_SM per SM.
+    PHASE 1 / 2: sweep 1 and publish / combine and gradient, as two launches.
+
+    In place (g_ptr == x_ptr) is safe: x_t is read in sweep 1, and a part only
+    writes its own chunk after every part has finished reading its own.
+    """
+    ACC: tl.constexpr = lse_ptr.dtype.element_ty
+    NEG_INF: tl.constexpr = float("-inf")
+    pid = tl.program_id(0)
+    part = pid % PARTS
+    groups = tl.num_programs(0) // PARTS
+    eps = (tl.zeros([], ACC) + eps_hi) + eps_lo
+    for r in range(pid // PARTS, R, groups):
+        row, x_off, g_off = _offsets_of_row(r, S, stride_n, stride_s, C)
+        t, active, ignored = _index_target(t_ptr, row, C, ignore_index)
+        t_safe = tl.where(active, t, 0)
+        c0 = (part * chunk).to(tl.int64)
+        n = tl.maximum(tl.minimum(c0 + chunk, C) - c0, 0)  # classes of this chunk
+        n_cols = tl.where(active, n, 0)  # skip the reads of ignored / invalid rows
+        x_chunk = x_ptr + x_off + c0 * stride_c
+        record = part_ptr + (row * PARTS + part) * 4
+        if PHASE != 2:
+            m, log_se, wxs, wsum = _online_lse(x_chunk, stride_c, w_ptr + c0, n_cols, ACC,
+                                               HAS_WEIGHT, SMOOTH, BLOCK)
+            tl.store(record, m)
+            tl.store(record + 1, tl.exp(log_se))
+            tl.store(record + 2, wxs)
+            tl.store(record + 3, wsum)
+            if part == 0:
+                x_t = tl.load(x_ptr + x_off + t_safe * stride_c, mask=active, other=0.0)
+                tl.store(xt_ptr + row, x_t.to(ACC))
+        if PHASE == 0:
+            tl.debug_barrier()
+            tl.atomic_add(cnt_ptr + row, 1, sem="release", scope="gpu")
+            arrived = tl.atomic_add(cnt_ptr + row, 0, sem="acquire", scope="gpu")
+            while arrived < PARTS:
+                arrived = tl.atomic_add(cnt_ptr + row, 0, sem="acquire", scope="gpu")
+        if PHASE != 1:
+            # Combine the parts' records, in part order.
+            first = part_ptr + row * PARTS * 4
+            m_row = tl.full([], NEG_INF, ACC)
+            for k in tl.static_range(PARTS):
+                se_k = tl.load(first + k * 4 + 1, volatile=True)
+                m_k = tl.load(first + k * 4, volatile=True)
+                m_row = tl.maximum(m_row, tl.where(se_k == 0.0, NEG_INF, m_k))
+            m_row = tl.where(m_row == NEG_INF, 0.0, m_row)
+            se_row = tl.zeros([], ACC)
+            wxs_row = tl.zeros([], ACC)
+            wsum_row = tl.zeros([], ACC)
+            for k in tl.static_range(PARTS):
+                m_k = tl.load(first + k * 4, volatile=True)
+                se_k = tl.load(first + k * 4 + 1, volatile=True)
+                se_row += tl.where(se_k == 0.0, 0.0, se_k * tl.exp(m_k - m_row))
+                if SMOOTH:
+                    wsum_k = tl.load(first + k * 4 + 3, volatile=True)
+                    # chunk sums are taken about the chunk's own max m_k
+                    wxs_row += tl.load(first + k * 4 + 2, volatile=True) + wsum_k * (m_k - m_row)
+                    wsum_row += wsum_k
+            log_se = tl.log(se_row)
+            if HAS_WEIGHT:
+                w_t = tl.load(w_ptr + t_safe, mask=active, other=0.0).to(ACC)
+            else:
+                w_t = tl.full([], 1.0, ACC)
+            if part == 0:
+                x_t = tl.load(xt_ptr + row, volatile=True)
+                loss = (1.0 - eps) * w_t * ((m_row - x_t) + log_se)
+                if SMOOTH:
+                    loss += eps / C * (wsum_row * log_se - wxs_row)
+                tl.store(loss_ptr + row, tl.where(active, loss, tl.where(ignored, 0.0, float("nan"))))
+                tl.store(lse_ptr + row, tl.where(active, m_row + log_se, 0.0))
+            if MEAN:
+                s = 1.0 / tl.load(den_ptr).to(ACC)
+            else:
+                s = tl.full([], 1.0, ACC)
+            a, b, e = _index_grad_coefs(s, eps, w_t, C, wsum_ptr, ACC, HAS_WEIGHT, SMOOTH, False)
+            _index_grad_sweep(x_chunk, stride_c, g_ptr + g_off + c0 * S, S, w_ptr + c0, n,
+                              n_cols, t - c0, m_row, log_se, active, ignored, a, b, e, ACC,
+                              HAS_WEIGHT, SMOOTH, False, BLOCK)
 
 
 @triton.jit
@@ -621,7 +736,11 @@ def _index_fwd(input, target, weight, ignore_index, label_smoothing, reduction, 
     wsum = None
     if weight is not None and smooth and compute_grad and not log_probs:
         wsum = weight.sum(dtype=acc)
-    if R > 0:
+    parts = _SPLIT_PARTS if compute_grad and not log_probs and C >= _SPLIT_MIN_CLASSES else None
+    if R > 0 and parts:
+        _launch_split(x, t, weight, loss_rows, lse, grad, den, wsum, ignore_index,
+                      label_smoothing, mean, parts)
+    elif R > 0:
         block, num_warps = _row_config(C, input.element_size(), heavy=smooth and not log_probs)
         eps_hi, eps_lo = _split_float(label_smoothing)
         wrap_triton(_ce_fwd_kernel)[(_programs(R, device),)](
@@ -633,6 +752,38 @@ def _index_fwd(input, target, weight, ignore_index, label_smoothing, reduction, 
             num_warps=num_warps)
     loss = _reduce_loss(loss_rows, reduction, den, rows_shape, input.dtype)
     return loss, lse
+
+
+def _launch_split(x, t, weight, loss_rows, lse, grad, den, wsum, ignore_index,
+                  label_smoothing, mean, parts):
+    """_ce_split_kernel over the (N, C, S) view x: one launch with the in-kernel exchange
+    on CUDA (unless _SPLIT_FUSED is False), else two launches."""
+    N, C, S = x.shape
+    R = N * S
+    device = x.device
+    acc = lse.dtype
+    smooth = label_smoothing != 0.0
+    block, num_warps = _row_config(triton.cdiv(C, parts), x.element_size(), heavy=smooth)
+    num_warps = _SPLIT_NUM_WARPS or num_warps
+    chunk = triton.cdiv(triton.cdiv(C, parts), block) * block
+    records = torch.empty(R * parts * 4, dtype=acc, device=device)
+    x_t = torch.empty(R, dtype=acc, device=device)
+    eps_hi, eps_lo = _split_float(label_smoothing)
+    fused = _SPLIT_FUSED and device.type == "cuda"
+    if fused:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        groups = max(1, min(R, sms * _SPLIT_PROGRAMS_PER_SM // parts))
+        arrived = torch.zeros(R, dtype=torch.int32, device=device)
+    else:
+        groups, arrived = R, x_t  # counters unused
+    for phase in (0,) if fused else (1, 2):
+        wrap_triton(_ce_split_kernel)[(groups * parts,)](
+            x, t, weight if weight is not None else lse, loss_rows, lse, grad,
+            den if den is not None else lse, wsum if wsum is not None else lse,
+            records, x_t, arrived, R, C, S, x.stride(0), x.stride(1), x.stride(2),
+            ignore_index, eps_hi, eps_lo, chunk, HAS_WEIGHT=weight is not None,
+            SMOOTH=smooth, MEAN=mean, PARTS=parts, PHASE=phase, BLOCK=block,
+            num_warps=num_warps)
 
 
 def cross_entropy_bwd(grad_loss: torch.Tensor, input: torch.Tensor, target: torch.Tensor,
