@@ -15,7 +15,11 @@
 //   stride over the rows.
 // - Forward, pass 1 reads the row once and keeps, per thread, an online softmax
 //   state (max m, Σ exp(x - m)) plus Σ a_c·(x_c - m) and Σ a_c for a per-class
-//   coefficient a_c (w_c for label smoothing, w_c·y'_c for probability targets).
+//   coefficient a_c (w_c for label smoothing, w_c·y'_c for probability targets)
+//   (online_softmax.cuh, host + device: tests/cpp checks it on a CPU). With
+//   index targets it takes a whole 16-byte pack at a time: the pack's max, at
+//   most one rescale, then one hardware exp per value (no compare-and-branch
+//   per value; the sums only when smoothing).
 //   When m grows by d the weighted sum is shifted by Σa·d; every term stays <= 0,
 //   so nothing cancels even for logits near ±1e4. The states are merged with
 //   warp shuffles (xor butterfly, so every lane gets the same bits) and, for
@@ -46,6 +50,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "online_softmax.cuh"
+
 #include <cstdint>
 #include <limits>
 #include <optional>
@@ -75,20 +81,6 @@ struct AccOf<double> {
 };
 template <typename T>
 using acc_of = typename AccOf<T>::type;
-
-__device__ __forceinline__ float dev_exp(float x) { return expf(x); }
-__device__ __forceinline__ double dev_exp(double x) { return exp(x); }
-__device__ __forceinline__ float dev_log(float x) { return logf(x); }
-__device__ __forceinline__ double dev_log(double x) { return log(x); }
-
-template <typename T>
-__device__ __forceinline__ T neg_inf() {
-  return -std::numeric_limits<T>::infinity();
-}
-template <typename T>
-__device__ __forceinline__ T quiet_nan() {
-  return std::numeric_limits<T>::quiet_NaN();
-}
 
 // An aligned pack of N elements, loaded/stored as one vector instruction.
 template <typename T, int N>
@@ -184,56 +176,34 @@ __device__ __forceinline__ void row_apply(int64_t len, const XT* x, int64_t xs,
   for (int64_t c = head + npack * kVec + tid; c < len; c += nt) scalar_at(c, c, c, c);
 }
 
-// Online softmax state of (part of) a row, plus a coefficient-weighted sum of
-// the shifted logits: a = Σ coef_c·(x_c - m), b = Σ coef_c.
-template <typename acc_t>
-struct RowState {
-  acc_t m;
-  acc_t s;
-  acc_t a;
-  acc_t b;
-};
-
-template <typename acc_t>
-__device__ __forceinline__ RowState<acc_t> empty_state() {
-  return {neg_inf<acc_t>(), acc_t(0), acc_t(0), acc_t(0)};
-}
-
-template <typename acc_t>
-__device__ __forceinline__ void state_add(RowState<acc_t>& st, acc_t x, acc_t coef) {
-  if (x > st.m) {
-    const acc_t d = st.m - x;  // < 0; -inf for the first finite value
-    st.s = st.s * dev_exp(d) + acc_t(1);
-    if (st.m != neg_inf<acc_t>()) st.a += st.b * d;
-    st.m = x;
-  } else if (x != neg_inf<acc_t>()) {  // also nan: propagates through s
-    const acc_t d = x - st.m;
-    st.s += dev_exp(d);
-    st.a += coef * d;
-  } else {
-    st.a += coef * x;  // -inf (nan for coef == 0, like torch's 0·(-inf))
+// Read-only visit of the `len` classes of one row (x only), with the same
+// thread-to-class split as row_apply: f_pack(c0, v) gets whole vector packs
+// (classes c0 .. c0 + kVec - 1, converted to acc_t), f_one(c, x_c) the scalar
+// head, tail and any layout without unit stride and alignment.
+template <int kVec, typename acc_t, typename XT, typename F1, typename FP>
+__device__ __forceinline__ void row_visit(int64_t len, const XT* x, int64_t xs, F1&& f_one,
+                                          FP&& f_pack) {
+  const int64_t tid = threadIdx.x;
+  const int64_t nt = blockDim.x;
+  const int phase = xs == 1 ? pack_phase<kVec>(x) : -1;
+  if (kVec == 1 || phase < 0) {
+    for (int64_t c = tid; c < len; c += nt) f_one(c, static_cast<acc_t>(x[c * xs]));
+    return;
   }
-  st.b += coef;
-}
-
-template <typename acc_t>
-__device__ __forceinline__ RowState<acc_t> state_merge(const RowState<acc_t>& p,
-                                                       const RowState<acc_t>& q) {
-  RowState<acc_t> r;
-  r.m = p.m > q.m ? p.m : q.m;
-  r.b = p.b + q.b;
-  if (r.m == neg_inf<acc_t>()) {
-    r.s = p.s + q.s;
-    r.a = p.a + q.a;
-    return r;
+  int64_t head = (kVec - phase) % kVec;
+  if (head > len) head = len;
+  for (int64_t c = tid; c < head; c += nt) f_one(c, static_cast<acc_t>(x[c]));
+  const int64_t npack = (len - head) / kVec;
+  const auto* xp = reinterpret_cast<const Pack<XT, kVec>*>(x + head);
+#pragma unroll 2
+  for (int64_t i = tid; i < npack; i += nt) {
+    const Pack<XT, kVec> xv = xp[i];
+    acc_t v[kVec];
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) v[j] = static_cast<acc_t>(xv.v[j]);
+    f_pack(head + i * kVec, v);
   }
-  // Both terms of each sum have the same sign, and the expression is
-  // symmetric in p and q, so the xor butterfly gives every lane the same bits.
-  r.s = p.s * dev_exp(p.m - r.m) + q.s * dev_exp(q.m - r.m);
-  const acc_t pa = p.m == neg_inf<acc_t>() ? p.a : p.a + p.b * (p.m - r.m);
-  const acc_t qa = q.m == neg_inf<acc_t>() ? q.a : q.a + q.b * (q.m - r.m);
-  r.a = pa + qa;
-  return r;
+  for (int64_t c = head + npack * kVec + tid; c < len; c += nt) f_one(c, static_cast<acc_t>(x[c]));
 }
 
 template <typename acc_t>
@@ -386,14 +356,20 @@ __global__ void __launch_bounds__(kMaxThreads)
     if constexpr (!kBackward) {
       acc_t loss = 0, lse = 0;
       if (!p.log_probs) {
+        // Sweep 1: whole vector packs at a time (state_add_pack: one max and at
+        // most one rescale per pack); the smoothing sums only when smoothing.
         RowState<acc_t> st = empty_state<acc_t>();
-        row_apply<kVec, true, false, false, acc_t>(
-            len, xrow, p.xC, (const scalar_t*)nullptr, 0, (scalar_t*)nullptr, 0,
-            [&](int64_t c, acc_t x, acc_t) {
-              const acc_t coef = smooth ? (w ? w[c] : acc_t(1)) : acc_t(0);
-              state_add(st, x, coef);
-              return acc_t(0);
-            });
+        auto coef_of = [&](int64_t c) { return smooth ? (w ? w[c] : acc_t(1)) : acc_t(0); };
+        auto add_one = [&](int64_t c, acc_t x) { state_add(st, x, coef_of(c)); };
+        if (smooth) {
+          row_visit<kVec, acc_t>(len, xrow, p.xC, add_one, [&](int64_t c0, const acc_t(&v)[kVec]) {
+            state_add_pack<kVec, true>(st, v, [&](int j) { return w ? w[c0 + j] : acc_t(1); });
+          });
+        } else {
+          row_visit<kVec, acc_t>(len, xrow, p.xC, add_one, [&](int64_t, const acc_t(&v)[kVec]) {
+            state_add_pack<kVec, false>(st, v, [](int) { return acc_t(0); });
+          });
+        }
         st = group_allreduce(st, Merge{}, smem_state);
         shift = st.m;
         logsum = dev_log(st.s);

@@ -1,0 +1,125 @@
+// The online softmax state of the CUDA kernels (cross_entropy.cu): per thread,
+// then merged across a row group. Host + device, so that tests/cpp/
+// online_softmax_test.cpp can check the arithmetic on a CPU (CI has no GPU).
+#pragma once
+
+#include <cmath>
+#include <limits>
+
+#ifdef __CUDACC__
+#define FUSED_NLL_HD __host__ __device__ __forceinline__
+#else
+#define FUSED_NLL_HD inline
+#endif
+
+namespace fused_nll {
+
+// exp for the softmax terms exp(x - m) with x <= m (and for the gradient's
+// p = exp(x - lse)): on the device the hardware exp2 (__expf: ex2.approx of
+// x·log2 e, what Triton's tl.exp compiles to; relative error ~2^-21 for the
+// arguments here, far inside the fp32 tolerance), instead of expf's ~20
+// instructions of range reduction per element, which left the forward pass
+// compute-bound. fp64 keeps the exact exp. The host (tests) uses std::exp.
+FUSED_NLL_HD float dev_exp(float x) {
+#ifdef __CUDA_ARCH__
+  return __expf(x);
+#else
+  return std::exp(x);
+#endif
+}
+FUSED_NLL_HD double dev_exp(double x) { return exp(x); }
+FUSED_NLL_HD float dev_log(float x) { return logf(x); }
+FUSED_NLL_HD double dev_log(double x) { return log(x); }
+
+template <typename T>
+FUSED_NLL_HD T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+template <typename T>
+FUSED_NLL_HD T quiet_nan() {
+  return std::numeric_limits<T>::quiet_NaN();
+}
+
+// Online softmax state of (part of) a row, plus a coefficient-weighted sum of
+// the shifted logits: a = Σ coef_c·(x_c - m), b = Σ coef_c.
+template <typename acc_t>
+struct RowState {
+  acc_t m;
+  acc_t s;
+  acc_t a;
+  acc_t b;
+};
+
+template <typename acc_t>
+FUSED_NLL_HD RowState<acc_t> empty_state() {
+  return {neg_inf<acc_t>(), acc_t(0), acc_t(0), acc_t(0)};
+}
+
+template <typename acc_t>
+FUSED_NLL_HD void state_add(RowState<acc_t>& st, acc_t x, acc_t coef) {
+  if (x > st.m) {
+    const acc_t d = st.m - x;  // < 0; -inf for the first finite value
+    st.s = st.s * dev_exp(d) + acc_t(1);
+    if (st.m != neg_inf<acc_t>()) st.a += st.b * d;
+    st.m = x;
+  } else if (x != neg_inf<acc_t>()) {  // also nan: propagates through s
+    const acc_t d = x - st.m;
+    st.s += dev_exp(d);
+    st.a += coef * d;
+  } else {
+    st.a += coef * x;  // -inf (nan for coef == 0, like torch's 0·(-inf))
+  }
+  st.b += coef;
+}
+
+// state_add of the N values of one vector pack, in one step: the pack's max
+// first (nan never wins it), at most one rescale of the state, then one exp
+// per value against that max, with no compare-and-branch per value. kCoef =
+// false skips the weighted sums (no label smoothing: every coef is 0). Same
+// result as N state_add calls up to rounding, also for -inf runs and nan
+// (checked against them in tests/cpp/online_softmax_test.cpp); a +inf value
+// makes s nan (x - m = inf - inf), as on the CPU kernel.
+template <int N, bool kCoef, typename acc_t, typename Coef>
+FUSED_NLL_HD void state_add_pack(RowState<acc_t>& st, const acc_t (&x)[N], Coef&& coef) {
+  acc_t pm = neg_inf<acc_t>();
+#pragma unroll
+  for (int j = 0; j < N; ++j) pm = x[j] > pm ? x[j] : pm;
+  if (pm > st.m) {
+    const acc_t d = st.m - pm;  // < 0; -inf for the first finite value (s is 0 then)
+    st.s = st.s * dev_exp(d);
+    if (kCoef && st.m != neg_inf<acc_t>()) st.a += st.b * d;
+    st.m = pm;
+  }
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    const bool finite_or_nan = x[j] != neg_inf<acc_t>();
+    const acc_t d = x[j] - st.m;
+    st.s += finite_or_nan ? dev_exp(d) : acc_t(0);
+    if (kCoef) {
+      const acc_t c = coef(j);
+      st.a += c * (finite_or_nan ? d : x[j]);
+      st.b += c;
+    }
+  }
+}
+
+template <typename acc_t>
+FUSED_NLL_HD RowState<acc_t> state_merge(const RowState<acc_t>& p, const RowState<acc_t>& q) {
+  RowState<acc_t> r;
+  r.m = p.m > q.m ? p.m : q.m;
+  r.b = p.b + q.b;
+  if (r.m == neg_inf<acc_t>()) {
+    r.s = p.s + q.s;
+    r.a = p.a + q.a;
+    return r;
+  }
+  // Both terms of each sum have the same sign, and the expression is
+  // symmetric in p and q, so the xor butterfly gives every lane the same bits.
+  r.s = p.s * dev_exp(p.m - r.m) + q.s * dev_exp(q.m - r.m);
+  const acc_t pa = p.m == neg_inf<acc_t>() ? p.a : p.a + p.b * (p.m - r.m);
+  const acc_t qa = q.m == neg_inf<acc_t>() ? q.a : q.a + q.b * (q.m - r.m);
+  r.a = pa + qa;
+  return r;
+}
+
+}  // namespace fused_nll

@@ -1,0 +1,24 @@
+"""The CUDA kernels' online softmax arithmetic (csrc/cuda/online_softmax.cuh) run
+on the CPU: the header is host + device code, so a small C++ program
+(tests/cpp/online_softmax_test.cpp) checks the per-pack update of the forward
+sweep against per-element updates and a long double reference. CI has no GPU;
+this is the part of the CUDA kernels that can run here."""
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_online_softmax_state_on_host(tmp_path):
+    exe = tmp_path / "online_softmax_test"
+    build = subprocess.run(
+        ["g++", "-std=c++17", "-O2", "-Wall", "-Wno-unknown-pragmas", "-Werror", "-o", str(exe),
+         str(ROOT / "tests/cpp/online_softmax_test.cpp")],
+        capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stdout.strip().endswith("(0 failures)"), run.stdout[-3000:]
