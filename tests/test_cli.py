@@ -22,16 +22,17 @@ def test_verify_passes_and_prints_a_table():
     out = run("verify", "--quick", "--device", "cpu", "--backend", "cpp")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "max err" in out.stdout and "PASS" in out.stdout and "FAIL" not in out.stdout
-    assert "cases passed" in out.stdout
+    assert "cases passed" in out.stdout and " ce-inpl " in out.stdout
 
 
-def test_verify_fails_on_a_wrong_kernel(tmp_path):
+@pytest.mark.parametrize("op", ["fwd", "fwd_inplace"])
+def test_verify_fails_on_a_wrong_kernel(tmp_path, op):
     # A sitecustomize that corrupts the CPU kernel's loss: verify must notice and exit 1.
     (tmp_path / "sitecustomize.py").write_text(
         "import fused_nll\n"
         "from fused_nll import _ops\n"
-        "real = _ops.CPP.fwd\n"
-        "_ops.CPP.fwd = lambda *a: (real(*a)[0] * 1.001, *real(*a)[1:])\n"
+        f"real = _ops.CPP.{op}\n"
+        f"_ops.CPP.{op} = lambda *a: (real(*a)[0] * 1.001, *real(*a)[1:])\n"
     )
     import os
 
@@ -40,6 +41,8 @@ def test_verify_fails_on_a_wrong_kernel(tmp_path):
                           "--device", "cpu"], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 1, out.stdout + out.stderr
     assert "FAIL" in out.stdout
+    if op == "fwd_inplace":
+        assert "'ce-inpl'" in out.stdout  # the failing cases are the in-place ones
 
 
 def test_verify_refuses_an_unusable_backend():

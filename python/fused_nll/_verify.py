@@ -1,6 +1,7 @@
 """`python -m fused_nll verify`: a parity matrix of fused_nll against torch's
 nn.CrossEntropyLoss and nn.NLLLoss(log_softmax(x)) (in fp64, on the same
-inputs), loss and gradient, for every backend usable on the device."""
+inputs), loss and gradient, for every backend usable on the device; also
+cross_entropy with inplace_backward=True ("ce-inpl")."""
 from __future__ import annotations
 
 import itertools
@@ -42,6 +43,8 @@ def cases(quick: bool):
             yield "ce-prob", shape, weighted, -100, ls
         for ignore_index in [-100, 1]:
             yield "nll", shape, weighted, ignore_index, 0.0
+        for ls in [0.0, 0.1]:  # inplace_backward=True: the gradient over the logits
+            yield "ce-inpl", shape, weighted, -100, ls
 
 
 def run_case(kind, shape, weighted, ignore_index, ls, dtype, reduction, device):
@@ -62,8 +65,10 @@ def run_case(kind, shape, weighted, ignore_index, ls, dtype, reduction, device):
     if kind == "nll":
         loss = fused_nll.nll_loss(xin, target, weight=weight, ignore_index=ignore_index, reduction=reduction)
     else:
-        loss = fused_nll.cross_entropy(xin, target, weight=weight, ignore_index=ignore_index,
-                                       reduction=reduction, label_smoothing=ls)
+        inplace = kind == "ce-inpl"  # on a non-leaf copy, as a model's logits
+        loss = fused_nll.cross_entropy(xin.clone() if inplace else xin, target, weight=weight,
+                                       ignore_index=ignore_index, reduction=reduction,
+                                       label_smoothing=ls, inplace_backward=inplace)
     grad_out = (torch.randn(loss.shape, generator=gen, dtype=torch.float64).to(loss.dtype).to(device)
                 if reduction == "none" else torch.ones((), dtype=loss.dtype, device=device))
     (grad,) = torch.autograd.grad(loss, xin, grad_out)
@@ -104,7 +109,8 @@ def run(device: str | None = None, backend: str | None = None, quick: bool = Fal
     failures, total, start = [], 0, time.perf_counter()
     for name in backends:
         with fused_nll.use_backend(name):
-            for dtype, kind, reduction in itertools.product(DTYPES, ["ce", "ce-prob", "nll"], REDUCTIONS):
+            for dtype, kind, reduction in itertools.product(DTYPES, ["ce", "ce-prob", "nll", "ce-inpl"],
+                                                            REDUCTIONS):
                 group = [c for c in cases(quick) if c[0] == kind]
                 worst_err, worst_ratio, ok_all = 0.0, 0.0, True
                 for case in group:
