@@ -515,3 +515,51 @@ def test_int64_indexing():
     ref_loss, ref_grad = ref_index(x[rows], t[rows], None, -100, 0.0, "none", False)
     check(loss[rows], ref_loss, torch.bfloat16)
     check(grad[rows], ref_grad, torch.bfloat16)
+
+
+# --- Hopper cluster kernel (FUSED_NLL_CUDA_CLUSTER, off by default) ---------
+
+def _is_hopper():
+    return torch.cuda.get_device_capability()[0] >= 9
+
+
+@pytest.mark.skipif(not _is_hopper(), reason="thread-block clusters need sm_90+")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("V", [1000, 32000, 128256, 256000])
+@pytest.mark.parametrize("option", ["plain", "weight_smooth", "nll_sum"])
+def test_cluster_kernel(monkeypatch, dtype, V, option):
+    """index_cluster_kernel (one row per cluster, in registers) against the reference;
+    'require' makes a silent fallback to index_kernel an error."""
+    monkeypatch.setenv("FUSED_NLL_CUDA_CLUSTER", "require")
+    torch.manual_seed(V)
+    x = logits((9, V), dtype)
+    x[1, : V // 2] = float("-inf")
+    x[2, 7] = 1e4
+    t = targets(x, p_ignore=0.2)
+    t[1] = V - 1
+    w = class_weight(V, dtype) if option == "weight_smooth" else None
+    eps = 0.1 if option == "weight_smooth" else 0.0
+    reduction = "sum" if option == "nll_sum" else "mean"
+    loss, _, grad = check_index(x, t, w, eps=eps, reduction=reduction)
+    xi = x.clone()
+    loss_i, _ = ops.cross_entropy_fwd_inplace(xi, t, w, -100, eps, RED[reduction], False)
+    torch.testing.assert_close(loss_i, loss, rtol=0, atol=0)
+    torch.testing.assert_close(xi, grad, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not _is_hopper(), reason="thread-block clusters need sm_90+")
+def test_cluster_kernel_bad_targets_and_fallbacks(monkeypatch):
+    monkeypatch.setenv("FUSED_NLL_CUDA_CLUSTER", "require")
+    x = logits((4, 4096), torch.bfloat16)
+    t = torch.tensor([0, 5000, -100, 3], device=DEV)
+    loss, _, grad = run_index(x, t, reduction="none")
+    assert torch.isnan(loss[1]) and torch.isnan(grad[1]).all() and (grad[2] == 0).all()
+    assert torch.isfinite(loss[[0, 2, 3]]).all()
+    # layouts it does not take: an error with "require", index_kernel with "1"
+    xk = logits((2, 64, 3), torch.float32)
+    tk = targets(xk)
+    with pytest.raises(RuntimeError, match="FUSED_NLL_CUDA_CLUSTER=require"):
+        run_index(xk, tk)
+    monkeypatch.setenv("FUSED_NLL_CUDA_CLUSTER", "1")
+    check_index(xk, tk)
+    check_index(logits((5, 1001), torch.float32), targets(logits((5, 1001), torch.float32)))

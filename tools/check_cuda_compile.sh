@@ -6,7 +6,8 @@
 # c10/cuda/impl/cuda_cmake_macros.h, which a one-line shim in a temp dir
 # provides. Flags mirror torch.utils.cpp_extension (COMMON_NVCC_FLAGS etc.).
 #
-# Usage: tools/check_cuda_compile.sh   (uses `python` and `nvcc` from PATH)
+# Usage: tools/check_cuda_compile.sh   (uses `python` and `nvcc` from PATH;
+#        NVCC_EXTRA adds flags, e.g. "-Xptxas -v")
 # Exits non-zero if nvcc is missing or any file fails to compile.
 set -euo pipefail
 
@@ -44,6 +45,8 @@ flags=(
   -gencode arch=compute_90,code=sm_90
   --threads 2   # the two architectures in parallel
 )
+# e.g. NVCC_EXTRA="-Xptxas -v" to see registers and spills per kernel
+if [ -n "${NVCC_EXTRA:-}" ]; then read -r -a extra <<< "$NVCC_EXTRA"; flags+=("${extra[@]}"); fi
 
 shopt -s nullglob
 sources=("$repo"/csrc/cuda/*.cu)

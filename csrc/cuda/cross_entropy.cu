@@ -26,7 +26,9 @@
 //   groups wider than a warp, through shared memory in a fixed order:
 //   deterministic.
 // - When a gradient is wanted the same kernel sweeps the row a second time
-//   (mostly served from L2) and writes it. Backward skips pass 1 and
+//   (mostly served from L2) and writes it. Opt-in on sm_90+
+//   (FUSED_NLL_CUDA_CLUSTER=1): index_cluster_kernel holds a row in the
+//   registers of a thread-block cluster instead, so it is read only once. Backward skips pass 1 and
 //   recomputes p_c = exp(x_c - lse) from the saved lse.
 // - Loads and stores are 16-byte vectors when every array the pass touches has
 //   class stride 1 and the same misalignment modulo the vector: a scalar head
@@ -50,12 +52,17 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <cooperative_groups.h>
+
 #include "online_softmax.cuh"
 
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <optional>
+#include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace fused_nll {
@@ -450,6 +457,206 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
+// Hopper (sm_90+): one row per thread-block cluster of kClusterSize blocks,
+// the row held in registers. Block `rank` of the cluster loads its chunk of
+// the row (kPacks 16-byte packs per thread) once, reduces it to one online
+// softmax state, and the blocks exchange their states through distributed
+// shared memory (cluster.sync, then every block merges the kClusterSize states
+// in rank order: identical bits everywhere). The gradient is then computed
+// from the registers and written once: the logits are read once and the
+// gradient written once, the bandwidth floor, with no second sweep through L2
+// or HBM. Forward with gradient, index targets, logits (not log-probs), rows
+// of unit class stride whose starts are 16-byte aligned (S == 1); everything
+// else takes index_kernel. In place is safe: every load (and x_t) happens
+// before the first cluster.sync, every store after it.
+constexpr int kClusterSize = 8;
+// Threads per block for kPacks packs per thread: up to 1024 with 2 packs; with
+// more, at most 512 so the packs stay in registers (1024 would cap a thread
+// at 64 registers and spill).
+constexpr int cluster_max_threads(int packs) { return packs <= 2 ? kMaxThreads : 512; }
+
+template <typename scalar_t, typename index_t, int kPacks>
+__global__ void __launch_bounds__(cluster_max_threads(kPacks))
+    index_cluster_kernel(const IndexArgs<scalar_t, index_t> p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  using acc_t = acc_of<scalar_t>;
+  constexpr int kVec = vec_width<scalar_t>();
+  using PackT = Pack<scalar_t, kVec>;
+  __shared__ RowState<acc_t> smem_state[32];
+  __shared__ RowState<acc_t> block_state;  // read by the other blocks of the cluster
+
+  const cg::cluster_group cluster = cg::this_cluster();
+  const unsigned rank = cluster.block_rank();
+  const int64_t r = static_cast<int64_t>(blockIdx.x) / kClusterSize;
+  const int64_t C = p.rows.C;
+  const int64_t chunk = static_cast<int64_t>(kPacks) * blockDim.x * kVec;
+  const int64_t c_block = rank * chunk;
+  const acc_t eps = p.eps;
+  const bool smooth = eps != acc_t(0);
+  const acc_t eps_c = eps / static_cast<acc_t>(C);
+  const acc_t* w = p.weight;
+
+  const int64_t t = static_cast<int64_t>(p.target[r * p.tN]);
+  const bool ignored = t == p.ignore_index;
+  const bool bad = !ignored && (t < 0 || t >= C);
+  const scalar_t* xrow = p.x + r * p.xN;
+
+  // Load this block's packs (none for an ignored row) and fold them in.
+  PackT xv[kPacks];
+  RowState<acc_t> st = empty_state<acc_t>();
+#pragma unroll
+  for (int k = 0; k < kPacks; ++k) {
+    const int64_t c = c_block + (threadIdx.x + static_cast<int64_t>(k) * blockDim.x) * kVec;
+    if (!ignored && c < C) {
+      xv[k] = *reinterpret_cast<const PackT*>(xrow + c);
+      acc_t v[kVec];
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) v[j] = static_cast<acc_t>(xv[k].v[j]);
+      if (smooth)
+        state_add_pack<kVec, true>(st, v, [&](int j) { return w ? w[c + j] : acc_t(1); });
+      else
+        state_add_pack<kVec, false>(st, v, [](int) { return acc_t(0); });
+    }
+  }
+  st = group_allreduce(st, Merge{}, smem_state);
+  // x_t before the cluster barrier: in place, its owner overwrites it after.
+  const acc_t xt = (rank == 0 && !ignored && !bad) ? static_cast<acc_t>(xrow[t]) : acc_t(0);
+  if (threadIdx.x == 0) block_state = st;
+  cluster.sync();
+  RowState<acc_t> row = *cluster.map_shared_rank(&block_state, 0);
+#pragma unroll
+  for (int q = 1; q < kClusterSize; ++q)
+    row = state_merge(row, *cluster.map_shared_rank(&block_state, q));
+  cluster.sync();  // no block may exit while another still reads its block_state
+
+  const acc_t shift = row.m;
+  const acc_t logsum = dev_log(row.s);
+  const acc_t wsum = smooth ? row.b : static_cast<acc_t>(C);
+  const acc_t wt = (w && !ignored && !bad) ? w[t] : acc_t(1);
+  if (rank == 0 && threadIdx.x == 0) {
+    acc_t loss = 0;
+    if (!ignored && !bad) {
+      loss = (acc_t(1) - eps) * wt * ((shift - xt) + logsum);
+      if (smooth) loss += eps_c * (row.b * logsum - row.a);
+    }
+    p.loss[r] = bad ? quiet_nan<acc_t>() : loss;
+    p.lse_out[r] = ignored ? acc_t(0) : shift + logsum;
+  }
+
+  // g_c = coef_t·(p_c - δ_ct) + coef_w·(p_c·wsum - w_c), from the registers.
+  acc_t sr = acc_t(1);
+  if (p.total_weight != nullptr) sr = sr / *p.total_weight;
+  const acc_t coef_t = sr * (acc_t(1) - eps) * wt;
+  const acc_t coef_w = sr * eps_c;
+  scalar_t* grow = p.grad + r * C;
+#pragma unroll
+  for (int k = 0; k < kPacks; ++k) {
+    const int64_t c = c_block + (threadIdx.x + static_cast<int64_t>(k) * blockDim.x) * kVec;
+    if (c >= C) continue;
+    PackT gv;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      acc_t g;
+      if (ignored) {
+        g = acc_t(0);  // exactly 0, never 0·inf
+      } else if (bad) {
+        g = quiet_nan<acc_t>();
+      } else {
+        const acc_t pc = dev_exp((static_cast<acc_t>(xv[k].v[j]) - shift) - logsum);
+        g = coef_t * (c + j == t ? pc - acc_t(1) : pc);
+        if (smooth) g += coef_w * (pc * wsum - (w ? w[c + j] : acc_t(1)));
+      }
+      gv.v[j] = static_cast<scalar_t>(g);
+    }
+    *reinterpret_cast<PackT*>(grow + c) = gv;
+  }
+#else
+  __trap();  // the launcher never starts it without an sm_90 binary
+#endif
+}
+
+// FUSED_NLL_CUDA_CLUSTER: "1" uses index_cluster_kernel where it applies, "require"
+// also raises where it does not (for tests), anything else (the default) keeps
+// index_kernel. Read on every call (a getenv, next to a kernel launch), so a
+// process can switch. Off by default until it has run on a GPU.
+int cluster_mode() {
+  const char* e = std::getenv("FUSED_NLL_CUDA_CLUSTER");
+  if (e == nullptr) return 0;
+  if (std::string(e) == "require") return 2;
+  return std::string(e) == "1" ? 1 : 0;
+}
+
+// Launches index_cluster_kernel for a forward with gradient when the layout,
+// dtypes and device allow it; returns false (nothing launched) otherwise.
+template <typename x_t, typename index_t>
+bool launch_cluster(const IndexArgs<x_t, index_t>& a, const at::Tensor& x, cudaStream_t stream) {
+  const int mode = cluster_mode();
+  if (mode == 0) return false;
+  auto refuse = [&](const char* why) {
+    TORCH_CHECK(mode != 2, "fused_nll: FUSED_NLL_CUDA_CLUSTER=require, but ", why);
+    return false;
+  };
+  constexpr bool kTypes = !std::is_same_v<x_t, double> &&
+                          (std::is_same_v<index_t, int64_t> || std::is_same_v<index_t, int32_t>);
+  if constexpr (!kTypes) {
+    return refuse("the cluster kernel takes fp32/bf16/fp16 logits and int64/int32 targets");
+  } else {
+    constexpr int kVec = vec_width<x_t>();
+    const int64_t R = a.rows.R, C = a.rows.C;
+    if (a.rows.S != 1 || a.xC != 1 || a.log_probs || a.grad == nullptr)
+      return refuse("it needs (N, C) logits with unit class stride, a gradient, and logits");
+    const auto misaligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 != 0; };
+    if ((a.xN * static_cast<int64_t>(sizeof(x_t))) % 16 != 0 || C % kVec != 0 || misaligned(a.x) ||
+        misaligned(a.grad))
+      return refuse("row starts must be 16-byte aligned");
+    if (R <= 0 || R > std::numeric_limits<int>::max() / kClusterSize)
+      return refuse("the row count is out of range");
+    int major = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor,
+                                          x.get_device()));
+    if (major < 9) return refuse("thread-block clusters need sm_90 or newer");
+    // Smallest block (threads) and pack count whose cluster covers the row.
+    int threads = 0, packs = 0;
+    for (int k : {2, 8, 16}) {
+      for (int t = 128; t <= cluster_max_threads(k) && threads == 0; t *= 2)
+        if (static_cast<int64_t>(kClusterSize) * t * kVec * k >= C) threads = t, packs = k;
+      if (threads) break;
+    }
+    if (threads == 0) return refuse("the row is longer than a cluster holds");
+    auto launch = [&](auto kernel) {
+      cudaFuncAttributes attr{};
+      C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+      // An sm_90 binary compiled as such: not JIT-compiled from older PTX, whose
+      // kernel body is empty.
+      if (attr.binaryVersion < 90 || attr.ptxVersion < 90)
+        return refuse("the extension was not built for sm_90");
+      cudaLaunchConfig_t config{};
+      config.gridDim = dim3(static_cast<unsigned>(R * kClusterSize));
+      config.blockDim = dim3(threads);
+      config.stream = stream;
+      cudaLaunchAttribute attribute[1];
+      attribute[0].id = cudaLaunchAttributeClusterDimension;
+      attribute[0].val.clusterDim.x = kClusterSize;
+      attribute[0].val.clusterDim.y = 1;
+      attribute[0].val.clusterDim.z = 1;
+      config.attrs = attribute;
+      config.numAttrs = 1;
+      int clusters = 0;  // 0: this block size cannot be co-scheduled 8 at a time here
+      if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess ||
+          clusters < 1) {
+        (void)cudaGetLastError();
+        return refuse("no cluster of this shape fits on the device");
+      }
+      C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, a));
+      return true;
+    };
+    if (packs == 2) return launch(index_cluster_kernel<x_t, index_t, 2>);
+    if (packs == 8) return launch(index_cluster_kernel<x_t, index_t, 8>);
+    return launch(index_cluster_kernel<x_t, index_t, 16>);
+  }
+}
+
 template <typename scalar_t, typename target_t>
 struct ProbArgs {
   using acc_t = acc_of<scalar_t>;
@@ -791,6 +998,7 @@ at::Tensor run_index(const at::Tensor& input, const at::Tensor& target,
           a.gS = gl.sS;
           a.wsum = wsum.defined() ? wsum.data_ptr<acc_t>() : nullptr;
         }
+        if (!kBackward && compute_grad && launch_cluster(a, x, stream)) return;
         const int vec = x.stride(1) == 1 ? vec_width<x_t>() : 1;
         const RowLaunch rl = row_launch(input, R, l.C, vec);
         index_kernel<x_t, index_t, kBackward><<<rl.grid, rl.block, 0, stream>>>(a);

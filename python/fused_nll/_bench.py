@@ -104,7 +104,21 @@ def implementations(device, wanted):
 
         impls[f"fused_nll[{backend}]"] = run
         run_inplace.inplace = True  # bench_case hands it non-leaf logits
+        run_inplace.fwdbwd_only = True  # without a gradient it is the plain call
         impls[f"fused_nll[{backend}] inplace_backward"] = run_inplace
+    if device == "cuda" and "fused_nll[cuda]" in impls:
+        # The Hopper cluster kernel of the CUDA backend (opt-in, csrc/cuda): only
+        # the forward with gradient takes it, so fwd+bwd only.
+        def run_cluster(x, t):
+            os.environ["FUSED_NLL_CUDA_CLUSTER"] = "1"
+            try:
+                with fused_nll.use_backend("cuda"):
+                    return fused_nll.cross_entropy(x, t)
+            finally:
+                del os.environ["FUSED_NLL_CUDA_CLUSTER"]
+
+        run_cluster.fwdbwd_only = True
+        impls["fused_nll[cuda] cluster"] = run_cluster
     impls["torch eager"] = lambda x, t: F.cross_entropy(x, t)
     compiled = torch.compile(F.cross_entropy)
     impls["torch.compile"] = lambda x, t: compiled(x, t)
@@ -210,7 +224,7 @@ def main(argv=None) -> int:
           f"measured copy bandwidth {bw:.0f} GB/s")
 
     cases = [(s, d, m, i) for s in shapes for d in dtypes for m in modes for i in impls
-             if m != "fwd" or not getattr(impls[i], "inplace", False)]  # same as without
+             if m != "fwd" or not getattr(impls[i], "fwdbwd_only", False)]  # same as without
     rows = []
     for k, ((n, v), dname, mode, impl) in enumerate(cases, 1):
         bar = "#" * (30 * k // len(cases))
