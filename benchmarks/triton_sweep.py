@@ -27,17 +27,19 @@ CONFIGS = [
     ("block4k/16", {"max_block": 4096, "_ELEMS_PER_THREAD": 16}),
     ("persist 2/SM 16k", {"max_block": 16384, "_ELEMS_PER_THREAD": 16, "_PROGRAMS_PER_SM": 2}),
     ("persist 8/SM", {"_PROGRAMS_PER_SM": 8}),
-    ("split 4x1/SM", {"_SPLIT_PARTS": 4, "_SPLIT_PROGRAMS_PER_SM": 1}),
-    ("split 4x2/SM", {"_SPLIT_PARTS": 4, "_SPLIT_PROGRAMS_PER_SM": 2}),
-    ("split 8x2/SM", {"_SPLIT_PARTS": 8, "_SPLIT_PROGRAMS_PER_SM": 2}),
-    ("split 8x4/SM", {"_SPLIT_PARTS": 8, "_SPLIT_PROGRAMS_PER_SM": 4}),
-    ("split 8x4/SM w4", {"_SPLIT_PARTS": 8, "_SPLIT_PROGRAMS_PER_SM": 4, "_SPLIT_NUM_WARPS": 4}),
-    ("split 16x4/SM w4", {"_SPLIT_PARTS": 16, "_SPLIT_PROGRAMS_PER_SM": 4, "_SPLIT_NUM_WARPS": 4}),
-    ("split 16x8/SM w4", {"_SPLIT_PARTS": 16, "_SPLIT_PROGRAMS_PER_SM": 8, "_SPLIT_NUM_WARPS": 4}),
+    # split rows: parts x programs per SM (a chunk of C/parts classes per work item; up
+    # to 8192 classes it is one block kept in registers: 16, 32, 64 parts at 128256)
+    ("split 8 x4/SM", {"_SPLIT_PARTS": 8, "_SPLIT_PROGRAMS_PER_SM": 4}),
+    ("split 16 x2/SM", {"_SPLIT_PARTS": 16, "_SPLIT_PROGRAMS_PER_SM": 2}),
+    ("split 16 x4/SM", {"_SPLIT_PARTS": 16, "_SPLIT_PROGRAMS_PER_SM": 4}),
+    ("split 32 x4/SM", {"_SPLIT_PARTS": 32, "_SPLIT_PROGRAMS_PER_SM": 4}),
+    ("split 32 x8/SM", {"_SPLIT_PARTS": 32, "_SPLIT_PROGRAMS_PER_SM": 8}),
+    ("split 64 x8/SM", {"_SPLIT_PARTS": 64, "_SPLIT_PROGRAMS_PER_SM": 8}),
+    ("split 64 x16/SM", {"_SPLIT_PARTS": 64, "_SPLIT_PROGRAMS_PER_SM": 16}),
 ]
 SHAPES = [(8192, 128256), (8192, 32000)]
 KNOBS = ["_ELEMS_PER_THREAD", "_PROGRAMS_PER_SM", "_SPLIT_PARTS", "_SPLIT_PROGRAMS_PER_SM",
-         "_SPLIT_NUM_WARPS", "_SPLIT_MIN_CLASSES"]
+         "_SPLIT_NUM_WARPS", "_SPLIT_MIN_CLASSES", "_SPLIT_MAX_BLOCK", "_SPLIT_ELEMS_PER_THREAD"]
 
 
 def apply(overrides, saved):

@@ -25,12 +25,14 @@ KERNELS = [  # (kernel, constexprs, num_warps)
                              MEAN=True, BLOCK=8192), 8),
     (ce._ce_fwd_kernel, dict(HAS_WEIGHT=False, SMOOTH=True, LOG_PROBS=True, COMPUTE_GRAD=True,
                              MEAN=False, BLOCK=1024), 4),
-    (ce._ce_split_kernel, dict(HAS_WEIGHT=True, SMOOTH=True, MEAN=True, PARTS=8, PHASE=0,
-                               BLOCK=4096), 4),
-    (ce._ce_split_kernel, dict(HAS_WEIGHT=False, SMOOTH=False, MEAN=False, PARTS=3, PHASE=1,
-                               BLOCK=8192), 8),
-    (ce._ce_split_kernel, dict(HAS_WEIGHT=False, SMOOTH=False, MEAN=False, PARTS=3, PHASE=2,
-                               BLOCK=8192), 8),
+    (ce._ce_split_kernel, dict(HAS_WEIGHT=True, SMOOTH=True, MEAN=True, PARTS=16, RECORDS=16, PHASE=0,
+                               ONE_BLOCK=True, BLOCK=8192), 8),
+    (ce._ce_split_kernel, dict(HAS_WEIGHT=True, SMOOTH=True, MEAN=True, PARTS=8, RECORDS=8, PHASE=0,
+                               ONE_BLOCK=False, BLOCK=4096), 4),
+    (ce._ce_split_kernel, dict(HAS_WEIGHT=False, SMOOTH=False, MEAN=False, PARTS=3, RECORDS=4, PHASE=1,
+                               ONE_BLOCK=True, BLOCK=8192), 8),
+    (ce._ce_split_kernel, dict(HAS_WEIGHT=False, SMOOTH=False, MEAN=False, PARTS=3, RECORDS=4, PHASE=2,
+                               ONE_BLOCK=False, BLOCK=8192), 8),
     (ce._ce_bwd_kernel, dict(HAS_WEIGHT=True, SMOOTH=True, LOG_PROBS=False, MEAN=True,
                              BLOCK=8192), 8),
     (ce._ce_prob_fwd_kernel, dict(HAS_WEIGHT=True, COMPUTE_GRAD=True, MEAN=True, BLOCK=4096), 8),
@@ -41,6 +43,8 @@ KERNELS = [  # (kernel, constexprs, num_warps)
 
 
 def _signature(kernel, constexprs):
+    missing = [n for n, p in zip(kernel.arg_names, kernel.params) if p.is_constexpr and n not in constexprs]
+    assert not missing, f"give every constexpr of {kernel.__name__} a value: {missing}"
     sig = {}
     for name in kernel.arg_names:
         if name in constexprs:
@@ -53,7 +57,7 @@ def _signature(kernel, constexprs):
 
 
 @pytest.mark.parametrize("arch", [90, 80])
-@pytest.mark.parametrize("case", KERNELS, ids=lambda c: f"{c[0].__name__}-{'-'.join(f'{k}{v}' for k, v in c[1].items() if k in ('PHASE', 'LOG_PROBS', 'SMOOTH'))}")
+@pytest.mark.parametrize("case", KERNELS, ids=lambda c: f"{c[0].__name__}-{'-'.join(f'{k}{v}' for k, v in c[1].items() if k in ('PHASE', 'ONE_BLOCK', 'LOG_PROBS', 'SMOOTH'))}")
 def test_kernel_compiles(case, arch):
     kernel, constexprs, num_warps = case
     src = ASTSource(fn=kernel, signature=_signature(kernel, constexprs), constexprs=constexprs)

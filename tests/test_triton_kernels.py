@@ -629,9 +629,14 @@ def split_rows(monkeypatch):
 @pytest.mark.parametrize("parts", [2, 3, 5])
 @pytest.mark.parametrize("reduction", REDUCTIONS, ids=RED_NAME.get)
 @pytest.mark.parametrize("option", OPTIONS)
-def test_split_rows(split_rows, parts, reduction, option):
+@pytest.mark.parametrize("blocks", ["one_block", "multi_block"])
+def test_split_rows(split_rows, monkeypatch, parts, reduction, option, blocks):
     # 1000 classes: with BLOCK-multiple chunks some parts get a short or an empty
-    # chunk; rows with -inf runs and a huge logit; ignored rows
+    # chunk; rows with -inf runs and a huge logit; ignored rows. one_block: a chunk is
+    # one block (kept in registers between the sweeps); multi_block: a small block
+    # cap makes chunks of several blocks (the looping sweeps).
+    if blocks == "multi_block":
+        monkeypatch.setattr(ce, "_SPLIT_MAX_BLOCK", 128)
     split_rows(parts)
     torch.manual_seed(parts)
     weighted, eps = OPTIONS[option]
@@ -672,14 +677,14 @@ def test_split_rows_one_launch_on_gpu():
         import torch
         from fused_nll.triton_kernels import cross_entropy as ce
         torch.manual_seed(0)
-        for v in (128256, 32000):
+        for v in (128256, 32000, 256000):
             x = torch.randn(1000, v, device="cuda", dtype=torch.bfloat16) * 3
             t = torch.randint(0, v, (1000,), device="cuda")
             t[::7] = -100
             w = torch.rand(v, device="cuda") + 0.1
             for eps, weight in ((0.0, None), (0.1, w)):
                 ref = ce.cross_entropy_fwd(x, t, weight, -100, eps, 1, False, True)
-                for parts, per_sm in ((4, 1), (16, 8)):
+                for parts, per_sm in ((4, 1), (16, 4), (64, 16)):  # looping / one-block chunks
                     ce._SPLIT_PARTS, ce._SPLIT_PROGRAMS_PER_SM = parts, per_sm
                     got = ce.cross_entropy_fwd(x, t, weight, -100, eps, 1, False, True)
                     xi = x.clone()

@@ -82,14 +82,18 @@ _PROGRAMS_PER_SM = None
 # sweep (the gradient) re-reads a chunk 1/parts the size while it is still in L2.
 # None: off (the default until timed on a GPU: benchmarks/triton_sweep.py). Used only
 # for rows of at least _SPLIT_MIN_CLASSES classes. On CUDA the parts of a row exchange
-# their partial sums inside one launch (a persistent grid of _SPLIT_PROGRAMS_PER_SM
-# programs per SM, all resident, spinning on a per-row counter); elsewhere (Triton's
-# interpreter runs programs one after the other) or with _SPLIT_FUSED = False the same
-# kernel runs as two launches (sweep 1 + partial sums; combine + gradient sweep).
+# their partial sums inside one launch (_SPLIT_PROGRAMS_PER_SM programs per SM take
+# (row, part) items from a ticket counter and spin on a per-row counter); when a chunk
+# fits one block (e.g. 16 parts of 128256 classes: 8016 <= 8192) it stays in registers
+# and the logits are read only once. Elsewhere (Triton's interpreter runs programs one
+# after the other) or with _SPLIT_FUSED = False the same kernel runs as two launches
+# (sweep 1 + partial sums; combine + gradient sweep).
 _SPLIT_PARTS = None
 _SPLIT_MIN_CLASSES = 16384
-_SPLIT_PROGRAMS_PER_SM = 1
-_SPLIT_NUM_WARPS = None  # None: from _row_config of the chunk
+_SPLIT_PROGRAMS_PER_SM = 4
+_SPLIT_MAX_BLOCK = 8192
+_SPLIT_ELEMS_PER_THREAD = 16  # 8192 x 16 warps: 64 registers (ptxas, sm_90, bf16)
+_SPLIT_NUM_WARPS = None  # None: BLOCK / (32 * _SPLIT_ELEMS_PER_THREAD), 4 to 32
 _SPLIT_FUSED = True
 
 
@@ -353,95 +357,150 @@ def _ce_split_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_ptr, wsu
                      part_ptr, xt_ptr, cnt_ptr, R, C, S, stride_n, stride_c, stride_s,
                      ignore_index, eps_hi, eps_lo, chunk,
                      HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, MEAN: tl.constexpr,
-                     PARTS: tl.constexpr, PHASE: tl.constexpr, BLOCK: tl.constexpr):
+                     PARTS: tl.constexpr, RECORDS: tl.constexpr, PHASE: tl.constexpr,
+                     ONE_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
     """_ce_fwd_kernel with COMPUTE_GRAD (index targets, not LOG_PROBS), each row cut
-    into PARTS chunks of `chunk` classes (a multiple of BLOCK): program p works on
-    chunk p % PARTS of rows p // PARTS, p // PARTS + G, ... (G = programs / PARTS).
+    into PARTS chunks of `chunk` classes (a multiple of BLOCK); work item k is chunk
+    k % PARTS of row k // PARTS (_split_part).
 
-    Per row, each part publishes (m, se, wxs, wsum) of its chunk (_online_lse) in
-    part_ptr[row, part, 0:4], and part 0 the target logit x_t in xt_ptr[row]; the
-    parts combine the PARTS records in the same order (identical bits in every part),
-    part 0 writes loss and lse, and each part writes the gradient of its own chunk.
-    A chunk with se == 0 (empty, or only -inf) does not take part in the max.
+    PHASE 0: one launch. A program takes work items in increasing order from a ticket
+    counter (cnt_ptr[R]) and, per item, publishes its chunk's partial sums, then
+    waits for the row's other parts. Tickets make this deadlock-free whatever the
+    grid and occupancy: every part of a row whose tickets have all been handed out
+    gets published without waiting, so at most the newest row waits on tickets not
+    yet taken, and some program is always free to take them as long as PARTS programs
+    can be resident at once (the launcher requires PARTS <= SMs). With ONE_BLOCK (chunk == BLOCK) the chunk stays in registers
+    between the two sweeps: the logits are read once.
+    PHASE 1 / 2: sweep 1 and publish / combine and gradient, as two launches with a
+    static split of the items (Triton's interpreter runs programs one after another).
+    """
+    if PHASE == 0:
+        total = R * PARTS
+        k = tl.atomic_add(cnt_ptr + R, 1, sem="relaxed", scope="gpu")
+        while k < total:
+            _split_part(k // PARTS, k % PARTS, x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr,
+                        den_ptr, wsum_ptr, part_ptr, xt_ptr, cnt_ptr, C, S, stride_n,
+                        stride_c, stride_s, ignore_index, eps_hi, eps_lo, chunk, HAS_WEIGHT,
+                        SMOOTH, MEAN, PARTS, RECORDS, PHASE, ONE_BLOCK, BLOCK)
+            k = tl.atomic_add(cnt_ptr + R, 1, sem="relaxed", scope="gpu")
+    else:
+        for k in range(tl.program_id(0), R * PARTS, tl.num_programs(0)):
+            _split_part(k // PARTS, k % PARTS, x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr,
+                        den_ptr, wsum_ptr, part_ptr, xt_ptr, cnt_ptr, C, S, stride_n,
+                        stride_c, stride_s, ignore_index, eps_hi, eps_lo, chunk, HAS_WEIGHT,
+                        SMOOTH, MEAN, PARTS, RECORDS, PHASE, ONE_BLOCK, BLOCK)
 
-    PHASE 0: all in one launch; a part publishes, then bumps cnt_ptr[row] (release,
-    after a barrier so every thread's stores are ordered before it) and spins until
-    all PARTS parts have (acquire). Every program of the grid must be resident at
-    once: the launcher caps the grid at _SPLIT_PROGRAMS_PER_SM per SM.
-    PHASE 1 / 2: sweep 1 and publish / combine and gradient, as two launches.
 
-    In place (g_ptr == x_ptr) is safe: x_t is read in sweep 1, and a part only
-    writes its own chunk after every part has finished reading its own.
+@triton.jit
+def _split_part(row, part, x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_ptr, wsum_ptr,
+                part_ptr, xt_ptr, cnt_ptr, C, S, stride_n, stride_c, stride_s, ignore_index,
+                eps_hi, eps_lo, chunk, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
+                MEAN: tl.constexpr, PARTS: tl.constexpr, RECORDS: tl.constexpr,
+                PHASE: tl.constexpr, ONE_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
+    """One chunk of one row. Each part publishes (m, se, wxs, wsum) of its chunk in
+    part_ptr[row, part, 0:4] (m about which se and wxs are taken; se == 0 for an
+    empty or all -inf chunk, which then takes no part in the row's max), part 0 also
+    the target logit in xt_ptr[row]; the parts combine the PARTS records in part order
+    (identical bits in every part), part 0 writes loss and lse, and each part writes
+    the gradient of its own chunk. In place (g_ptr == x_ptr) is safe: x_t is read in
+    sweep 1, and a part writes only its own chunk, after every part has read its own.
     """
     ACC: tl.constexpr = lse_ptr.dtype.element_ty
     NEG_INF: tl.constexpr = float("-inf")
-    pid = tl.program_id(0)
-    part = pid % PARTS
-    groups = tl.num_programs(0) // PARTS
     eps = (tl.zeros([], ACC) + eps_hi) + eps_lo
-    for r in range(pid // PARTS, R, groups):
-        row, x_off, g_off = _offsets_of_row(r, S, stride_n, stride_s, C)
-        t, active, ignored = _index_target(t_ptr, row, C, ignore_index)
-        t_safe = tl.where(active, t, 0)
-        c0 = (part * chunk).to(tl.int64)
-        n = tl.maximum(tl.minimum(c0 + chunk, C) - c0, 0)  # classes of this chunk
-        n_cols = tl.where(active, n, 0)  # skip the reads of ignored / invalid rows
-        x_chunk = x_ptr + x_off + c0 * stride_c
-        record = part_ptr + (row * PARTS + part) * 4
-        if PHASE != 2:
+    row, x_off, g_off = _offsets_of_row(row, S, stride_n, stride_s, C)
+    t, active, ignored = _index_target(t_ptr, row, C, ignore_index)
+    t_safe = tl.where(active, t, 0)
+    c0 = (part * chunk).to(tl.int64)
+    n = tl.maximum(tl.minimum(c0 + chunk, C) - c0, 0)  # classes of this chunk
+    n_cols = tl.where(active, n, 0)  # skip the reads of ignored / invalid rows
+    x_chunk = x_ptr + x_off + c0 * stride_c
+    record = part_ptr + (row * PARTS + part) * 4
+    cols = tl.arange(0, BLOCK)
+    if PHASE != 2:
+        if ONE_BLOCK:  # the whole chunk in one register block
+            x = tl.load(x_chunk + cols.to(tl.int64) * stride_c, mask=cols < n_cols,
+                        other=NEG_INF).to(ACC)
+            m = tl.max(x, 0)
+            m = tl.where(m == NEG_INF, 0.0, m)
+            se = tl.sum(tl.exp(x - m), 0)
+            wxs = tl.zeros([], ACC)
+            wsum = tl.zeros([], ACC)
+            if SMOOTH:
+                if HAS_WEIGHT:
+                    w = tl.load(w_ptr + c0 + cols, mask=cols < n_cols, other=0.0).to(ACC)
+                else:
+                    w = (cols < n_cols).to(ACC)
+                wxs = tl.sum(tl.where(cols < n_cols, w * (x - m), 0.0), 0)
+                wsum = tl.sum(w, 0)
+        else:
             m, log_se, wxs, wsum = _online_lse(x_chunk, stride_c, w_ptr + c0, n_cols, ACC,
                                                HAS_WEIGHT, SMOOTH, BLOCK)
-            tl.store(record, m)
-            tl.store(record + 1, tl.exp(log_se))
-            tl.store(record + 2, wxs)
-            tl.store(record + 3, wsum)
-            if part == 0:
-                x_t = tl.load(x_ptr + x_off + t_safe * stride_c, mask=active, other=0.0)
-                tl.store(xt_ptr + row, x_t.to(ACC))
-        if PHASE == 0:
-            tl.debug_barrier()
-            tl.atomic_add(cnt_ptr + row, 1, sem="release", scope="gpu")
+            se = tl.exp(log_se)
+        tl.store(record, m)
+        tl.store(record + 1, se)
+        tl.store(record + 2, wxs)
+        tl.store(record + 3, wsum)
+        if part == 0:
+            x_t = tl.load(x_ptr + x_off + t_safe * stride_c, mask=active, other=0.0)
+            tl.store(xt_ptr + row, x_t.to(ACC))
+    if PHASE == 0:
+        # every thread's record stores before the release (debug_barrier = bar.sync)
+        tl.debug_barrier()
+        tl.atomic_add(cnt_ptr + row, 1, sem="release", scope="gpu")
+        arrived = tl.atomic_add(cnt_ptr + row, 0, sem="acquire", scope="gpu")
+        while arrived < PARTS:
             arrived = tl.atomic_add(cnt_ptr + row, 0, sem="acquire", scope="gpu")
-            while arrived < PARTS:
-                arrived = tl.atomic_add(cnt_ptr + row, 0, sem="acquire", scope="gpu")
-        if PHASE != 1:
-            # Combine the parts' records, in part order.
-            first = part_ptr + row * PARTS * 4
-            m_row = tl.full([], NEG_INF, ACC)
-            for k in tl.static_range(PARTS):
-                se_k = tl.load(first + k * 4 + 1, volatile=True)
-                m_k = tl.load(first + k * 4, volatile=True)
-                m_row = tl.maximum(m_row, tl.where(se_k == 0.0, NEG_INF, m_k))
-            m_row = tl.where(m_row == NEG_INF, 0.0, m_row)
-            se_row = tl.zeros([], ACC)
-            wxs_row = tl.zeros([], ACC)
-            wsum_row = tl.zeros([], ACC)
-            for k in tl.static_range(PARTS):
-                m_k = tl.load(first + k * 4, volatile=True)
-                se_k = tl.load(first + k * 4 + 1, volatile=True)
-                se_row += tl.where(se_k == 0.0, 0.0, se_k * tl.exp(m_k - m_row))
-                if SMOOTH:
-                    wsum_k = tl.load(first + k * 4 + 3, volatile=True)
-                    # chunk sums are taken about the chunk's own max m_k
-                    wxs_row += tl.load(first + k * 4 + 2, volatile=True) + wsum_k * (m_k - m_row)
-                    wsum_row += wsum_k
-            log_se = tl.log(se_row)
-            if HAS_WEIGHT:
-                w_t = tl.load(w_ptr + t_safe, mask=active, other=0.0).to(ACC)
-            else:
-                w_t = tl.full([], 1.0, ACC)
-            if part == 0:
-                x_t = tl.load(xt_ptr + row, volatile=True)
-                loss = (1.0 - eps) * w_t * ((m_row - x_t) + log_se)
-                if SMOOTH:
-                    loss += eps / C * (wsum_row * log_se - wxs_row)
-                tl.store(loss_ptr + row, tl.where(active, loss, tl.where(ignored, 0.0, float("nan"))))
-                tl.store(lse_ptr + row, tl.where(active, m_row + log_se, 0.0))
-            if MEAN:
-                s = 1.0 / tl.load(den_ptr).to(ACC)
-            else:
-                s = tl.full([], 1.0, ACC)
-            a, b, e = _index_grad_coefs(s, eps, w_t, C, wsum_ptr, ACC, HAS_WEIGHT, SMOOTH, False)
+    if PHASE != 1:
+        # Combine the row's records: one vector load per field, reductions of the same
+        # compiled layout in every part (identical bits everywhere).
+        ks = tl.arange(0, RECORDS)  # RECORDS = next power of two >= PARTS
+        field = part_ptr + row * PARTS * 4 + ks * 4
+        m_k = tl.load(field, mask=ks < PARTS, other=0.0, volatile=True)
+        se_k = tl.load(field + 1, mask=ks < PARTS, other=0.0, volatile=True)
+        m_row = tl.max(tl.where(se_k == 0.0, NEG_INF, m_k), 0)
+        m_row = tl.where(m_row == NEG_INF, 0.0, m_row)
+        se_row = tl.sum(tl.where(se_k == 0.0, 0.0, se_k * tl.exp(m_k - m_row)), 0)
+        wxs_row = tl.zeros([], ACC)
+        wsum_row = tl.zeros([], ACC)
+        if SMOOTH:
+            wxs_k = tl.load(field + 2, mask=ks < PARTS, other=0.0, volatile=True)
+            wsum_k = tl.load(field + 3, mask=ks < PARTS, other=0.0, volatile=True)
+            # chunk sums are taken about the chunk's own max m_k
+            wxs_row = tl.sum(wxs_k + wsum_k * (m_k - m_row), 0)
+            wsum_row = tl.sum(wsum_k, 0)
+        log_se = tl.log(se_row)
+        if HAS_WEIGHT:
+            w_t = tl.load(w_ptr + t_safe, mask=active, other=0.0).to(ACC)
+        else:
+            w_t = tl.full([], 1.0, ACC)
+        if part == 0:
+            x_t = tl.load(xt_ptr + row, volatile=True)
+            loss = (1.0 - eps) * w_t * ((m_row - x_t) + log_se)
+            if SMOOTH:
+                loss += eps / C * (wsum_row * log_se - wxs_row)
+            tl.store(loss_ptr + row, tl.where(active, loss, tl.where(ignored, 0.0, float("nan"))))
+            tl.store(lse_ptr + row, tl.where(active, m_row + log_se, 0.0))
+        if MEAN:
+            s = 1.0 / tl.load(den_ptr).to(ACC)
+        else:
+            s = tl.full([], 1.0, ACC)
+        a, b, e = _index_grad_coefs(s, eps, w_t, C, wsum_ptr, ACC, HAS_WEIGHT, SMOOTH, False)
+        if ONE_BLOCK:
+            if PHASE == 2:  # a separate launch: the registers of sweep 1 are gone
+                x = tl.load(x_chunk + cols.to(tl.int64) * stride_c, mask=cols < n_cols,
+                            other=NEG_INF).to(ACC)
+            # _index_grad_sweep's formula on the block in registers
+            g = tl.where(cols == t - c0, -b, 0.0) + a * tl.exp((x - m_row) - log_se)
+            if SMOOTH:
+                if HAS_WEIGHT:
+                    g -= e * tl.load(w_ptr + c0 + cols, mask=cols < n_cols, other=0.0).to(ACC)
+                else:
+                    g -= e
+            g = tl.where(active, g, tl.where(ignored, 0.0, float("nan")))
+            g_chunk = g_ptr + g_off + c0 * S
+            tl.store(g_chunk + cols.to(tl.int64) * S, g.to(g_ptr.dtype.element_ty), mask=cols < n)
+        else:
             _index_grad_sweep(x_chunk, stride_c, g_ptr + g_off + c0 * S, S, w_ptr + c0, n,
                               n_cols, t - c0, m_row, log_se, active, ignored, a, b, e, ACC,
                               HAS_WEIGHT, SMOOTH, False, BLOCK)
@@ -763,8 +822,9 @@ def _launch_split(x, t, weight, loss_rows, lse, grad, den, wsum, ignore_index,
     device = x.device
     acc = lse.dtype
     smooth = label_smoothing != 0.0
-    block, num_warps = _row_config(triton.cdiv(C, parts), x.element_size(), heavy=smooth)
-    num_warps = _SPLIT_NUM_WARPS or num_warps
+    # one block per chunk where it fits (the chunk then stays in registers)
+    block = min(max(triton.next_power_of_2(triton.cdiv(C, parts)), _MIN_BLOCK), _SPLIT_MAX_BLOCK)
+    num_warps = _SPLIT_NUM_WARPS or min(32, max(4, block // (32 * _SPLIT_ELEMS_PER_THREAD)))
     chunk = triton.cdiv(triton.cdiv(C, parts), block) * block
     records = torch.empty(R * parts * 4, dtype=acc, device=device)
     x_t = torch.empty(R, dtype=acc, device=device)
@@ -772,18 +832,23 @@ def _launch_split(x, t, weight, loss_rows, lse, grad, den, wsum, ignore_index,
     fused = _SPLIT_FUSED and device.type == "cuda"
     if fused:
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        groups = max(1, min(R, sms * _SPLIT_PROGRAMS_PER_SM // parts))
-        arrived = torch.zeros(R, dtype=torch.int32, device=device)
+        # Deadlock-free when at least `parts` programs can run at once: one per SM
+        # always can (a few KB of registers), so parts <= SMs; else two launches.
+        fused = parts <= sms
+    if fused:
+        programs = max(1, min(R * parts, sms * _SPLIT_PROGRAMS_PER_SM))
+        counters = torch.zeros(R + 1, dtype=torch.int32, device=device)  # rows, then tickets
     else:
-        groups, arrived = R, x_t  # counters unused
+        programs, counters = R * parts, x_t  # counters unused
     for phase in (0,) if fused else (1, 2):
-        wrap_triton(_ce_split_kernel)[(groups * parts,)](
+        wrap_triton(_ce_split_kernel)[(programs,)](
             x, t, weight if weight is not None else lse, loss_rows, lse, grad,
             den if den is not None else lse, wsum if wsum is not None else lse,
-            records, x_t, arrived, R, C, S, x.stride(0), x.stride(1), x.stride(2),
+            records, x_t, counters, R, C, S, x.stride(0), x.stride(1), x.stride(2),
             ignore_index, eps_hi, eps_lo, chunk, HAS_WEIGHT=weight is not None,
-            SMOOTH=smooth, MEAN=mean, PARTS=parts, PHASE=phase, BLOCK=block,
-            num_warps=num_warps)
+            SMOOTH=smooth, MEAN=mean, PARTS=parts, RECORDS=triton.next_power_of_2(parts),
+            PHASE=phase, ONE_BLOCK=chunk == block,
+            BLOCK=block, num_warps=num_warps)
 
 
 def cross_entropy_bwd(grad_loss: torch.Tensor, input: torch.Tensor, target: torch.Tensor,
