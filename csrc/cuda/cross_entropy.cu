@@ -617,8 +617,11 @@ bool launch_cluster(const IndexArgs<x_t, index_t>& a, const at::Tensor& x, cudaS
                                           x.get_device()));
     if (major < 9) return refuse("thread-block clusters need sm_90 or newer");
     // Smallest block (threads) and pack count whose cluster covers the row.
+    // 16 packs only for fp32: 16-bit packs of 16 spill (ptxas sm_90), so bf16/fp16
+    // rows longer than 262144 classes take index_kernel.
     int threads = 0, packs = 0;
     for (int k : {2, 8, 16}) {
+      if (k == 16 && sizeof(x_t) < 4) break;
       for (int t = 128; t <= cluster_max_threads(k) && threads == 0; t *= 2)
         if (static_cast<int64_t>(kClusterSize) * t * kVec * k >= C) threads = t, packs = k;
       if (threads) break;
@@ -652,8 +655,10 @@ bool launch_cluster(const IndexArgs<x_t, index_t>& a, const at::Tensor& x, cudaS
       return true;
     };
     if (packs == 2) return launch(index_cluster_kernel<x_t, index_t, 2>);
-    if (packs == 8) return launch(index_cluster_kernel<x_t, index_t, 8>);
-    return launch(index_cluster_kernel<x_t, index_t, 16>);
+    if constexpr (sizeof(x_t) == 4) {
+      if (packs == 16) return launch(index_cluster_kernel<x_t, index_t, 16>);
+    }
+    return launch(index_cluster_kernel<x_t, index_t, 8>);
   }
 }
 
