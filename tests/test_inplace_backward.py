@@ -141,3 +141,38 @@ def test_compiled_fullgraph_matches_eager():
     compiled = grads(torch.compile(step, fullgraph=True))
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["grad-buffer", "inplace"])
+def test_double_backward_raises_instead_of_zero(target, inplace):
+    # The gradient is a buffer written in the forward pass: differentiating it again
+    # must raise, never give a silent 0; nor is it the logits tensor (with its graph).
+    h = torch.randn(4, 8, device=target, dtype=torch.float64, requires_grad=True)
+    logits = h @ torch.randn(8, 10, device=target, dtype=torch.float64)
+    loss = fused_nll.cross_entropy(logits, torch.randint(0, 10, (4,), device=target),
+                                   inplace_backward=inplace)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, logits, create_graph=True)
+    (g,) = torch.autograd.grad(loss, logits)
+    assert g is not logits and not g.requires_grad
+
+
+def test_second_backward_after_a_zero_upstream_gradient_raises(target):
+    h = torch.randn(3, 8, device=target, requires_grad=True)
+    logits = h @ torch.randn(8, 10, device=target)
+    loss = fused_nll.cross_entropy(logits, torch.randint(0, 10, (3,), device=target),
+                                   reduction="none", inplace_backward=True)
+    (loss * torch.tensor([1.0, 0.0, 2.0], device=target)).sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.sum().backward()
+
+
+def test_view_of_a_leaf_is_refused_also_when_compiled():
+    p = torch.nn.Parameter(torch.randn(40))
+    t = torch.randint(0, 10, (4,))
+    f = torch.compile(lambda p, t: fused_nll.cross_entropy(p.view(4, 10), t, inplace_backward=True),
+                      fullgraph=True)
+    before = p.detach().clone()
+    with pytest.raises(Exception, match="or a view of one"):
+        f(p, t)
+    assert torch.equal(p.detach(), before)

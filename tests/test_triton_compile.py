@@ -25,6 +25,8 @@ KERNELS = [  # (kernel, constexprs, num_warps)
                              MEAN=True, BLOCK=8192), 8),
     (ce._ce_fwd_kernel, dict(HAS_WEIGHT=False, SMOOTH=True, LOG_PROBS=True, COMPUTE_GRAD=True,
                              MEAN=False, BLOCK=1024), 4),
+    (ce._ce_fwd_kernel, dict(HAS_WEIGHT=False, SMOOTH=False, LOG_PROBS=True, COMPUTE_GRAD=True,
+                             MEAN=True, BLOCK=8192), 8),
     (ce._ce_split_kernel, dict(HAS_WEIGHT=True, SMOOTH=True, MEAN=True, PARTS=16, RECORDS=16, PHASE=0,
                                ONE_BLOCK=True, BLOCK=8192), 8),
     (ce._ce_split_kernel, dict(HAS_WEIGHT=True, SMOOTH=True, MEAN=True, PARTS=8, RECORDS=8, PHASE=0,
@@ -65,6 +67,10 @@ def test_kernel_compiles(case, arch):
                               options={"num_warps": num_warps})
     ptx = compiled.asm["ptx"]
     assert ".entry" in ptx and kernel.__name__ in ptx
+    if kernel is ce._ce_fwd_kernel and constexprs["COMPUTE_GRAD"]:
+        # in place, x_t is read before any thread writes the gradient: a barrier even
+        # where no reduction provides one (nll_loss on log-probs without smoothing)
+        assert "bar.sync" in ptx
     if kernel is ce._ce_split_kernel and constexprs["PHASE"] == 0:
         # the in-launch exchange: release add, acquire spin, volatile reads of the records
         assert "red.global.gpu.release.add" in ptx or "atom.global.gpu.release" in ptx

@@ -31,6 +31,7 @@ a tensor value on the host.
 """
 
 import math
+import os
 import struct
 
 import torch
@@ -348,6 +349,10 @@ def _ce_fwd_row(row, x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_ptr, wsu
             s = tl.full([], 1.0, ACC)
         a, b, e = _index_grad_coefs(s, eps, w_t, C, wsum_ptr, ACC, HAS_WEIGHT, SMOOTH,
                                     LOG_PROBS)
+        # The gradient may be written over x (in-place forward): every thread has read
+        # x_t (above) before any thread writes. The reductions of sweep 1 already order
+        # that, but LOG_PROBS without smoothing has no sweep 1 (one bar.sync per row).
+        tl.debug_barrier()
         _index_grad_sweep(x_row, stride_c, g_ptr + g_off, S, w_ptr, C, n_cols, t, m, log_se,
                           active, ignored, a, b, e, ACC, HAS_WEIGHT, SMOOTH, LOG_PROBS, BLOCK)
 
@@ -365,11 +370,11 @@ def _ce_split_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_ptr, wsu
 
     PHASE 0: one launch. A program takes work items in increasing order from a ticket
     counter (cnt_ptr[R]) and, per item, publishes its chunk's partial sums, then
-    waits for the row's other parts. Tickets make this deadlock-free whatever the
-    grid and occupancy: every part of a row whose tickets have all been handed out
-    gets published without waiting, so at most the newest row waits on tickets not
-    yet taken, and some program is always free to take them as long as PARTS programs
-    can be resident at once (the launcher requires PARTS <= SMs). With ONE_BLOCK (chunk == BLOCK) the chunk stays in registers
+    waits for the row's other parts. Tickets make this deadlock-free for any grid:
+    every part of a row whose tickets have all been handed out gets published without
+    waiting, so at most the newest row waits on tickets not yet taken, and some
+    program is free to take them as long as PARTS programs can be resident at once
+    (the launcher requires PARTS <= SMs / 2, a margin for kernels on other streams). With ONE_BLOCK (chunk == BLOCK) the chunk stays in registers
     between the two sweeps: the logits are read once.
     PHASE 1 / 2: sweep 1 and publish / combine and gradient, as two launches with a
     static split of the items (Triton's interpreter runs programs one after another).
@@ -829,12 +834,15 @@ def _launch_split(x, t, weight, loss_rows, lse, grad, den, wsum, ignore_index,
     records = torch.empty(R * parts * 4, dtype=acc, device=device)
     x_t = torch.empty(R, dtype=acc, device=device)
     eps_hi, eps_lo = _split_float(label_smoothing)
-    fused = _SPLIT_FUSED and device.type == "cuda"
+    # The interpreter runs programs one after another (also on CUDA tensors): a part
+    # spinning for the next program would never return.
+    fused = _SPLIT_FUSED and device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
     if fused:
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        # Deadlock-free when at least `parts` programs can run at once: one per SM
-        # always can (a few KB of registers), so parts <= SMs; else two launches.
-        fused = parts <= sms
+        # Deadlock-free when at least `parts` programs can run at once. One per SM fits
+        # (a few KB of registers), but kernels on other streams may hold SMs: keep a
+        # margin of half the SMs; longer splits take two launches.
+        fused = parts <= sms // 2
     if fused:
         programs = max(1, min(R * parts, sms * _SPLIT_PROGRAMS_PER_SM))
         counters = torch.zeros(R + 1, dtype=torch.int32, device=device)  # rows, then tickets

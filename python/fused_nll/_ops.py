@@ -153,8 +153,8 @@ class FusedLoss(torch.autograd.Function):
 
     A later backward through the same graph (retain_graph=True, gradcheck)
     must not touch the tensor the first one handed out: it returns a new one,
-    rescaled by new/first upstream gradient (one extra rounding; nan if the
-    first upstream gradient was 0).
+    rescaled by new/first upstream gradient (one extra rounding; an error if the
+    first upstream gradient was 0 somewhere). Double backward raises.
     """
 
     @staticmethod
@@ -173,7 +173,17 @@ class FusedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        (grad,) = ctx.saved_tensors
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # create_graph=True: the gradient is a buffer computed in the forward pass,
+            # a constant to autograd; returning it would make every second-order term
+            # silently 0 (gradient penalties, MAML, Hessian-vector products).
+            raise RuntimeError(
+                "fused_nll: double backward (create_graph=True) through the fused loss is "
+                "not supported: its gradient is computed during the forward pass. Use "
+                "torch.nn.functional.cross_entropy where you need higher-order gradients.")
+        # detach: in place, the saved tensor is the caller's logits tensor itself (with
+        # their grad_fn); the gradient handed on is its storage, not that tensor
+        (grad,) = (t.detach() for t in ctx.saved_tensors)
         none = (None,) * (2 + ctx.n_args)  # target, weight, *args
         if ctx.first_grad_loss is None:
             ctx.first_grad_loss = grad_loss.detach().clone()
@@ -187,6 +197,16 @@ class FusedLoss(torch.autograd.Function):
                 with torch._C._AutoDispatchBelowADInplaceOrView():
                     ctx.scale(grad, grad_loss)
             return (None, None, None, grad) + none
+        # A second backward (retain_graph): the only copy was scaled by the first
+        # upstream gradient; rescale by new/first. Where the first was 0 the gradient
+        # is gone: say so rather than return nan (a host read, on this rare path only).
+        if not torch.compiler.is_compiling() and bool((ctx.first_grad_loss == 0).any()):
+            raise RuntimeError(
+                "fused_nll: a second backward through this loss (retain_graph=True) after a "
+                "first one whose upstream gradient was 0 (for some row) is not supported: "
+                "the first backward scaled the only copy of the gradient, which fused_nll "
+                "writes during the forward pass. Compute the loss again for the second "
+                "backward, or use one backward with the summed upstream gradients.")
         return (None, None, None, _times_upstream(grad, grad_loss / ctx.first_grad_loss)) + none
 
 

@@ -191,7 +191,7 @@ def inplace_backward(flag, input: torch.Tensor, fn: str) -> bool:
         )
     if not (flag and input.requires_grad and torch.is_grad_enabled()):
         return False  # nothing to write: the input is left alone
-    base = None if torch.compiler.is_compiling() else input._base
+    base = input._base  # Dynamo traces it (fullgraph), so also checked when compiled
     if input.is_leaf or (base is not None and base.is_leaf and base.requires_grad):
         raise RuntimeError(
             f"fused_nll.{fn}: inplace_backward=True writes the gradient over input, but input "
