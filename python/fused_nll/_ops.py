@@ -74,7 +74,7 @@ def _(grad_input, grad_loss):
     return None
 
 
-# The in-place forward ops overwrite their input: bump its version counter (as
+# The in-place ops overwrite their first argument: bump its version counter (as
 # torch's own in-place ops do), so that autograd raises instead of silently
 # using the overwritten logits if anything else saved them for backward. The
 # C++ schema alone does not do this; torch.library.custom_op/triton_op does it
@@ -94,6 +94,7 @@ def _bump_input_version(name: str) -> None:
 
 _bump_input_version("cross_entropy_fwd_inplace")
 _bump_input_version("cross_entropy_prob_fwd_inplace")
+_bump_input_version("scale_grad_")  # FusedLoss calls it below ADInplaceOrView: no bump there
 
 
 # ---------------------------------------------------------------------------
