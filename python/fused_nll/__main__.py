@@ -62,6 +62,9 @@ def cmd_info(_args) -> int:
     forced = _backend._forced[-1]
     print(f"default:  {', '.join(defaults)}" + (f"  (forced by FUSED_NLL_BACKEND={forced})" if forced else ""))
     print(f"debug:    {'on' if _backend.debug_enabled() else 'off'} (fused_nll.set_debug / FUSED_NLL_DEBUG=1)")
+    cluster = os.environ.get("FUSED_NLL_CUDA_CLUSTER", "")
+    print(f"opt-in:   CUDA cluster kernel {'on (' + cluster + ')' if cluster in ('1', 'require') else 'off'}"
+          " (FUSED_NLL_CUDA_CLUSTER=1, sm_90+, not yet run on a GPU; docs/ops.md)")
     return 0
 
 
