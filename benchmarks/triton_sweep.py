@@ -77,12 +77,15 @@ def main():
                 got = (xg.grad.float(), fused_nll.cross_entropy(x, t).float())
                 if ref is None:
                     ref = got
-                bad = not (torch.allclose(got[0], ref[0], rtol=2e-2, atol=1e-7)
+                # elementwise (bf16 rounding: 2e-2) and in L1, which also sees a
+                # systematic error in the many tiny entries (~p_c / N) below the atol
+                l1 = ((got[0] - ref[0]).abs().sum() / ref[0].abs().sum()).item()
+                bad = not (torch.allclose(got[0], ref[0], rtol=2e-2, atol=1e-7) and l1 < 1e-2
                            and torch.allclose(got[1], ref[1], rtol=1e-3))
                 if bad:
                     err = (got[0] - ref[0]).abs().max().item()
-                    print(f"{n:6d} {v:7d} {label:<18s} {'-':>8s} {'-':>10s}  BAD (grad max err {err:.2e})",
-                          flush=True)
+                    print(f"{n:6d} {v:7d} {label:<18s} {'-':>8s} {'-':>10s}  BAD (grad max err "
+                          f"{err:.2e}, L1 {l1:.2e})", flush=True)
                     continue
                 with torch.no_grad():
                     fwd = do_bench(lambda: fused_nll.cross_entropy(x, t), warmup=25, rep=100,
