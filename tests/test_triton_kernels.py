@@ -694,6 +694,8 @@ def test_split_rows_one_launch_on_gpu():
                     torch.testing.assert_close(got[0], ref[0], rtol=1e-3, atol=0)
                     torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-5)
                     torch.testing.assert_close(got[2].float(), ref[2].float(), rtol=2e-2, atol=1e-8)
+                    l1 = (got[2].float() - ref[2].float()).abs().sum() / ref[2].float().abs().sum()
+                    assert l1 < 1e-2, (v, eps, parts, l1.item())
                     torch.testing.assert_close(xi, got[2], rtol=0, atol=0)
                     torch.testing.assert_close(got_i[0], got[0], rtol=0, atol=0)
         print("split ok")
