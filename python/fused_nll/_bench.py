@@ -106,6 +106,23 @@ def implementations(device, wanted):
         run_inplace.inplace = True  # bench_case hands it non-leaf logits
         run_inplace.fwdbwd_only = True  # without a gradient it is the plain call
         impls[f"fused_nll[{backend}] inplace_backward"] = run_inplace
+    if device == "cuda" and "fused_nll[triton]" in impls:
+        # The Triton split-row gradient path (a module knob, off by default): 16 parts,
+        # a chunk in registers up to 131072 classes. fwd+bwd only (forward-only calls
+        # do not take it).
+        from fused_nll.triton_kernels import cross_entropy as triton_ce
+
+        def run_split(x, t):
+            saved = triton_ce._SPLIT_PARTS
+            triton_ce._SPLIT_PARTS = 16
+            try:
+                with fused_nll.use_backend("triton"):
+                    return fused_nll.cross_entropy(x, t)
+            finally:
+                triton_ce._SPLIT_PARTS = saved
+
+        run_split.fwdbwd_only = True
+        impls["fused_nll[triton] split16"] = run_split
     if device == "cuda" and "fused_nll[cuda]" in impls:
         # The Hopper cluster kernel of the CUDA backend (opt-in, csrc/cuda): only
         # the forward with gradient takes it, so fwd+bwd only.
