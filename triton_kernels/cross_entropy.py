@@ -230,18 +230,30 @@ def _index_grad_sweep(x_row, stride_c, g_row, stride_gc, w_ptr, C, n_cols, t, m,
         cols = start + tl.arange(0, BLOCK)
         mask = cols < C
         cols64 = cols.to(tl.int64)
-        g = tl.where(cols == t, -b, 0.0)
+        x = tl.zeros([BLOCK], ACC)
         if not LOG_PROBS:
             x = tl.load(x_row + cols64 * stride_c, mask=cols < n_cols, other=0.0,
                         eviction_policy="evict_first").to(ACC)
-            g += a * tl.exp((x - m) - log_se)
-        if SMOOTH:
-            if HAS_WEIGHT:
-                g -= e * tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(ACC)
-            else:
-                g -= e
-        g = tl.where(active, g, tl.where(ignored, 0.0, float("nan")))
+        g = _index_grad_block(x, cols, w_ptr, n_cols, t, m, log_se, active, ignored, a, b, e,
+                              ACC, HAS_WEIGHT, SMOOTH, LOG_PROBS)
         tl.store(g_row + cols64 * stride_gc, g.to(g_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _index_grad_block(x, cols, w_ptr, n_cols, t, m, log_se, active, ignored, a, b, e,
+                      ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
+                      LOG_PROBS: tl.constexpr):
+    """The gradient of one block of classes `cols` with logits x (unused with LOG_PROBS):
+    g_c = a*p_c - b*[c == t] - e*w_c, exactly 0 for ignored rows, nan for invalid ones."""
+    g = tl.where(cols == t, -b, 0.0)
+    if not LOG_PROBS:
+        g += a * tl.exp((x - m) - log_se)
+    if SMOOTH:
+        if HAS_WEIGHT:
+            g -= e * tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(ACC)
+        else:
+            g -= e
+    return tl.where(active, g, tl.where(ignored, 0.0, float("nan")))
 
 
 @triton.jit
@@ -495,14 +507,8 @@ def _split_part(row, part, x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_pt
             if PHASE == 2:  # a separate launch: the registers of sweep 1 are gone
                 x = tl.load(x_chunk + cols.to(tl.int64) * stride_c, mask=cols < n_cols,
                             other=NEG_INF).to(ACC)
-            # _index_grad_sweep's formula on the block in registers
-            g = tl.where(cols == t - c0, -b, 0.0) + a * tl.exp((x - m_row) - log_se)
-            if SMOOTH:
-                if HAS_WEIGHT:
-                    g -= e * tl.load(w_ptr + c0 + cols, mask=cols < n_cols, other=0.0).to(ACC)
-                else:
-                    g -= e
-            g = tl.where(active, g, tl.where(ignored, 0.0, float("nan")))
+            g = _index_grad_block(x, cols, w_ptr + c0, n_cols, t - c0, m_row, log_se, active,
+                                  ignored, a, b, e, ACC, HAS_WEIGHT, SMOOTH, False)
             g_chunk = g_ptr + g_off + c0 * S
             tl.store(g_chunk + cols.to(tl.int64) * S, g.to(g_ptr.dtype.element_ty), mask=cols < n)
         else:
