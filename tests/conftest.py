@@ -1,6 +1,7 @@
 """Shared test helpers: which (device, backend) pairs can run here, and a
 parity check of loss and gradient against torch in fp64."""
 import os
+import sys
 
 import pytest
 import torch
@@ -8,6 +9,20 @@ import torch
 import fused_nll
 from fused_nll import _backend
 from fused_nll._reference import close, reference
+
+CUDA_EMU = os.environ.get("FUSED_NLL_TEST_CUDA_EMU") == "1"
+cpu_kernel_only = pytest.mark.skipif(
+    CUDA_EMU, reason="checks the C++ CPU kernel itself, which the emulator stage replaced")
+
+if CUDA_EMU:
+    # tools/run_tests.sh's emulator stage: fused_nll's CPU kernels are replaced,
+    # in this process, by the CUDA C++ kernels on the CPU emulator of
+    # tests/cuda_emu, so the cpu/cpp target drives the CUDA kernels through the
+    # whole public API (autograd, scale_grad_, in place, compile).
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cuda_emu"))
+    import build as _cuda_emu_build
+
+    _cuda_emu_build.replace_cpu_kernels()
 
 
 def available_targets():

@@ -1,26 +1,56 @@
-"""GPU tests of the CUDA C++ kernels (csrc/cuda/cross_entropy.cu).
+"""Tests of the CUDA C++ kernels (csrc/cuda/cross_entropy.cu).
 
-They call the registered ops `torch.ops.fused_nll.*` directly on CUDA tensors
-(which dispatches to the C++ CUDA implementation, not Triton) and compare with
-an fp64 torch reference: F.cross_entropy / F.nll_loss on `.double()` inputs and
-the autograd gradient. The contract is docs/ops.md. Skipped without a GPU.
+They call the ops directly and compare with an fp64 torch reference:
+F.cross_entropy / F.nll_loss on `.double()` inputs and the autograd gradient.
+The contract is docs/ops.md.
+
+- With a GPU: `torch.ops.fused_nll.*` on CUDA tensors (which dispatches to the
+  C++ CUDA implementation, not Triton).
+- Without one (CI): the same kernels and host code compiled for the CPU
+  emulator of tests/cuda_emu (`torch.ops.fused_nll_cuda_emu.*` on CPU tensors):
+  random thread order between barriers, checked barriers, thread-block clusters
+  on OS threads. The few GPU-only properties (no host sync, > 2^31 elements in
+  device memory) are skipped there, with that reason.
 """
+
+import os
+import shutil
+import sys
 
 import pytest
 
 torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 
-if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+fused_nll = pytest.importorskip("fused_nll")  # loads fused_nll._C: schemas (+ CUDA kernels)
 
-fused_nll = pytest.importorskip("fused_nll")  # loads fused_nll._C: schemas + CUDA kernels
+EMULATED = not torch.cuda.is_available()
+if EMULATED:
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no GPU, and no C++ compiler to build the CUDA emulator",
+                    allow_module_level=True)
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cuda_emu"))
+    import build as cuda_emu_build  # noqa: E402
 
-if not torch._C._dispatch_has_kernel_for_dispatch_key("fused_nll::cross_entropy_fwd", "CUDA"):
-    pytest.skip("fused_nll._C was built without the CUDA C++ kernels", allow_module_level=True)
+    ops = cuda_emu_build.load()
+    DEV = "cpu"
+else:
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("fused_nll::cross_entropy_fwd",
+                                                          "CUDA"):
+        pytest.skip("fused_nll._C was built without the CUDA C++ kernels",
+                    allow_module_level=True)
+    ops = torch.ops.fused_nll
+    DEV = "cuda"
 
-ops = torch.ops.fused_nll
-DEV = "cuda"
+gpu_only = pytest.mark.skipif(EMULATED, reason="a property of a real GPU, not of the emulator")
+
+
+def sync():
+    """Waits for the device (on a GPU a device-side assert would raise here)."""
+    if not EMULATED:
+        torch.cuda.synchronize()
+
+
 RED = {"none": 0, "mean": 1, "sum": 2}
 
 # (rtol, atol) per input dtype; atol is relative to the largest |reference| value
@@ -73,7 +103,8 @@ def class_weight(C, dtype):
 
 def ref_index(x, t, weight, ignore_index, eps, reduction, log_probs, grad_loss=None):
     """fp64 loss and autograd gradient of docs/ops.md (torch's semantics)."""
-    xd = x.detach().double().requires_grad_()
+    # contiguous: torch's CPU nll_loss2d backward rejects channels_last (emulator runs)
+    xd = x.detach().double().contiguous().requires_grad_()
     wd = None if weight is None else weight.double()
     tl = t.long()
     if not log_probs:
@@ -104,7 +135,8 @@ def ref_index(x, t, weight, ignore_index, eps, reduction, log_probs, grad_loss=N
 
 
 def ref_prob(x, y, weight, eps, reduction, grad_loss=None):
-    xd = x.detach().double().requires_grad_()
+    # contiguous: torch's CPU nll_loss2d backward rejects channels_last (emulator runs)
+    xd = x.detach().double().contiguous().requires_grad_()
     wd = None if weight is None else weight.double()
     loss = F.cross_entropy(xd, y.double(), weight=wd, reduction=reduction, label_smoothing=eps)
     go = torch.ones_like(loss) if grad_loss is None else grad_loss.double()
@@ -404,6 +436,53 @@ def test_prob_targets_mixed_dtypes_and_layout():
     check(grad, ref_grad, torch.bfloat16)
 
 
+# --- in place (inplace_backward): the gradient written over the logits --------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("V", [3, 1000, 32001])
+@pytest.mark.parametrize("option", ["plain", "weight_smooth", "nll", "nll_smooth_sum"])
+def test_inplace_matches_out_of_place(dtype, V, option):
+    """cross_entropy_fwd_inplace gives the loss and lse of cross_entropy_fwd and
+    leaves its gradient in the input, bit for bit. In place, a thread's gradient
+    write can land on x_t before another thread read it (nll_loss reads nothing
+    else): the kernel orders them with a barrier. (On the emulator the thread
+    order between barriers is random, so a missing barrier fails here.)"""
+    torch.manual_seed(V)
+    log_probs = option.startswith("nll")
+    x = logits((9, 3, V) if V == 3 else (9, V), dtype)  # V = 3: K-dim (S = 3 per row)
+    if log_probs:
+        x = torch.log_softmax(x.double(), dim=1).to(dtype)
+    t = targets(x, p_ignore=0.2)
+    w = class_weight(V, dtype) if option in ("weight_smooth", "nll_smooth_sum") else None
+    eps = 0.1 if "smooth" in option else 0.0
+    red = RED["sum" if option == "nll_smooth_sum" else "mean"]
+    loss, lse, grad = ops.cross_entropy_fwd(x, t, w, -100, eps, red, log_probs, True)
+    xi = x.clone()
+    loss_i, lse_i = ops.cross_entropy_fwd_inplace(xi, t, w, -100, eps, red, log_probs)
+    torch.testing.assert_close(loss_i, loss, rtol=0, atol=0)
+    torch.testing.assert_close(lse_i, lse, rtol=0, atol=0)
+    torch.testing.assert_close(xi, grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prob_inplace_matches_out_of_place(dtype):
+    x = logits((6, 1001, 2), dtype)
+    y = soft_targets(x.shape, dtype)
+    w = class_weight(1001, dtype)
+    loss, lse, grad = ops.cross_entropy_prob_fwd(x, y, w, 0.1, 1, True)
+    xi = x.clone()
+    loss_i, lse_i = ops.cross_entropy_prob_fwd_inplace(xi, y, w, 0.1, 1)
+    torch.testing.assert_close(loss_i, loss, rtol=0, atol=0)
+    torch.testing.assert_close(lse_i, lse, rtol=0, atol=0)
+    torch.testing.assert_close(xi, grad, rtol=0, atol=0)
+
+
+def test_inplace_needs_contiguous_input():
+    x = logits((64, 2002), torch.float32)[:, ::2]
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        ops.cross_entropy_fwd_inplace(x, targets(x), None, -100, 0.0, 1, False)
+
+
 # --- scale_grad_ ----------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -450,7 +529,7 @@ def test_out_of_range_targets_are_nan(dtype):
     w = class_weight(C, dtype)
 
     loss, _, grad = run_index(x, t, w, eps=0.1, reduction="none")
-    torch.cuda.synchronize()  # raises if a device-side assert fired
+    sync()  # raises if a device-side assert fired
     assert torch.all(torch.isnan(loss[bad])) and torch.all(torch.isnan(grad[bad]))
     ref_loss, ref_grad = ref_index(x[good], t[good], w, -100, 0.1, "none", False)
     check(loss[good], ref_loss, dtype)
@@ -468,11 +547,12 @@ def test_out_of_range_targets_are_nan(dtype):
     g = ops.cross_entropy_bwd(torch.tensor(1.0, device=DEV, dtype=dtype), x, t, w, lse, -100,
                               0.0, 2, False)
     assert torch.all(torch.isnan(g[bad])) and torch.all(g[3] == 0)
-    torch.cuda.synchronize()
+    sync()
     # the CUDA context is still usable
     assert (torch.ones(3, device=DEV) * 2).sum().item() == 6
 
 
+@gpu_only
 def test_no_host_sync():
     x = logits((16, 1000), torch.bfloat16)
     t = targets(x, p_ignore=0.2)
@@ -502,6 +582,7 @@ def test_deterministic():
         assert torch.equal(u, v)
 
 
+@gpu_only
 def test_int64_indexing():
     # N·V > 2^31 elements: offsets must be computed in 64 bits.
     free, _ = torch.cuda.mem_get_info()
@@ -520,7 +601,7 @@ def test_int64_indexing():
 # --- Hopper cluster kernel (FUSED_NLL_CUDA_CLUSTER, off by default) ---------
 
 def _is_hopper():
-    return torch.cuda.get_device_capability()[0] >= 9
+    return EMULATED or torch.cuda.get_device_capability()[0] >= 9  # the emulator is sm_90
 
 
 @pytest.mark.skipif(not _is_hopper(), reason="thread-block clusters need sm_90+")

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_nll
-from conftest import check_parity
+from conftest import check_parity, cpu_kernel_only
 from fused_nll._reference import TOLERANCES, close, reference
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -272,6 +272,19 @@ def test_gradcheck_fp64(kind, compute_in_forward):
     assert torch.autograd.gradcheck(fn, (x,))
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"], ids=["precomputed", "recomputed"])
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_double_backward_raises(kind, reduction):
+    # Neither path has a derivative of its own gradient: create_graph=True must
+    # raise a clear error, never give second-order terms of 0.
+    x = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    t = (torch.tensor([0, 3, -100, 6, 2]) if kind == "index"
+         else torch.softmax(torch.randn(5, 7, dtype=torch.float64), 1))
+    loss = fused_nll.cross_entropy(x, t, reduction=reduction)
+    with pytest.raises(RuntimeError, match="double backward .* not supported"):
+        torch.autograd.grad(loss.sum(), x, create_graph=True)
+
+
 def test_precomputed_gradient_buffer_becomes_dot_grad(monkeypatch):
     # The gradient written by the forward op must reach x.grad without a copy
     # (a copy is a full extra read + write of N x V).
@@ -295,6 +308,7 @@ def test_precomputed_gradient_buffer_becomes_dot_grad(monkeypatch):
                     reason="known crash: on the lent H200 (torch 2.11+cu130, CUDA build of the "
                            "extension) an IndexError thrown by the C++ CPU kernel segfaulted; the "
                            "public API checks CPU targets in Python first (see README, Known issues)")
+@cpu_kernel_only
 def test_cpp_kernel_itself_raises_index_error():
     with pytest.raises(IndexError, match="Target 5 is out of bounds."):
         torch.ops.fused_nll.cross_entropy_fwd(logits(3, 5), torch.tensor([0, 5, 1]), None, -100,

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The test command (README): the CPU suite, then the Triton kernels (their own
-# tests and the parity suite, on small shapes) through
-# Triton's interpreter in a separate process (TRITON_INTERPRET must be set
-# before triton is imported). GPU tests skip without CUDA.
+# The test command (README): the CPU suite (which also runs the CUDA C++ kernels'
+# own tests on a CPU emulator when there is no GPU), then the Triton kernels
+# (their own tests and the parity suite, on small shapes) through Triton's
+# interpreter in a separate process (TRITON_INTERPRET must be set before triton
+# is imported), then the public API's suite on the emulated CUDA C++ kernels.
+# GPU tests skip without CUDA.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,4 +19,9 @@ status=0
 run python -m pytest -q "$@" || status=1
 TRITON_INTERPRET=1 FUSED_NLL_TEST_BACKENDS=cpu/triton run python -m pytest -q \
   tests/test_triton_kernels.py tests/test_parity.py tests/test_inplace_backward.py "$@" || status=1
+# The CUDA C++ kernels, on the CPU emulator of tests/cuda_emu, as fused_nll's CPU
+# kernels for this process: the public API's suite drives them (tests/conftest.py).
+FUSED_NLL_TEST_CUDA_EMU=1 FUSED_NLL_TEST_BACKENDS=cpu/cpp run python -m pytest -q \
+  tests/test_parity.py tests/test_inplace_backward.py tests/test_opcheck.py \
+  tests/test_compile.py tests/test_errors.py "$@" || status=1
 exit $status

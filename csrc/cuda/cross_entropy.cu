@@ -1,7 +1,7 @@
 // CUDA C++ kernels for fused_nll: fused log_softmax + NLL (cross-entropy).
 //
 // The contract (schemas, shapes, math, edge cases) is docs/ops.md; the schemas
-// themselves are defined once, in csrc/ops.cpp. This file only registers CUDA
+// themselves are defined once, in csrc/schemas.h. This file only registers CUDA
 // implementations of the seven ops.
 //
 // Design
@@ -45,14 +45,20 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#ifdef FUSED_NLL_CUDA_EMU
+// tests/cuda_emu: this file compiled by a host compiler, on a CPU emulator of
+// the CUDA runtime that provides everything the real headers below would.
+#else
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
 #include <cooperative_groups.h>
+#endif
 
 #include "online_softmax.cuh"
 
@@ -478,7 +484,7 @@ constexpr int cluster_max_threads(int packs) { return packs <= 2 ? kMaxThreads :
 template <typename scalar_t, typename index_t, int kPacks>
 __global__ void __launch_bounds__(cluster_max_threads(kPacks))
     index_cluster_kernel(const IndexArgs<scalar_t, index_t> p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900) || defined(FUSED_NLL_CUDA_EMU)
   namespace cg = cooperative_groups;
   using acc_t = acc_of<scalar_t>;
   constexpr int kVec = vec_width<scalar_t>();
@@ -802,6 +808,21 @@ __global__ void __launch_bounds__(kMaxThreads)
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// kernel<<<grid, block, 0, stream>>>(args...), then the launch check. Every
+// launch goes through here so that the CPU emulator of tests/cuda_emu, which
+// runs these kernels in CI, can take the launch (and nothing else) over.
+template <typename... P, typename... A>
+void launch_kernel(void (*kernel)(P...), dim3 grid, dim3 block, cudaStream_t stream,
+                   A&&... args) {
+#ifdef FUSED_NLL_CUDA_EMU
+  (void)stream;
+  fused_nll_emu::launch(kernel, grid, block, /*cluster=*/1, std::forward<A>(args)...);
+#else
+  kernel<<<grid, block, 0, stream>>>(std::forward<A>(args)...);
+#endif
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 int num_sms(const at::Tensor& t) {
   int sms = 0;
   if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, t.get_device()) !=
@@ -895,10 +916,10 @@ at::Tensor total_weight(const at::Tensor& t2, const Layout& l, const at::Tensor*
                         int64_t ignore_index, at::ScalarType acc, cudaStream_t stream) {
   at::Tensor W = at::empty({}, t2.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES(acc, "fused_nll_total_weight", [&] {
-    total_weight_kernel<index_t, scalar_t><<<1, kMaxThreads, 0, stream>>>(
-        t2.data_ptr<index_t>(), t2.stride(0), t2.stride(1), Rows{l.rows(), l.C, l.S},
-        weight ? weight->data_ptr<scalar_t>() : nullptr, ignore_index, W.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(total_weight_kernel<index_t, scalar_t>, dim3(1), dim3(kMaxThreads), stream,
+                  t2.data_ptr<index_t>(), t2.stride(0), t2.stride(1), Rows{l.rows(), l.C, l.S},
+                  weight ? weight->data_ptr<scalar_t>() : nullptr, ignore_index,
+                  W.data_ptr<scalar_t>());
   });
   return W;
 }
@@ -1006,8 +1027,7 @@ at::Tensor run_index(const at::Tensor& input, const at::Tensor& target,
         if (!kBackward && compute_grad && launch_cluster(a, x, stream)) return;
         const int vec = x.stride(1) == 1 ? vec_width<x_t>() : 1;
         const RowLaunch rl = row_launch(input, R, l.C, vec);
-        index_kernel<x_t, index_t, kBackward><<<rl.grid, rl.block, 0, stream>>>(a);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch_kernel(index_kernel<x_t, index_t, kBackward>, rl.grid, rl.block, stream, a);
       });
     });
   }
@@ -1086,8 +1106,7 @@ at::Tensor run_prob(const at::Tensor& input, const at::Tensor& target,
         }
         const int vec = x.stride(1) == 1 ? vec_width<x_t, y_t>() : 1;
         const RowLaunch rl = row_launch(input, R, l.C, vec);
-        prob_kernel<x_t, y_t, kBackward><<<rl.grid, rl.block, 0, stream>>>(a);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch_kernel(prob_kernel<x_t, y_t, kBackward>, rl.grid, rl.block, stream, a);
       });
     });
   }
@@ -1101,7 +1120,7 @@ at::Tensor run_prob(const at::Tensor& input, const at::Tensor& target,
 }
 
 // ---------------------------------------------------------------------------
-// Op implementations (schemas in csrc/ops.cpp)
+// Op implementations (schemas in csrc/schemas.h)
 // ---------------------------------------------------------------------------
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
@@ -1189,25 +1208,30 @@ void scale_grad_cuda(at::Tensor& grad_input, const at::Tensor& grad_loss) {
       int64_t blocks = ceil_div(ceil_div(grad_input.numel(), vec_width<scalar_t>()), threads);
       const int64_t max_blocks = static_cast<int64_t>(num_sms(grad_input)) * 8;
       if (blocks > max_blocks) blocks = max_blocks;
-      scale_all_kernel<scalar_t><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
-          grad_input.data_ptr<scalar_t>(), grad_input.numel(), gl0.data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel(scale_all_kernel<scalar_t>, dim3(static_cast<unsigned>(blocks)),
+                    dim3(threads), stream, grad_input.data_ptr<scalar_t>(), grad_input.numel(),
+                    gl0.data_ptr<acc_t>());
     } else {
       const Layout l = layout_of(grad_input);
       const RowScalars gl = per_row_view(gl0, l, acc, "grad_loss");
       const int vec = l.S == 1 ? vec_width<scalar_t>() : 1;
       const RowLaunch rl = row_launch(grad_input, l.rows(), l.C, vec);
-      scale_rows_kernel<scalar_t><<<rl.grid, rl.block, 0, stream>>>(
-          grad_input.data_ptr<scalar_t>(), Rows{l.rows(), l.C, l.S}, gl.t.data_ptr<acc_t>(),
-          gl.sN, gl.sS);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel(scale_rows_kernel<scalar_t>, rl.grid, rl.block, stream,
+                    grad_input.data_ptr<scalar_t>(), Rows{l.rows(), l.C, l.S},
+                    gl.t.data_ptr<acc_t>(), gl.sN, gl.sS);
     }
   });
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fused_nll, CUDA, m) {
+// The emulator registers these same functions for its own library on CPU.
+#ifndef FUSED_NLL_CUDA_LIBRARY
+#define FUSED_NLL_CUDA_LIBRARY fused_nll
+#define FUSED_NLL_CUDA_KEY CUDA
+#endif
+
+TORCH_LIBRARY_IMPL(FUSED_NLL_CUDA_LIBRARY, FUSED_NLL_CUDA_KEY, m) {
   m.impl("cross_entropy_fwd", &cross_entropy_fwd_cuda);
   m.impl("cross_entropy_bwd", &cross_entropy_bwd_cuda);
   m.impl("cross_entropy_prob_fwd", &cross_entropy_prob_fwd_cuda);

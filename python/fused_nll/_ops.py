@@ -1,4 +1,4 @@
-"""Fake kernels and autograd for the fused_nll ops (schemas: csrc/ops.cpp, docs/ops.md).
+"""Fake kernels and autograd for the fused_nll ops (schemas: csrc/schemas.h, docs/ops.md).
 
 Autograd: when the forward op was asked for the gradient (`compute_grad`), only
 that gradient is saved and backward scales it by the upstream gradient (in
@@ -107,6 +107,21 @@ def _times_upstream(grad, grad_loss):
     return grad * (grad_loss if grad_loss.dim() == 0 else grad_loss.unsqueeze(1))
 
 
+def _refuse_double_backward():
+    """Raises under create_graph=True (grad mode on inside backward). The
+    gradient comes from a fused kernel (written in the forward pass, or
+    recomputed from the saved log-sum-exp by a backward op that has no
+    derivative itself), so every second-order term through the loss would be
+    silently 0 or an obscure autograd error: gradient penalties, MAML,
+    Hessian-vector products need torch's own cross_entropy."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(
+            "fused_nll: double backward (create_graph=True) through the fused loss is "
+            "not supported: its gradient comes from a fused kernel that has no derivative "
+            "of its own. Use torch.nn.functional.cross_entropy (or nll_loss) for the loss "
+            "whose higher-order gradients you need.")
+
+
 def register_autograd(fwd_name, bwd, prob_fwd_name, prob_bwd):
     """Autograd for a family's two forward ops (by name), with the backward ops
     they call. A gradient the forward op computed (compute_grad=True) is one of
@@ -123,6 +138,7 @@ def register_autograd(fwd_name, bwd, prob_fwd_name, prob_bwd):
             ctx.save_for_backward(input, target, weight, output[1])
 
     def backward(ctx, grad_loss, bwd_op, n_inputs):
+        _refuse_double_backward()
         if ctx.precomputed:
             (grad,) = ctx.saved_tensors
             grad = _times_upstream(grad, grad_loss)
@@ -155,7 +171,8 @@ class FusedLoss(torch.autograd.Function):
     A later backward through the same graph (retain_graph=True, gradcheck)
     must not touch the tensor the first one handed out: it returns a new one,
     rescaled by new/first upstream gradient (one extra rounding; an error if the
-    first upstream gradient was 0 somewhere). Double backward raises.
+    first upstream gradient was 0 somewhere). Double backward raises, as on
+    the log-sum-exp path (`_refuse_double_backward`).
     """
 
     @staticmethod
@@ -174,14 +191,7 @@ class FusedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            # create_graph=True: the gradient is a buffer computed in the forward pass,
-            # a constant to autograd; returning it would make every second-order term
-            # silently 0 (gradient penalties, MAML, Hessian-vector products).
-            raise RuntimeError(
-                "fused_nll: double backward (create_graph=True) through the fused loss is "
-                "not supported: its gradient is computed during the forward pass. Use "
-                "torch.nn.functional.cross_entropy where you need higher-order gradients.")
+        _refuse_double_backward()
         # detach: in place, the saved tensor is the caller's logits tensor itself (with
         # their grad_fn); the gradient handed on is its storage, not that tensor
         (grad,) = (t.detach() for t in ctx.saved_tensors)
