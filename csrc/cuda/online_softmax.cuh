@@ -19,9 +19,10 @@ namespace fused_nll {
 // x·log2 e, what Triton's tl.exp compiles to; relative error ~2^-21 for the
 // arguments here, far inside the fp32 tolerance), instead of expf's ~20
 // instructions of range reduction per element, which left the forward pass
-// compute-bound. fp64 keeps the exact exp. The host (tests) uses std::exp.
+// compute-bound. fp64 keeps the exact exp. The CPU emulator of tests/cuda_emu
+// models __expf; the host test of this header (tests/cpp) uses std::exp.
 FUSED_NLL_HD float dev_exp(float x) {
-#ifdef __CUDA_ARCH__
+#if defined(__CUDA_ARCH__) || defined(FUSED_NLL_CUDA_EMU)
   return __expf(x);
 #else
   return std::exp(x);

@@ -23,6 +23,8 @@
 // - Device attributes: compute capability FUSED_NLL_EMU_SM_MAJOR (default 9),
 //   FUSED_NLL_EMU_SMS multiprocessors (default 2, so that grid-stride loops run
 //   on small inputs). FUSED_NLL_EMU_SEED (default 1) seeds the thread order.
+// - __expf is modelled (fp32 argument rounding, flush to zero), not the exact
+//   bits of the hardware's ex2.approx.
 // Not modelled: timing, memory coalescing, warp-synchronous execution between
 // barriers (no kernel here relies on it), out-of-bounds accesses.
 #pragma once
@@ -38,7 +40,9 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <cmath>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <random>
@@ -421,6 +425,18 @@ T shfl_xor(unsigned mask, T v, int off, int line) {
 }
 
 }  // namespace fused_nll_emu
+
+// The fast exp of the device: ex2.approx.ftz of x·log2(e), the product rounded
+// to fp32 (the dominant error, ~|x|·2^-24 relative), subnormal results flushed
+// to 0.
+// (A macro: glibc's math.h declares a __expf of its own, the exact expf.)
+namespace fused_nll_emu {
+inline float fast_exp(float x) {
+  const float r = std::exp2(x * 1.44269504088896341f);
+  return r < std::numeric_limits<float>::min() ? 0.0f : r;
+}
+}  // namespace fused_nll_emu
+#define __expf(x) ::fused_nll_emu::fast_exp(x)
 
 #define __syncthreads() ::fused_nll_emu::syncthreads(__LINE__)
 #define __shfl_xor_sync(mask, v, off) ::fused_nll_emu::shfl_xor((mask), (v), (off), __LINE__)
