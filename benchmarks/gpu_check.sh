@@ -1,15 +1,26 @@
 #!/usr/bin/env bash
-# One GPU round on a lent GPU (shared/GPU.md): versions, build, GPU tests, parity
-# suite, Triton config sweep, benchmark; the short table is printed last.
+# One GPU round on a lent GPU (shared/GPU.md): versions, build, GPU tests, Triton
+# config sweep, benchmark, parity suite; the short table is printed last.
 # Full logs go to $OUT (the device tool brings them back).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/fused_nll_gpu}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=16
 PY=${PY:-python3}
-# One call may run 600 s at most: e.g. STAGES=build,tests,parity, then STAGES=sweep,bench
-# on the same warm machine (the in-place build stays).
-STAGES=${STAGES:-build,tests,parity,sweep,bench}
+# One device call may run 600 s at most, and a session has ~15 min of device time in
+# all, start-up included: so the stages run in order of value (the build, the GPU-only
+# tests, the Triton sweep, the benchmark, the parity suite last: the CUDA C++ kernels'
+# parity also runs in CI on the CPU emulator) and each gets at most its own timeout and
+# what is left of DEADLINE seconds from the start; a stage with < 20 s left is skipped
+# and says so. STAGES picks stages, e.g. STAGES=sweep,bench on a warm machine later.
+STAGES=${STAGES:-build,tests,sweep,bench,parity}
+DEADLINE=${DEADLINE:-540}
+T0=$(date +%s)
+left() {  # left <stage timeout>: seconds this stage may take, 0 to skip it
+  local rem=$(( DEADLINE - ($(date +%s) - T0) ))
+  if [ "$rem" -lt 20 ]; then echo 0; elif [ "$rem" -lt "$1" ]; then echo "$rem"; else echo "$1"; fi
+}
+skip() { echo "$1: SKIPPED, DEADLINE=${DEADLINE}s reached"; }
 if [ -d .whl ]; then  # carried wheels (e.g. liger-kernel), no network there
   $PY -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
@@ -27,27 +38,35 @@ fi
 
 # tests: the GPU-specific files (new code first); parity: the whole parity suite on
 # every CUDA backend. Separate stages and logs, so a slow or hung one costs only itself.
-if [[ $STAGES == *tests* ]]; then
+if [[ $STAGES == *tests* ]] && t=$(left ${TEST_TIMEOUT:-200}) && [ "$t" -gt 0 ]; then
   start=$(date +%s)
-  timeout ${TEST_TIMEOUT:-240} $PY -m pytest -q --maxfail=25 -p no:cacheprovider ${TESTS:-tests/test_inplace_backward.py tests/test_gpu.py tests/test_cuda_backend.py tests/test_triton_kernels.py} \
+  timeout "$t" $PY -m pytest -q --maxfail=25 -p no:cacheprovider ${TESTS:-tests/test_inplace_backward.py tests/test_gpu.py tests/test_cuda_backend.py tests/test_triton_kernels.py} \
     > "$OUT/tests.log" 2>&1
   echo "tests rc=$? in $(( $(date +%s) - start )) s: $(tail -1 "$OUT/tests.log")"
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
+elif [[ $STAGES == *tests* ]]; then skip tests
 fi
 
-if [[ $STAGES == *parity* ]]; then
+if [[ $STAGES == *sweep* ]] && t=$(left ${SWEEP_TIMEOUT:-150}) && [ "$t" -gt 0 ]; then
+  timeout "$t" $PY benchmarks/triton_sweep.py > "$OUT/sweep.log" 2>&1; echo "sweep rc=$?"; tail -30 "$OUT/sweep.log"
+elif [[ $STAGES == *sweep* ]]; then skip sweep
+fi
+
+if [[ $STAGES == *bench* ]] && t=$(left ${BENCH_TIMEOUT:-180}) && [ "$t" -gt 0 ]; then
+  timeout "$t" $PY -m fused_nll bench --device cuda ${BENCH_ARGS---dtypes bf16} --csv "$OUT/bench_gpu.csv" --plot > "$OUT/bench.log" 2>&1
+  echo "bench rc=$?"; grep -A100 "^impl " "$OUT/bench.log" || tail -20 "$OUT/bench.log"
+elif [[ $STAGES == *bench* ]]; then skip bench
+fi
+
+if [[ $STAGES == *parity* ]] && t=$(left ${PARITY_TIMEOUT:-240}) && [ "$t" -gt 0 ]; then
   start=$(date +%s)
-  timeout ${PARITY_TIMEOUT:-240} $PY -m pytest -q --maxfail=25 -p no:cacheprovider tests/test_parity.py \
+  timeout "$t" $PY -m pytest -q --maxfail=25 -p no:cacheprovider tests/test_parity.py \
     > "$OUT/parity.log" 2>&1
   echo "parity rc=$? in $(( $(date +%s) - start )) s: $(tail -1 "$OUT/parity.log")"
   grep -E "^(FAILED|ERROR)" "$OUT/parity.log" | head -20
+elif [[ $STAGES == *parity* ]]; then skip parity
 fi
 
-if [[ $STAGES == *sweep* ]]; then
-  timeout ${SWEEP_TIMEOUT:-180} $PY benchmarks/triton_sweep.py > "$OUT/sweep.log" 2>&1; echo "sweep rc=$?"; tail -30 "$OUT/sweep.log"
-fi
-
-if [[ $STAGES == *bench* ]]; then
-  timeout ${BENCH_TIMEOUT:-240} $PY -m fused_nll bench --device cuda ${BENCH_ARGS:-} --csv "$OUT/bench_gpu.csv" --plot > "$OUT/bench.log" 2>&1
-  echo "bench rc=$?"; grep -A100 "^impl " "$OUT/bench.log" || tail -20 "$OUT/bench.log"
-fi
+# The short table last (the bench's, when it ran).
+if grep -q "^impl " "$OUT/bench.log" 2>/dev/null; then echo "== table =="; grep -A100 "^impl " "$OUT/bench.log"; fi
+echo "total: $(( $(date +%s) - T0 )) s"
