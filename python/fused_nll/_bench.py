@@ -21,6 +21,7 @@ import csv
 import datetime
 import os
 import platform
+import signal
 import statistics
 import sys
 import time
@@ -31,7 +32,9 @@ import torch.nn.functional as F
 import fused_nll
 from fused_nll import _backend
 
-GPU_SHAPES = [(8192, 32000), (8192, 128256), (4096, 256000)]
+# The issue's reference shape first: a run cut short (SIGTERM, e.g. a device time
+# limit) still reports the cases it finished.
+GPU_SHAPES = [(8192, 128256), (8192, 32000), (4096, 256000)]
 CPU_SHAPES = [(2048, 32000), (512, 128256)]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 IGNORE_EVERY = 17  # every 17th target ignored, as in shared/reference/anchors.md
@@ -243,6 +246,36 @@ def main(argv=None) -> int:
     cases = [(s, d, m, i) for s in shapes for d in dtypes for m in modes for i in impls
              if m != "fwd" or not getattr(impls[i], "fwdbwd_only", False)]  # same as without
     rows = []
+
+    def stop(signum, frame):  # `timeout` sends SIGTERM: keep the finished rows
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        run_cases(cases, impls, device, reps, bw, card, triton_version, today, rows)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {len(rows)} of {len(cases)} cases done; reporting those")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print()
+
+    path = args.csv or os.path.join("benchmarks", "results", f"bench_{device}_{today}.csv")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    if rows:
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    print_table(rows)
+    print(f"CSV: {path}")
+    if args.plot and rows:
+        plot(path)
+    return 0
+
+
+def run_cases(cases, impls, device, reps, bw, card, triton_version, today, rows):
+    """Times each (shape, dtype, mode, impl) case, appending a result row to `rows`
+    as soon as it is measured (so an interrupted run keeps the finished ones)."""
     for k, ((n, v), dname, mode, impl) in enumerate(cases, 1):
         bar = "#" * (30 * k // len(cases))
         print(f"\r[{bar:30s}] {k}/{len(cases)} {impl} {n}x{v} {dname} {mode}".ljust(110), end="", flush=True)
@@ -260,20 +293,6 @@ def main(argv=None) -> int:
                          floor_ms=round(floor_ms, 4), pct_floor=round(100 * floor_ms / ms, 1),
                          peak_extra_MiB="" if peak is None else round(peak),
                          copy_GBps=round(bw), torch=torch.__version__, triton=triton_version, date=today))
-    print()
-
-    path = args.csv or os.path.join("benchmarks", "results", f"bench_{device}_{today}.csv")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    if rows:
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    print_table(rows)
-    print(f"CSV: {path}")
-    if args.plot and rows:
-        plot(path)
-    return 0
 
 
 def print_table(rows):
