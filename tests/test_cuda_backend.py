@@ -582,6 +582,65 @@ def test_deterministic():
         assert torch.equal(u, v)
 
 
+def nan_guarded(shape, dtype, pad=61):
+    """A contiguous tensor of `shape` inside a buffer whose `pad` elements on each
+    side are nan (odd pad: the start is off the 16-byte boundary), and the buffer."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    buf = torch.full((numel + 2 * pad,), float("nan"), dtype=dtype, device=DEV)
+    return buf[pad:pad + numel].view(shape), buf
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_no_access_outside_the_tensors(dtype):
+    # A read past either end of the logits or of the soft targets (vector head,
+    # tail, last row) would bring a nan into the results; an in-place write past
+    # either end would overwrite the nan guard.
+    N, V, pad = 7, 1003, 61
+    x, xbuf = nan_guarded((N, V), dtype, pad)
+    x.copy_(logits((N, V), dtype))
+    t = targets(x, p_ignore=0.2)
+    check_index(x, t, class_weight(V, dtype), eps=0.1)
+    y, _ = nan_guarded((N, V), dtype, pad)
+    y.copy_(soft_targets((N, V), dtype))
+    loss, _, grad = ops.cross_entropy_prob_fwd(x, y, None, 0.1, 1, True)
+    ref_loss, ref_grad = ref_prob(x, y, None, 0.1, "mean")
+    check(loss, ref_loss, dtype, "prob loss")
+    check(grad, ref_grad, dtype, "prob grad")
+    ops.cross_entropy_fwd_inplace(x, t, None, -100, 0.1, 1, False)
+    ops.cross_entropy_prob_fwd_inplace(x, y, None, 0.0, 1)
+    sync()
+    assert torch.isnan(xbuf[:pad]).all() and torch.isnan(xbuf[pad + N * V:]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_many_rows_per_block(monkeypatch, dtype):
+    # Blocks loop over rows (grid-stride) when there are more rows than blocks:
+    # each row's reductions reuse the shared-memory slots of the row before,
+    # which a barrier must protect (a fast warp would overwrite slots a slow one
+    # still reads). The emulator gets one SM, so a few hundred rows suffice.
+    if EMULATED:
+        monkeypatch.setenv("FUSED_NLL_EMU_SMS", "1")
+        # V = 4099 takes 32 blocks of 512 threads in fp32, 64 of 256 in bf16
+        # (row_launch with one SM): two rows per block
+        N = 64 if dtype == torch.float32 else 128
+    else:
+        N = 4 * torch.cuda.get_device_properties(0).multi_processor_count * 32
+    V = 4099
+    torch.manual_seed(3)
+    x = logits((N, V), dtype)
+    t = targets(x, p_ignore=0.1)
+    w = class_weight(V, dtype)
+    check_index(x, t, w, eps=0.1, reduction="mean")
+    check_index(x, t, reduction="none", log_probs=True, eps=0.2)
+    y = soft_targets(x.shape, dtype)
+    loss, lse, grad = ops.cross_entropy_prob_fwd(x, y, w, 0.1, 1, True)
+    ref_loss, ref_grad = ref_prob(x, y, w, 0.1, "mean")
+    check(loss, ref_loss, dtype, "prob loss")
+    check(grad, ref_grad, dtype, "prob grad")
+
+
 @gpu_only
 def test_int64_indexing():
     # N·V > 2^31 elements: offsets must be computed in 64 bits.

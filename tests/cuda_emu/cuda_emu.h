@@ -6,15 +6,21 @@
 //
 // What it models
 // - A block's threads are cooperative fibers (ucontext) on one OS thread. A
-//   fiber runs until it reaches __syncthreads, a warp shuffle or cluster.sync;
-//   the scheduler then picks the next fiber at random (seeded). Code between
-//   two barriers therefore runs in a random thread order, so a missing barrier
-//   (a read that must precede another thread's write, as in the in-place
-//   gradient) shows up as a wrong result for some seeds.
-// - Barriers are checked: every __syncthreads of a block must be the same call
-//   (source line), a full-warp shuffle needs all 32 lanes at the same call, and
-//   a barrier that can never complete (divergence, a lane that has exited) is
-//   an error, not a hang. Errors surface as a c10::Error from the launch.
+//   fiber runs until it reaches __syncthreads, a warp shuffle or cluster.sync.
+//   A warp's shuffle completes as soon as its 32 lanes are there, and the warp
+//   goes on. The scheduler runs a random ready lane of the highest-priority
+//   warp; warp priorities are random and redrawn at every block-wide barrier
+//   (and now and then at a shuffle). So within a barrier interval one warp
+//   runs far ahead of the others and the lanes of a warp interleave at random:
+//   a missing barrier (a read that must precede another thread's write, as in
+//   the in-place gradient, or shared memory reused while another warp still
+//   reads it) shows up as a wrong result for some seeds.
+// - Barriers are checked: all threads of a block waiting at __syncthreads (or
+//   cluster.sync) must be at the same source line, the 32 lanes of a full-warp
+//   shuffle too (two calls of one helper from different places are not told
+//   apart), and a barrier that can never complete (divergence, a lane that has
+//   exited) is an error, not a hang. Errors surface as a c10::Error from the
+//   launch.
 // - __shared__ variables are static thread_local: one copy per OS thread,
 //   shared by that block's fibers. Blocks of a thread-block cluster run
 //   concurrently on their own OS threads, so they have separate shared memory;
@@ -25,10 +31,15 @@
 //   on small inputs). FUSED_NLL_EMU_SEED (default 1) seeds the thread order.
 // - __expf is modelled (fp32 argument rounding, flush to zero), not the exact
 //   bits of the hardware's ex2.approx.
-// Not modelled: timing, memory coalescing, warp-synchronous execution between
-// barriers (no kernel here relies on it), out-of-bounds accesses.
+// - build.py compiles with UBSan's alignment check: a misaligned 16-byte pack
+//   access stops the process with the source line (a GPU faults there too).
+// Not modelled: timing, memory coalescing, real memory ordering between
+// blocks, out-of-bounds accesses (tests guard inputs with nan instead), and
+// uninitialised shared memory (it starts zeroed here, then keeps the previous
+// block's values). Fiber stacks have a guard page: an overflow crashes.
 #pragma once
 
+#include <sys/mman.h>
 #include <ucontext.h>
 
 #include <c10/core/Device.h>
@@ -84,7 +95,9 @@ inline thread_local dim3 gridDim{1, 1, 1};
 
 namespace fused_nll_emu {
 
-[[noreturn]] inline void fail(const std::string& what);
+[[noreturn]] inline void fail(const std::string& what);   // adds the emulator's prefix
+[[noreturn]] inline void raise(const std::string& message);  // an error message as it is
+constexpr const char* kAnotherBlockFailed = "fused_nll CUDA emulator: another block of the cluster failed";
 
 // ---------------------------------------------------------------------------
 // Fibers and the per-block scheduler
@@ -97,7 +110,8 @@ struct Fiber {
   uint3 idx;
   unsigned linear = 0;  // x + y*bdx + z*bdx*bdy: lane = linear % 32
   Wait wait = Wait::Ready;
-  int line = 0;  // source line of the barrier it waits at
+  const char* file = "";  // source file and line of the barrier it waits at
+  int line = 0;
   // warp shuffle: value in, value out, xor offset, mask
   unsigned char shfl_in[8] = {}, shfl_out[8] = {};
   int shfl_off = 0;
@@ -162,15 +176,60 @@ struct BlockRun {
   unsigned rank = 0;
   std::mt19937_64 rng;
   std::string error;
+  std::vector<std::vector<int>> ready;  // per warp: its lanes that can run
+  std::vector<unsigned> warp_order;     // warps by priority (see run_block)
+  std::vector<unsigned> at_shuffle;     // per warp: lanes parked at a shuffle
 };
 
 inline thread_local BlockRun* this_block = nullptr;
 
 constexpr size_t kStackBytes = 128 * 1024;
+constexpr size_t kGuardBytes = 4096;
 
-// Fiber stacks, reused across the blocks an OS thread runs.
-inline std::vector<std::unique_ptr<char[]>>& stack_pool() {
-  static thread_local std::vector<std::unique_ptr<char[]>> pool;
+// A fiber stack with a PROT_NONE guard page below it: an overflow faults
+// instead of silently overwriting another fiber's stack.
+struct Stack {
+  char* map = nullptr;
+  Stack() {
+    void* p = mmap(nullptr, kGuardBytes + kStackBytes, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) fail("cannot map a fiber stack");
+    map = static_cast<char*>(p);
+    mprotect(map, kGuardBytes, PROT_NONE);
+  }
+  ~Stack() { munmap(map, kGuardBytes + kStackBytes); }
+  Stack(const Stack&) = delete;
+  Stack& operator=(const Stack&) = delete;
+  char* top_region() const { return map + kGuardBytes; }
+};
+
+// Fiber stacks, reused across blocks and OS threads (a cluster's blocks take
+// theirs from here too): mapping them anew for every block costs more system
+// time than the kernels themselves.
+struct StackPool {
+  std::mutex m;
+  std::vector<std::unique_ptr<Stack>> free;
+
+  std::vector<std::unique_ptr<Stack>> take(size_t n) {
+    std::vector<std::unique_ptr<Stack>> out;
+    {
+      std::lock_guard<std::mutex> lk(m);
+      while (out.size() < n && !free.empty()) {
+        out.push_back(std::move(free.back()));
+        free.pop_back();
+      }
+    }
+    while (out.size() < n) out.emplace_back(new Stack());
+    return out;
+  }
+  void give(std::vector<std::unique_ptr<Stack>>& stacks) {
+    std::lock_guard<std::mutex> lk(m);
+    for (auto& st : stacks) free.push_back(std::move(st));
+    stacks.clear();
+  }
+};
+inline StackPool& stack_pool() {
+  static StackPool pool;
   return pool;
 }
 
@@ -178,6 +237,8 @@ inline void fiber_main() {
   BlockRun* b = this_block;
   try {
     (*b->body)();
+  } catch (const c10::Error& e) {
+    if (b->error.empty()) b->error = e.what_without_backtrace();
   } catch (const std::exception& e) {
     if (b->error.empty()) b->error = e.what();
   } catch (...) {
@@ -187,130 +248,153 @@ inline void fiber_main() {
   // returning switches to uc_link (the scheduler)
 }
 
-// Park the calling fiber until the scheduler releases it.
-inline void park(Wait w, int line) {
+// Park the calling fiber at a barrier until the scheduler releases it.
+inline void park(Wait w, const char* file, int line) {
   BlockRun* b = this_block;
   if (b == nullptr) fail("a device function was called outside of a kernel launch");
   Fiber* f = b->current;
   f->wait = w;
+  f->file = file;
   f->line = line;
   swapcontext(&f->ctx, &b->sched);
 }
 
-inline void release(Fiber& f, std::vector<int>& ready, int i) {
-  f.wait = Wait::Ready;
-  ready.push_back(i);
+inline std::string site(const Fiber& f) {
+  return std::string(f.file) + ":" + std::to_string(f.line);
+}
+inline bool same_site(const Fiber& a, const Fiber& b) {
+  return a.line == b.line && std::strcmp(a.file, b.file) == 0;
+}
+
+// A new random priority order of the warps.
+inline void redraw_warp_order(BlockRun& b) { std::shuffle(b.warp_order.begin(), b.warp_order.end(), b.rng); }
+
+// The next thread to run: a random ready lane of the highest-priority warp
+// that has one; -1 when no thread can run.
+inline int pick(BlockRun& b) {
+  for (unsigned w : b.warp_order) {
+    std::vector<int>& r = b.ready[w];
+    if (r.empty()) continue;
+    const size_t k = static_cast<size_t>(b.rng() % r.size());
+    const int i = r[k];
+    r[k] = r.back();
+    r.pop_back();
+    return i;
+  }
+  return -1;
+}
+
+inline void release(BlockRun& b, int i) {
+  b.fibers[i].wait = Wait::Ready;
+  b.ready[static_cast<unsigned>(i) / 32].push_back(i);
+}
+
+// Lane i has parked at a shuffle: when it is the warp's 32nd, exchange the
+// values and let the warp go on at once (it may run ahead of the others).
+inline void arrive_at_shuffle(BlockRun& b, int i) {
+  const unsigned w = static_cast<unsigned>(i) / 32;
+  const unsigned n = static_cast<unsigned>(b.fibers.size());
+  if (n - w * 32 < 32) fail("full-warp shuffle in a partial warp at " + site(b.fibers[i]));
+  if (++b.at_shuffle[w] < 32) return;
+  b.at_shuffle[w] = 0;
+  Fiber* lanes = &b.fibers[w * 32];
+  for (unsigned l = 0; l < 32; ++l) {
+    if (!same_site(lanes[l], lanes[0]))
+      fail("lanes of one warp at different shuffles: " + site(lanes[0]) + " and " + site(lanes[l]));
+    if (lanes[l].shfl_mask != 0xffffffffu) fail("shuffle mask is not the full warp at " + site(lanes[l]));
+  }
+  for (unsigned l = 0; l < 32; ++l) {
+    const Fiber& src = lanes[(l ^ static_cast<unsigned>(lanes[l].shfl_off)) & 31u];
+    std::memcpy(lanes[l].shfl_out, src.shfl_in, sizeof lanes[l].shfl_out);
+  }
+  for (unsigned l = 0; l < 32; ++l) release(b, static_cast<int>(w * 32 + l));
+  if (b.rng() % 8 == 0) redraw_warp_order(b);  // now and then, let another warp overtake
 }
 
 // Runs one block to completion on the calling OS thread.
+//
+// Order: warps have a random priority, redrawn at every block-wide barrier (and
+// now and then at a shuffle); the scheduler always runs a random ready lane of
+// the highest-priority warp that has one. So within a barrier interval one warp
+// typically runs far ahead of another (a cross-warp race shows up, e.g. shared
+// memory reused without a barrier), while the lanes of a warp interleave at
+// random (an intra-warp race shows up too).
 inline void run_block(BlockRun& b, unsigned nthreads) {
-  auto& pool = stack_pool();
-  while (pool.size() < nthreads) pool.emplace_back(new char[kStackBytes]);
+  std::vector<std::unique_ptr<Stack>> stacks = stack_pool().take(nthreads);
   b.fibers.assign(nthreads, Fiber{});
+  const unsigned nwarps = (nthreads + 31) / 32;
+  b.ready.assign(nwarps, {});
+  b.at_shuffle.assign(nwarps, 0);
+  b.warp_order.resize(nwarps);
+  for (unsigned w = 0; w < nwarps; ++w) b.warp_order[w] = w;
+  redraw_warp_order(b);
   const dim3 bd = blockDim;
   for (unsigned i = 0; i < nthreads; ++i) {
     Fiber& f = b.fibers[i];
     f.linear = i;
     f.idx = {i % bd.x, (i / bd.x) % bd.y, i / (bd.x * bd.y)};
     getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = pool[i].get();
+    f.ctx.uc_stack.ss_sp = stacks[i]->top_region();
     f.ctx.uc_stack.ss_size = kStackBytes;
     f.ctx.uc_link = &b.sched;
     makecontext(&f.ctx, fiber_main, 0);
+    b.ready[i / 32].push_back(static_cast<int>(i));
   }
-  std::vector<int> ready(nthreads);
-  for (unsigned i = 0; i < nthreads; ++i) ready[i] = static_cast<int>(i);
+  // On every exit, errors included: no dangling block, and the stacks go back
+  // (a fiber left parked by an error is never resumed).
+  struct Reset {
+    std::vector<std::unique_ptr<Stack>>& stacks;
+    ~Reset() {
+      this_block = nullptr;
+      stack_pool().give(stacks);
+    }
+  } reset{stacks};
   this_block = &b;
-
-  auto where = [&](const char* what, int line) {
-    return std::string(what) + " (line " + std::to_string(line) + " of csrc/cuda/cross_entropy.cu" +
-           ", block " + std::to_string(blockIdx.x) + ")";
+  auto in_block = [&](const std::string& what) {
+    return what + " (block " + std::to_string(blockIdx.x) + ")";
   };
 
   while (true) {
-    while (!ready.empty()) {
-      const size_t k = static_cast<size_t>(b.rng() % ready.size());
-      const int i = ready[k];
-      ready[k] = ready.back();
-      ready.pop_back();
+    const int i = pick(b);
+    if (i >= 0) {
       Fiber& f = b.fibers[i];
       b.current = &f;
       threadIdx = f.idx;
       f.wait = Wait::Ready;
       swapcontext(&b.sched, &f.ctx);
-      if (!b.error.empty()) {
-        this_block = nullptr;
-        fail(b.error);
-      }
+      if (!b.error.empty()) raise(b.error);
+      if (f.wait == Wait::Warp) arrive_at_shuffle(b, i);
+      continue;
     }
-    // Nobody can run: complete the barriers that are full.
-    unsigned done = 0, at_block = 0, at_warp = 0, at_cluster = 0;
+    // Nobody can run: complete the block-wide barrier everyone waits at.
+    unsigned done = 0, at_block = 0, at_cluster = 0;
+    const Fiber* waiter = nullptr;
     for (const Fiber& f : b.fibers) {
       done += f.wait == Wait::Done;
       at_block += f.wait == Wait::Block;
-      at_warp += f.wait == Wait::Warp;
       at_cluster += f.wait == Wait::Cluster;
+      if (f.wait == Wait::Warp)  // its warp never completed (warps are released eagerly)
+        fail(in_block("deadlock: a shuffle that not all 32 lanes reach (divergence or an exited "
+                      "lane) at " + site(f)));
+      if (f.wait == Wait::Block || f.wait == Wait::Cluster) waiter = &f;
     }
     if (done == nthreads) break;
-
-    if (at_warp > 0) {
-      for (unsigned w0 = 0; w0 < nthreads; w0 += 32) {
-        const unsigned lanes = std::min(32u, nthreads - w0);
-        unsigned waiting = 0;
-        int line = -1;
-        for (unsigned l = 0; l < lanes; ++l) {
-          const Fiber& f = b.fibers[w0 + l];
-          if (f.wait != Wait::Warp) continue;
-          ++waiting;
-          if (line >= 0 && f.line != line) fail(where("warp lanes at different shuffles", f.line));
-          line = f.line;
-        }
-        if (waiting == 0) continue;
-        if (lanes < 32) fail(where("full-warp shuffle in a partial warp", line));
-        if (waiting < 32) {
-          continue;  // some lane is elsewhere: a deadlock unless another warp moves on
-        } else {
-          for (unsigned l = 0; l < 32; ++l) {
-            Fiber& f = b.fibers[w0 + l];
-            if (f.shfl_mask != 0xffffffffu) fail(where("shuffle mask is not the full warp", line));
-            const Fiber& src = b.fibers[w0 + ((l ^ static_cast<unsigned>(f.shfl_off)) & 31u)];
-            std::memcpy(f.shfl_out, src.shfl_in, sizeof f.shfl_out);
-          }
-          for (unsigned l = 0; l < 32; ++l) release(b.fibers[w0 + l], ready, static_cast<int>(w0 + l));
-        }
-      }
-      if (!ready.empty()) continue;
-      // A warp waits at a shuffle that some lane will never reach.
-      for (const Fiber& f : b.fibers)
-        if (f.wait == Wait::Warp)
-          fail(where("deadlock: a shuffle that not all 32 lanes reach (divergence or an exited lane)",
-                     f.line));
-    }
-    if (at_block > 0) {
-      if (at_cluster > 0) fail("deadlock: some threads wait at __syncthreads, others at cluster.sync");
-      int line = -1;
-      for (const Fiber& f : b.fibers) {
-        if (f.wait != Wait::Block) continue;
-        if (line >= 0 && f.line != line)
-          fail(where("threads of one block wait at different __syncthreads calls", f.line) +
-               " and line " + std::to_string(line));
-        line = f.line;
-      }
-      // Exited threads count as arrived (what the hardware does since Volta).
-      for (unsigned i = 0; i < nthreads; ++i)
-        if (b.fibers[i].wait == Wait::Block) release(b.fibers[i], ready, static_cast<int>(i));
-      continue;
-    }
+    if (at_block > 0 && at_cluster > 0)
+      fail(in_block("deadlock: some threads wait at __syncthreads, others at cluster.sync"));
+    for (const Fiber& f : b.fibers)
+      if (f.wait == waiter->wait && !same_site(f, *waiter))
+        fail(in_block("threads of one block wait at different barriers: " + site(*waiter) +
+                      " and " + site(f)));
     if (at_cluster > 0) {
       if (b.cluster == nullptr) fail("cluster.sync outside of a cluster launch");
-      if (!b.cluster->barrier.arrive_and_wait()) fail("another block of the cluster failed");
-      for (unsigned i = 0; i < nthreads; ++i)
-        if (b.fibers[i].wait == Wait::Cluster) release(b.fibers[i], ready, static_cast<int>(i));
-      continue;
+      if (!b.cluster->barrier.arrive_and_wait()) raise(kAnotherBlockFailed);
     }
-    fail("emulator: no runnable thread and no barrier to complete");
+    // Exited threads count as arrived (what the hardware does since Volta).
+    for (unsigned k = 0; k < nthreads; ++k)
+      if (b.fibers[k].wait == Wait::Block || b.fibers[k].wait == Wait::Cluster)
+        release(b, static_cast<int>(k));
+    redraw_warp_order(b);
   }
-  this_block = nullptr;
 }
 
 inline unsigned env_unsigned(const char* name, unsigned fallback) {
@@ -329,8 +413,8 @@ inline void run_grid(dim3 grid, dim3 block, unsigned cluster, const std::functio
   const uint64_t nblocks = static_cast<uint64_t>(grid.x) * grid.y * grid.z;
   const unsigned nthreads = block.x * block.y * block.z;
   if (nthreads == 0 || nthreads > 1024) fail("invalid block size " + std::to_string(nthreads));
-  if (cluster == 0 || grid.x % cluster != 0 || grid.y != 1 || grid.z != 1)
-    fail("the grid is not a whole number of clusters");
+  if (cluster == 0 || grid.x % cluster != 0 || (cluster > 1 && (grid.y != 1 || grid.z != 1)))
+    fail("the grid is not a whole number of clusters (only 1-D grids of clusters are emulated)");
   const uint64_t seed = env_unsigned("FUSED_NLL_EMU_SEED", 1) * 0x9E3779B97F4A7C15ull +
                         launch_counter().fetch_add(1);
   std::mt19937_64 order_rng(seed);
@@ -377,8 +461,8 @@ inline void run_grid(dim3 grid, dim3 block, unsigned cluster, const std::functio
         start.arrive_and_wait();
         try {
           run_block(b, nthreads);
-        } catch (const std::exception& e) {
-          errors[q] = e.what();
+        } catch (const c10::Error& e) {
+          errors[q] = e.what_without_backtrace();
           cl.barrier.fail();
         }
         cl.exited[q] = true;
@@ -387,10 +471,10 @@ inline void run_grid(dim3 grid, dim3 block, unsigned cluster, const std::functio
       });
     }
     for (auto& t : threads) t.join();
+    for (const std::string& e : errors)  // the first cause, not its echoes in the other blocks
+      if (!e.empty() && e != kAnotherBlockFailed) raise(e);
     for (const std::string& e : errors)
-      if (!e.empty() && e.find("another block of the cluster failed") == std::string::npos) fail(e);
-    for (const std::string& e : errors)
-      if (!e.empty()) fail(e);
+      if (!e.empty()) raise(e);
   }
 }
 
@@ -405,20 +489,20 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, unsigned cluster, A&&..
   run_grid(grid, block, cluster, body);
 }
 
-[[noreturn]] inline void fail(const std::string& what) {
-  TORCH_CHECK(false, "fused_nll CUDA emulator: ", what);
-}
+[[noreturn]] inline void raise(const std::string& message) { TORCH_CHECK(false, message); }
+[[noreturn]] inline void fail(const std::string& what) { raise("fused_nll CUDA emulator: " + what); }
 
-inline void syncthreads(int line) { park(Wait::Block, line); }
+inline void syncthreads(const char* file, int line) { park(Wait::Block, file, line); }
 
 template <typename T>
-T shfl_xor(unsigned mask, T v, int off, int line) {
+T shfl_xor(unsigned mask, T v, int off, const char* file, int line) {
   static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>, "shuffle of a register value");
+  if (this_block == nullptr) fail("a warp shuffle outside of a kernel launch");
   Fiber* f = this_block->current;
   std::memcpy(f->shfl_in, &v, sizeof(T));
   f->shfl_off = off;
   f->shfl_mask = mask;
-  park(Wait::Warp, line);
+  park(Wait::Warp, file, line);
   T out;
   std::memcpy(&out, this_block->current->shfl_out, sizeof(T));
   return out;
@@ -438,14 +522,17 @@ inline float fast_exp(float x) {
 }  // namespace fused_nll_emu
 #define __expf(x) ::fused_nll_emu::fast_exp(x)
 
-#define __syncthreads() ::fused_nll_emu::syncthreads(__LINE__)
-#define __shfl_xor_sync(mask, v, off) ::fused_nll_emu::shfl_xor((mask), (v), (off), __LINE__)
+#define __syncthreads() ::fused_nll_emu::syncthreads(__FILE__, __LINE__)
+#define __shfl_xor_sync(mask, v, off) \
+  ::fused_nll_emu::shfl_xor((mask), (v), (off), __FILE__, __LINE__)
 #define __trap() ::fused_nll_emu::fail("__trap() in a kernel")
 
 namespace cooperative_groups {
 struct cluster_group {
   unsigned block_rank() const { return fused_nll_emu::this_block->rank; }
-  void sync() const { fused_nll_emu::park(fused_nll_emu::Wait::Cluster, __LINE__); }
+  void sync(const char* file = __builtin_FILE(), int line = __builtin_LINE()) const {
+    fused_nll_emu::park(fused_nll_emu::Wait::Cluster, file, line);
+  }
   // The same __shared__ variable in block `rank` of the cluster.
   template <typename T>
   T* map_shared_rank(T* p, unsigned rank) const {

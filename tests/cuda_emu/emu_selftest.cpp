@@ -19,6 +19,18 @@ __global__ void race_kernel(int* out, bool barrier) {
   if (threadIdx.x == 0) out[blockIdx.x] = slot[1];
 }
 
+// Warp 1 reads a shared value that warp 0 writes, with only warp shuffles (no
+// __syncthreads) in between: a race between warps, which the emulator must
+// expose (a shuffle orders the lanes of one warp, not two warps).
+__global__ void warp_race_kernel(int* out) {
+  __shared__ int slot;
+  if (threadIdx.x == 0) slot = 0;
+  __syncthreads();
+  if (threadIdx.x < 32) slot = 1;
+  const int v = __shfl_xor_sync(0xffffffffu, static_cast<int>(threadIdx.x), 1);
+  if (threadIdx.x == 32) out[blockIdx.x] = slot + 0 * v;
+}
+
 // __syncthreads inside a branch that only some threads take.
 __global__ void divergent_kernel(int* out) {
   if (threadIdx.x < 16) {
@@ -64,6 +76,7 @@ at::Tensor run(const std::string& which, int64_t n) {
   int* p = out.data_ptr<int>();
   if (which == "race") fused_nll_emu::launch(race_kernel, dim3(n), dim3(64), 1, p, false);
   else if (which == "race_fixed") fused_nll_emu::launch(race_kernel, dim3(n), dim3(64), 1, p, true);
+  else if (which == "warp_race") fused_nll_emu::launch(warp_race_kernel, dim3(n), dim3(64), 1, p);
   else if (which == "divergent") fused_nll_emu::launch(divergent_kernel, dim3(1), dim3(32), 1, p);
   else if (which == "exited_lane") fused_nll_emu::launch(exited_lane_kernel, dim3(1), dim3(32), 1, p);
   else if (which == "sum") fused_nll_emu::launch(sum_kernel, dim3(1), dim3(64), 1, p);
