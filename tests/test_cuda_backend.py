@@ -464,6 +464,21 @@ def test_inplace_matches_out_of_place(dtype, V, option):
     torch.testing.assert_close(xi, grad, rtol=0, atol=0)
 
 
+@pytest.mark.skipif(not EMULATED, reason="thread orders are the emulator's")
+@pytest.mark.parametrize("seed", ["2", "3", "4"])
+def test_inplace_under_other_thread_orders(monkeypatch, seed):
+    # More thread orders for the in-place race above (the emulator's seed).
+    monkeypatch.setenv("FUSED_NLL_EMU_SEED", seed)
+    for V in (1000, 32001):
+        x = torch.log_softmax(logits((16, V), torch.float32).double(), 1).float()
+        t = targets(x, p_ignore=0.1)
+        loss, lse, grad = ops.cross_entropy_fwd(x, t, None, -100, 0.0, 0, True, True)
+        xi = x.clone()
+        loss_i, _ = ops.cross_entropy_fwd_inplace(xi, t, None, -100, 0.0, 0, True)
+        torch.testing.assert_close(loss_i, loss, rtol=0, atol=0)
+        torch.testing.assert_close(xi, grad, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prob_inplace_matches_out_of_place(dtype):
     x = logits((6, 1001, 2), dtype)
