@@ -36,14 +36,29 @@ if [[ $STAGES == *build* ]]; then
   echo "build: $(( $(date +%s) - start )) s"; $PY -m fused_nll info | tee -a "$OUT/versions.txt"
 fi
 
-# tests: the GPU-specific files (new code first); parity: the whole parity suite on
-# every CUDA backend. Separate stages and logs, so a slow or hung one costs only itself.
+# tests: first the code that has never run on a GPU (one-launch Triton split rows, the
+# Hopper cluster kernel, inplace_backward, test_gpu.py), then the rest of the GPU test
+# files; two pytest runs in one TEST_TIMEOUT, so a slow rest cannot hide the first.
+FIRST_TESTS=${FIRST_TESTS:-tests/test_triton_kernels.py::test_split_rows_one_launch_on_gpu \
+tests/test_cuda_backend.py::test_cluster_kernel \
+tests/test_cuda_backend.py::test_cluster_kernel_bad_targets_and_fallbacks \
+tests/test_inplace_backward.py tests/test_gpu.py}
+REST_TESTS=${REST_TESTS:-tests/test_cuda_backend.py tests/test_triton_kernels.py}
 if [[ $STAGES == *tests* ]] && t=$(left ${TEST_TIMEOUT:-200}) && [ "$t" -gt 0 ]; then
   start=$(date +%s)
-  timeout "$t" $PY -m pytest -q --maxfail=25 -p no:cacheprovider ${TESTS:-tests/test_inplace_backward.py tests/test_gpu.py tests/test_cuda_backend.py tests/test_triton_kernels.py} \
-    > "$OUT/tests.log" 2>&1
-  echo "tests rc=$? in $(( $(date +%s) - start )) s: $(tail -1 "$OUT/tests.log")"
+  timeout "$t" $PY -m pytest -q --maxfail=25 -p no:cacheprovider $FIRST_TESTS > "$OUT/tests.log" 2>&1
+  echo "tests (first) rc=$? in $(( $(date +%s) - start )) s: $(tail -1 "$OUT/tests.log")"
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
+  deselect=(); for node in $FIRST_TESTS; do [[ $node == *::* ]] && deselect+=(--deselect "$node"); done
+  t=$(( t - ($(date +%s) - start) ))
+  if [ "$t" -ge 20 ]; then
+    rest=$(date +%s)
+    timeout "$t" $PY -m pytest -q --maxfail=25 -p no:cacheprovider $REST_TESTS "${deselect[@]}" \
+      > "$OUT/tests_rest.log" 2>&1
+    echo "tests (rest) rc=$? in $(( $(date +%s) - rest )) s: $(tail -1 "$OUT/tests_rest.log")"
+    grep -E "^(FAILED|ERROR)" "$OUT/tests_rest.log" | head -20
+  else echo "tests (rest): SKIPPED, TEST_TIMEOUT reached"
+  fi
 elif [[ $STAGES == *tests* ]]; then skip tests
 fi
 
@@ -60,7 +75,8 @@ fi
 
 if [[ $STAGES == *parity* ]] && t=$(left ${PARITY_TIMEOUT:-240}) && [ "$t" -gt 0 ]; then
   start=$(date +%s)
-  timeout "$t" $PY -m pytest -q --maxfail=25 -p no:cacheprovider tests/test_parity.py \
+  FUSED_NLL_TEST_BACKENDS=${PARITY_BACKENDS:-cuda/triton,cuda/cuda} \
+    timeout "$t" $PY -m pytest -q --maxfail=25 -p no:cacheprovider tests/test_parity.py \
     > "$OUT/parity.log" 2>&1
   echo "parity rc=$? in $(( $(date +%s) - start )) s: $(tail -1 "$OUT/parity.log")"
   grep -E "^(FAILED|ERROR)" "$OUT/parity.log" | head -20
