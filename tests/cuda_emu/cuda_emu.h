@@ -105,10 +105,11 @@ constexpr const char* kAnotherBlockFailed = "fused_nll CUDA emulator: another bl
 
 enum class Wait { Ready, Block, Warp, Cluster, Done };
 
+// Thread i of a block (i = x + y*bdx + z*bdx*bdy, as on the GPU) is fibers[i]:
+// lane i % 32 of warp i / 32.
 struct Fiber {
   ucontext_t ctx;
   uint3 idx;
-  unsigned linear = 0;  // x + y*bdx + z*bdx*bdy: lane = linear % 32
   Wait wait = Wait::Ready;
   const char* file = "";  // source file and line of the barrier it waits at
   int line = 0;
@@ -331,7 +332,6 @@ inline void run_block(BlockRun& b, unsigned nthreads) {
   const dim3 bd = blockDim;
   for (unsigned i = 0; i < nthreads; ++i) {
     Fiber& f = b.fibers[i];
-    f.linear = i;
     f.idx = {i % bd.x, (i / bd.x) % bd.y, i / (bd.x * bd.y)};
     getcontext(&f.ctx);
     f.ctx.uc_stack.ss_sp = stacks[i]->top_region();
