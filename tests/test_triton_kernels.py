@@ -664,6 +664,21 @@ def test_split_rows_kdim_dtypes_and_inplace(split_rows, dtype):
     torch.testing.assert_close(xi, grad, rtol=0, atol=0)
 
 
+def test_split_one_launch_can_be_switched_off():
+    # FUSED_NLL_SPLIT_ONE_LAUNCH=0 (benchmarks/gpu_check.sh, when the one-launch GPU
+    # test did not pass) makes the split path take its two launches.
+    import subprocess
+    import sys
+
+    code = ("from fused_nll.triton_kernels import cross_entropy as ce; "
+            "print(ce._SPLIT_FUSED)")
+    for value, expected in (("0", "False"), ("1", "True")):
+        env = dict(os.environ, FUSED_NLL_SPLIT_ONE_LAUNCH=value)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, timeout=120)
+        assert out.stdout.strip() == expected, out.stderr[-2000:]
+
+
 @cuda_only
 def test_split_rows_one_launch_on_gpu():
     """The one-launch split path (parts exchange partial sums through global memory,
@@ -676,6 +691,7 @@ def test_split_rows_one_launch_on_gpu():
     code = textwrap.dedent("""
         import torch
         from fused_nll.triton_kernels import cross_entropy as ce
+        ce._SPLIT_FUSED = True  # the one-launch path, whatever FUSED_NLL_SPLIT_ONE_LAUNCH says
         torch.manual_seed(0)
         for v in (128256, 32000, 256000):
             x = torch.randn(1000, v, device="cuda", dtype=torch.bfloat16) * 3
