@@ -1,7 +1,6 @@
 """Shared test helpers: which (device, backend) pairs can run here, and a
 parity check of loss and gradient against torch in fp64."""
 import os
-import sys
 
 import pytest
 import torch
@@ -19,8 +18,7 @@ if CUDA_EMU:
     # in this process, by the CUDA C++ kernels on the CPU emulator of
     # tests/cuda_emu, so the cpu/cpp target drives the CUDA kernels through the
     # whole public API (autograd, scale_grad_, in place, compile).
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cuda_emu"))
-    import build as _cuda_emu_build
+    from cuda_emu import build as _cuda_emu_build
 
     _cuda_emu_build.replace_cpu_kernels()
 

@@ -15,7 +15,6 @@ The contract is docs/ops.md.
 
 import os
 import shutil
-import sys
 
 import pytest
 
@@ -29,8 +28,7 @@ if EMULATED:
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         pytest.skip("no GPU, and no C++ compiler to build the CUDA emulator",
                     allow_module_level=True)
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cuda_emu"))
-    import build as cuda_emu_build  # noqa: E402
+    from cuda_emu import build as cuda_emu_build  # tests/ is on sys.path (conftest)
 
     ops = cuda_emu_build.load()
     DEV = "cpu"

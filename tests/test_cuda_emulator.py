@@ -6,7 +6,6 @@ barrier through its random thread order, and report a barrier misuse as an
 error instead of hanging."""
 import os
 import shutil
-import sys
 
 import pytest
 
@@ -15,8 +14,7 @@ torch = pytest.importorskip("torch")
 if shutil.which(os.environ.get("CXX", "c++")) is None:
     pytest.skip("needs a C++ compiler", allow_module_level=True)
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cuda_emu"))
-import build as cuda_emu_build  # noqa: E402
+from cuda_emu import build as cuda_emu_build  # noqa: E402  (tests/ is on sys.path)
 
 selftest = cuda_emu_build.load("fused_nll_emu_selftest", "emu_selftest.cpp")
 
