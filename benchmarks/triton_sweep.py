@@ -2,7 +2,8 @@
 fwd+bwd time per configuration at the reference shapes (bf16, mean, every 17th
 target ignored), to choose the module-level knobs of
 triton_kernels/cross_entropy.py: _MAX_BLOCK / _ELEMS_PER_THREAD (block and warps),
-_PROGRAMS_PER_SM (persistent grid of the index forward kernel) and the split-row
+_PROGRAMS_PER_SM (persistent grid of the index forward kernel), _PREFETCH (software
+prefetch in its first sweep) and the split-row
 gradient path (_SPLIT_PARTS, _SPLIT_PROGRAMS_PER_SM, _SPLIT_NUM_WARPS).
 
 Before timing, every configuration's loss and gradient are compared with the
@@ -21,12 +22,8 @@ import fused_nll
 from fused_nll.triton_kernels import cross_entropy as ck
 
 # (label, knob overrides); "max_block" sets _MAX_BLOCK[2] (bf16).
-CONFIGS = [
+CONFIGS = [  # in order of interest: a sweep cut short by its timeout keeps the first
     ("default", {}),
-    ("block16k/16", {"max_block": 16384, "_ELEMS_PER_THREAD": 16}),
-    ("block4k/16", {"max_block": 4096, "_ELEMS_PER_THREAD": 16}),
-    ("persist 2/SM 16k", {"max_block": 16384, "_ELEMS_PER_THREAD": 16, "_PROGRAMS_PER_SM": 2}),
-    ("persist 8/SM", {"_PROGRAMS_PER_SM": 8}),
     # split rows: parts x programs per SM (a chunk of C/parts classes per work item; up
     # to 8192 classes it is one block kept in registers: 16, 32, 64 parts at 128256)
     ("split 8 x4/SM", {"_SPLIT_PARTS": 8, "_SPLIT_PROGRAMS_PER_SM": 4}),
@@ -36,9 +33,20 @@ CONFIGS = [
     ("split 32 x8/SM", {"_SPLIT_PARTS": 32, "_SPLIT_PROGRAMS_PER_SM": 8}),
     ("split 64 x8/SM", {"_SPLIT_PARTS": 64, "_SPLIT_PROGRAMS_PER_SM": 8}),
     ("split 64 x16/SM", {"_SPLIT_PARTS": 64, "_SPLIT_PROGRAMS_PER_SM": 16}),
+    # software prefetch in sweep 1 (a block in flight while the previous one is reduced)
+    ("prefetch", {"_PREFETCH": True}),
+    # one row per SM (132 x 256 KB in flight, within L2, for the gradient sweep's
+    # re-read) with 32 warps, without and with prefetch (64 registers, no spills)
+    ("persist 1/SM 16k", {"max_block": 16384, "_ELEMS_PER_THREAD": 16, "_PROGRAMS_PER_SM": 1}),
+    ("prefetch 1/SM 16k", {"max_block": 16384, "_ELEMS_PER_THREAD": 16, "_PROGRAMS_PER_SM": 1,
+                           "_PREFETCH": True}),
+    ("persist 2/SM 16k", {"max_block": 16384, "_ELEMS_PER_THREAD": 16, "_PROGRAMS_PER_SM": 2}),
+    ("persist 8/SM", {"_PROGRAMS_PER_SM": 8}),
+    ("block16k/16", {"max_block": 16384, "_ELEMS_PER_THREAD": 16}),
+    ("block4k/16", {"max_block": 4096, "_ELEMS_PER_THREAD": 16}),
 ]
 SHAPES = [(8192, 128256), (8192, 32000)]
-KNOBS = ["_ELEMS_PER_THREAD", "_PROGRAMS_PER_SM", "_SPLIT_PARTS", "_SPLIT_PROGRAMS_PER_SM",
+KNOBS = ["_ELEMS_PER_THREAD", "_PROGRAMS_PER_SM", "_PREFETCH", "_SPLIT_PARTS", "_SPLIT_PROGRAMS_PER_SM",
          "_SPLIT_NUM_WARPS", "_SPLIT_MIN_CLASSES", "_SPLIT_MAX_BLOCK", "_SPLIT_ELEMS_PER_THREAD"]
 
 

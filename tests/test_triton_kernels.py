@@ -609,6 +609,52 @@ def test_persistent_grid_loops_over_rows(monkeypatch):
         assert close(grad, ref_grad, torch.float32)[0]
 
 
+@pytest.mark.parametrize("classes", [1, 3, 128, 1000])
+@pytest.mark.parametrize("reduction", REDUCTIONS, ids=RED_NAME.get)
+@pytest.mark.parametrize("option", OPTIONS)
+def test_prefetch(monkeypatch, classes, reduction, option):
+    # _PREFETCH: the forward's sweep 1 loads block k+1 before reducing block k, and a
+    # row's first block before its target. Small blocks (128) make 1000 classes 8
+    # blocks; rows of -inf runs (a first block of only -inf), a huge logit, ignored
+    # rows, forward only and in place.
+    monkeypatch.setattr(ce, "_PREFETCH", True)
+    monkeypatch.setattr(ce, "_MAX_BLOCK", {k: 128 for k in ce._MAX_BLOCK})
+    torch.manual_seed(classes)
+    weighted, eps = OPTIONS[option]
+    x = logits(6, classes)
+    if classes == 1000:
+        x[1, :700] = float("-inf")
+        x[2, 999] = 1e4
+        x[3, 0] = -1e4
+    t = targets((6,), classes)
+    w = class_weight(classes, x.dtype) if weighted else None
+    loss, lse, grad = check_index(x, t, w, eps=eps, reduction=reduction)
+    # the same arithmetic in the same order as without prefetch: bit-identical through
+    # the interpreter (compiled, FMA contraction may differ in the last bit)
+    monkeypatch.setattr(ce, "_PREFETCH", False)
+    exact = dict(rtol=0, atol=0) if INTERPRET else {}
+    for got, want in zip((loss, lse, grad), ce.cross_entropy_fwd(x, t, w, -100, eps, reduction,
+                                                                 False, True)):
+        torch.testing.assert_close(got, want, equal_nan=True, **exact)
+    monkeypatch.setattr(ce, "_PREFETCH", True)
+    loss_f, lse_f, _ = ce.cross_entropy_fwd(x, t, w, -100, eps, reduction, False, False)
+    torch.testing.assert_close(loss_f, loss, rtol=0, atol=0)
+    xi = x.clone()
+    loss_i, _ = ce.cross_entropy_fwd_inplace(xi, t, w, -100, eps, reduction, False)
+    torch.testing.assert_close(loss_i, loss, rtol=0, atol=0)
+    torch.testing.assert_close(xi, grad, rtol=0, atol=0)
+
+
+def test_prefetch_bad_targets_give_nan_rows(monkeypatch):
+    monkeypatch.setattr(ce, "_PREFETCH", True)
+    monkeypatch.setattr(ce, "_MAX_BLOCK", {k: 128 for k in ce._MAX_BLOCK})
+    x = logits(4, 300)
+    t = torch.tensor([5, 300, -100, -7], device=DEVICE)
+    loss, _, grad = ce.cross_entropy_fwd(x, t, None, -100, 0.0, NONE, False, True)
+    assert torch.isfinite(loss[0]) and loss[1].isnan() and loss[2] == 0 and loss[3].isnan()
+    assert grad[1].isnan().all() and (grad[2] == 0).all() and grad[3].isnan().all()
+
+
 # ---------------------------------------------------------------------------------------
 # Split rows (_SPLIT_PARTS): the gradient path that cuts each row into column chunks
 # ---------------------------------------------------------------------------------------

@@ -77,6 +77,13 @@ _SCALE_MAX_PROGRAMS = 4096  # grid cap of that kernel (it loops over the tensor)
 # re-read its row from L2 instead of HBM).
 _PROGRAMS_PER_SM = None
 
+# Software prefetch in sweep 1 of the index forward kernel (logits): block k+1's loads
+# are issued before block k's reductions, and a row's first block before its target is
+# read. Off until timed on a GPU (benchmarks/triton_sweep.py). Costs 16 registers per
+# thread for bf16 (ptxas, sm_90: tests/test_triton_compile.py) and, for an ignored row,
+# one block read for nothing.
+_PREFETCH = False
+
 
 # Split rows (forward with gradient, index targets, logits not log-probs): each row is
 # cut into _SPLIT_PARTS column chunks, one program per chunk, so that a row's second
@@ -155,9 +162,25 @@ def _index_target(t_ptr, row, C, ignore_index):
 
 
 @triton.jit
-def _online_lse(x_row, stride_c, w_ptr, n_cols, ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                SMOOTH: tl.constexpr, BLOCK: tl.constexpr):
+def _load_block(x_row, stride_c, start, n_cols, BLOCK: tl.constexpr):
+    """Classes [start, start + BLOCK) of a row, -inf past n_cols, in the logits' dtype.
+    evict_last: sweep 1 reads the block and the gradient sweep reads it again."""
+    cols = start + tl.arange(0, BLOCK)
+    return tl.load(x_row + cols.to(tl.int64) * stride_c, mask=cols < n_cols,
+                   other=float("-inf"), eviction_policy="evict_last")
+
+
+@triton.jit
+def _online_lse(x_row, stride_c, w_ptr, n_cols, x_first, ACC: tl.constexpr,
+                HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, PREFETCH: tl.constexpr,
+                BLOCK: tl.constexpr):
     """Sweep 1 of an index-target row: the first ``n_cols`` classes (C, or 0 to skip).
+
+    PREFETCH: each block's loads are issued one iteration ahead, before the previous
+    block's max reduction (Triton pipelines only loads that feed a dot), so a program
+    has a block in flight while it computes; ``x_first`` is the row's first block,
+    loaded by the caller (_load_block) before it waits for the row's target.
+    Otherwise ``x_first`` is unused (None).
 
     Returns (m, log_se, wxs, wsum) with lse = m + log_se, se = sum_c exp(x_c - m),
     and, when SMOOTH, wxs = sum_c w_c*(x_c - m) <= 0 and wsum = sum_c w_c, so that the
@@ -170,12 +193,16 @@ def _online_lse(x_row, stride_c, w_ptr, n_cols, ACC: tl.constexpr, HAS_WEIGHT: t
     se = tl.zeros([BLOCK], ACC)  # per-lane sum exp(x - m_ref)
     wxs = tl.zeros([BLOCK], ACC)  # per-lane sum w*(x - m_ref)
     wsum = tl.zeros([BLOCK], ACC)  # per-lane sum w
+    if PREFETCH:
+        x_next = x_first
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < n_cols
-        # evict_last: this block is read again by the gradient sweep
-        x = tl.load(x_row + cols.to(tl.int64) * stride_c, mask=mask, other=NEG_INF,
-                    eviction_policy="evict_last").to(ACC)
+        if PREFETCH:
+            x = x_next.to(ACC)
+            x_next = _load_block(x_row, stride_c, start + BLOCK, n_cols, BLOCK)
+        else:
+            x = _load_block(x_row, stride_c, start, n_cols, BLOCK).to(ACC)
         m_new = tl.maximum(m, tl.max(x, 0))
         m_ref = tl.where(m_new == NEG_INF, 0.0, m_new)
         # exp(m - m_ref) is 0 while m is -inf (the sums are still 0), <= 1 otherwise
@@ -292,7 +319,8 @@ def _prob_grad_sweep(x_row, stride_c, y_row, stride_yc, g_row, stride_gc, w_ptr,
 def _ce_fwd_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_ptr, wsum_ptr,
                    R, C, S, stride_n, stride_c, stride_s, ignore_index, eps_hi, eps_lo,
                    HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, LOG_PROBS: tl.constexpr,
-                   COMPUTE_GRAD: tl.constexpr, MEAN: tl.constexpr, BLOCK: tl.constexpr):
+                   COMPUTE_GRAD: tl.constexpr, MEAN: tl.constexpr, PREFETCH: tl.constexpr,
+                   BLOCK: tl.constexpr):
     """Index targets: per-row loss and lse, and (COMPUTE_GRAD) the gradient for
     grad_loss = 1. den_ptr: W (read when MEAN and COMPUTE_GRAD); wsum_ptr: sum_c w_c
     (read when HAS_WEIGHT, SMOOTH, COMPUTE_GRAD and not LOG_PROBS).
@@ -304,17 +332,23 @@ def _ce_fwd_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_ptr, wsum_
     for row in range(tl.program_id(0), R, tl.num_programs(0)):
         _ce_fwd_row(row, x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_ptr, wsum_ptr,
                     C, S, stride_n, stride_c, stride_s, ignore_index, eps_hi, eps_lo,
-                    HAS_WEIGHT, SMOOTH, LOG_PROBS, COMPUTE_GRAD, MEAN, BLOCK)
+                    HAS_WEIGHT, SMOOTH, LOG_PROBS, COMPUTE_GRAD, MEAN, PREFETCH, BLOCK)
 
 
 @triton.jit
 def _ce_fwd_row(row, x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_ptr, wsum_ptr,
                 C, S, stride_n, stride_c, stride_s, ignore_index, eps_hi, eps_lo,
                 HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, LOG_PROBS: tl.constexpr,
-                COMPUTE_GRAD: tl.constexpr, MEAN: tl.constexpr, BLOCK: tl.constexpr):
+                COMPUTE_GRAD: tl.constexpr, MEAN: tl.constexpr, PREFETCH: tl.constexpr,
+                BLOCK: tl.constexpr):
     ACC: tl.constexpr = lse_ptr.dtype.element_ty
     row, x_off, g_off = _offsets_of_row(row, S, stride_n, stride_s, C)
     x_row = x_ptr + x_off
+    if PREFETCH:  # (logits only) issued before anything waits for the row's target; an
+        # ignored row reads this block for nothing
+        x_first = _load_block(x_row, stride_c, 0, C, BLOCK)
+    else:
+        x_first = None
     t, active, ignored = _index_target(t_ptr, row, C, ignore_index)
     t_safe = tl.where(active, t, 0)
     n_cols = tl.where(active, C, 0)  # skip the reads of ignored / invalid rows
@@ -345,8 +379,8 @@ def _ce_fwd_row(row, x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_ptr, wsu
                 wx += tl.where(mask, x, 0.0)
             loss += eps / C * (-tl.sum(wx, 0))
     else:
-        m, log_se, wxs, wsum_row = _online_lse(x_row, stride_c, w_ptr, n_cols, ACC,
-                                               HAS_WEIGHT, SMOOTH, BLOCK)
+        m, log_se, wxs, wsum_row = _online_lse(x_row, stride_c, w_ptr, n_cols, x_first,
+                                               ACC, HAS_WEIGHT, SMOOTH, PREFETCH, BLOCK)
         lse = m + log_se
         # lse - x_t, without rounding lse first (its ulp is 1e-3 at 1e4 in fp32)
         loss = (1.0 - eps) * w_t * ((m - x_t) + log_se)
@@ -454,8 +488,8 @@ def _split_part(row, part, x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_pt
                 wxs = tl.sum(tl.where(cols < n_cols, w * (x - m), 0.0), 0)
                 wsum = tl.sum(w, 0)
         else:
-            m, log_se, wxs, wsum = _online_lse(x_chunk, stride_c, w_ptr + c0, n_cols, ACC,
-                                               HAS_WEIGHT, SMOOTH, BLOCK)
+            m, log_se, wxs, wsum = _online_lse(x_chunk, stride_c, w_ptr + c0, n_cols, None,
+                                               ACC, HAS_WEIGHT, SMOOTH, False, BLOCK)
             se = tl.exp(log_se)
         tl.store(record, m)
         tl.store(record + 1, se)
@@ -821,8 +855,8 @@ def _index_fwd(input, target, weight, ignore_index, label_smoothing, reduction, 
             grad if compute_grad else lse, den if den is not None else lse, wsum if wsum is not None else lse,
             R, C, S, x.stride(0), x.stride(1), x.stride(2), ignore_index, eps_hi, eps_lo,
             HAS_WEIGHT=weight is not None, SMOOTH=smooth, LOG_PROBS=log_probs,
-            COMPUTE_GRAD=compute_grad, MEAN=mean and compute_grad, BLOCK=block,
-            num_warps=num_warps)
+            COMPUTE_GRAD=compute_grad, MEAN=mean and compute_grad,
+            PREFETCH=_PREFETCH and not log_probs, BLOCK=block, num_warps=num_warps)
     loss = _reduce_loss(loss_rows, reduction, den, rows_shape, input.dtype)
     return loss, lse
 
