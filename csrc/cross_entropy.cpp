@@ -41,6 +41,8 @@
 #include <sys/mman.h>
 #endif
 
+#include "schemas.h"  // checked_loss_dtype
+
 namespace fused_nll {
 namespace {
 
@@ -903,7 +905,8 @@ void check_inplace(const at::Tensor& input) {
 // Forward with index targets; the gradient (if any) goes to *grad.
 std::tuple<at::Tensor, at::Tensor> index_forward(const at::Tensor& input, const at::Tensor& target,
                                                  const std::optional<at::Tensor>& weight,
-                                                 const IndexArgs& a, at::Tensor* grad) {
+                                                 const IndexArgs& a, at::Tensor* grad,
+                                                 std::optional<at::ScalarType> loss_dtype) {
   const at::Tensor x3 = as_ncs(input);
   const at::Tensor t = flat_targets(target);
   const auto acc = acc_type_of(input.scalar_type());
@@ -915,27 +918,29 @@ std::tuple<at::Tensor, at::Tensor> index_forward(const at::Tensor& input, const 
     total_weight = run_index<decltype(data_tag), decltype(target_tag)>(
         x3, t, weight, a, nullptr, nullptr, &row_loss, &lse, grad);
   });
-  return {reduce_loss(row_loss, a.reduction, total_weight, input.scalar_type(), shape), lse};
+  const auto out_dtype = checked_loss_dtype(loss_dtype, input.scalar_type());
+  return {reduce_loss(row_loss, a.reduction, total_weight, out_dtype, shape), lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cpu(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     int64_t ignore_index, double label_smoothing, int64_t reduction, bool log_probs,
-    bool compute_grad) {
+    bool compute_grad, std::optional<at::ScalarType> loss_dtype) {
   at::Tensor grad = compute_grad ? new_grad(input) : at::empty({0}, input.options());
   auto [loss, lse] = index_forward(input, target, weight,
                                    {ignore_index, label_smoothing, reduction, log_probs},
-                                   compute_grad ? &grad : nullptr);
+                                   compute_grad ? &grad : nullptr, loss_dtype);
   return {loss, lse, grad};
 }
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_inplace_cpu(
     at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    int64_t ignore_index, double label_smoothing, int64_t reduction, bool log_probs) {
+    int64_t ignore_index, double label_smoothing, int64_t reduction, bool log_probs,
+    std::optional<at::ScalarType> loss_dtype) {
   check_inplace(input);
   at::Tensor grad = input;
   return index_forward(input, target, weight,
-                       {ignore_index, label_smoothing, reduction, log_probs}, &grad);
+                       {ignore_index, label_smoothing, reduction, log_probs}, &grad, loss_dtype);
 }
 
 at::Tensor cross_entropy_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& input,
@@ -1076,7 +1081,8 @@ void run_prob(const at::Tensor& x3, const at::Tensor& y3, const std::optional<at
 std::tuple<at::Tensor, at::Tensor> prob_forward(const at::Tensor& input, const at::Tensor& target,
                                                 const std::optional<at::Tensor>& weight,
                                                 double label_smoothing, int64_t reduction,
-                                                at::Tensor* grad) {
+                                                at::Tensor* grad,
+                                                std::optional<at::ScalarType> loss_dtype) {
   TORCH_CHECK(target.sizes() == input.sizes(),
               "fused_nll: probability target must have the input's shape");
   const at::Tensor x3 = as_ncs(input), y3 = as_ncs(target);
@@ -1089,25 +1095,26 @@ std::tuple<at::Tensor, at::Tensor> prob_forward(const at::Tensor& input, const a
     run_prob<decltype(data_tag), decltype(y_tag)>(x3, y3, weight, label_smoothing, reduction,
                                                   nullptr, nullptr, &row_loss, &lse, grad);
   });
-  const auto out_dtype = at::result_type(input, target);
+  const auto out_dtype = checked_loss_dtype(loss_dtype, at::result_type(input, target));
   return {reduce_loss(row_loss, reduction, static_cast<double>(rows), out_dtype, shape), lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_prob_fwd_cpu(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    double label_smoothing, int64_t reduction, bool compute_grad) {
+    double label_smoothing, int64_t reduction, bool compute_grad,
+    std::optional<at::ScalarType> loss_dtype) {
   at::Tensor grad = compute_grad ? new_grad(input) : at::empty({0}, input.options());
   auto [loss, lse] = prob_forward(input, target, weight, label_smoothing, reduction,
-                                  compute_grad ? &grad : nullptr);
+                                  compute_grad ? &grad : nullptr, loss_dtype);
   return {loss, lse, grad};
 }
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_prob_fwd_inplace_cpu(
     at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    double label_smoothing, int64_t reduction) {
+    double label_smoothing, int64_t reduction, std::optional<at::ScalarType> loss_dtype) {
   check_inplace(input);
   at::Tensor grad = input;
-  return prob_forward(input, target, weight, label_smoothing, reduction, &grad);
+  return prob_forward(input, target, weight, label_smoothing, reduction, &grad, loss_dtype);
 }
 
 at::Tensor cross_entropy_prob_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& input,

@@ -71,7 +71,12 @@ def check_parity(fn, input, target, weight=None, ignore_index=-100, reduction="m
                       if reduction == "none" else torch.ones((), dtype=torch.float64, device=loss.device))
     grad_scale = grad_scale.to(loss.dtype)  # the reference sees the same rounded values
     ref_loss, ref_grad = reference(fn, input, target, grad_output=grad_scale, **kwargs)
-    assert loss.dtype == (torch.result_type(input, target) if target.is_floating_point() else dtype)
+    want_dtype = dtype  # torch's: probability targets promote with the target and weight
+    if target.is_floating_point():
+        want_dtype = torch.result_type(input, target)
+        if weight is not None:
+            want_dtype = torch.promote_types(want_dtype, weight.dtype)
+    assert loss.dtype == want_dtype
     assert loss.shape == ref_loss.shape
     ok, detail = close(loss, ref_loss, dtype)
     assert ok, f"loss: {detail}"

@@ -91,3 +91,27 @@ def test_export():
     exported = torch.export.export(model, (h, t))
     torch.testing.assert_close(exported.module()(h, t), model(h, t))
     assert any("fused_nll" in str(n.target) for n in exported.graph.nodes)
+
+
+def test_autocast_under_compile():
+    # The usual mixed-precision step: a bf16 LM head under torch.autocast, the loss in
+    # float32 as torch's; compiled fullgraph it matches eager, with no graph break.
+    torch.manual_seed(4)
+    model = TinyLM()
+    h, t = torch.randn(12, 16), torch.randint(0, 37, (12,))
+
+    def step(m):
+        m.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m(h, t)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in m.parameters()]
+
+    eager = step(model)
+    compiled = step(torch.compile(model, fullgraph=True))
+    assert eager[0].dtype == compiled[0].dtype == torch.float32
+    # bf16 matmuls inside: the compiled graph may fuse/round them differently
+    torch.testing.assert_close(compiled[0], eager[0], rtol=2e-2, atol=1e-3)
+    for a, b in zip(eager[1], compiled[1]):
+        torch.testing.assert_close(b, a, rtol=5e-2, atol=5e-3)
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])

@@ -164,7 +164,7 @@ def test_shadow_mode_catches_a_wrong_result(monkeypatch):
     from fused_nll import _ops
 
     real = _ops.CPP.fwd
-    monkeypatch.setattr(_ops.CPP, "fwd", lambda *a: (real(*a)[0] * 1.01, *real(*a)[1:]))
+    monkeypatch.setattr(_ops.CPP, "fwd", lambda *a, **k: (real(*a, **k)[0] * 1.01, *real(*a, **k)[1:]))
     fused_nll.cross_entropy(torch.randn(6, 9), torch.randint(0, 9, (6,)))  # off: no check
     monkeypatch.setenv("FUSED_NLL_VERIFY", "1")
     with pytest.raises(RuntimeError, match="FUSED_NLL_VERIFY: fused_nll.cross_entropy differs from torch"):

@@ -80,3 +80,27 @@ def test_inplace_fwd_bumps_version_and_writes_the_gradient():
     ops.cross_entropy_fwd_inplace(x2, t, w, -100, 0.1, 1, False)
     assert x2._version > version
     torch.testing.assert_close(x2, grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_loss_dtype(requires_grad, reduction):
+    """The forward ops' optional loss_dtype (float32 for bf16 input: the public API's
+    autocast case): real and fake kernels agree on it, autograd takes a float32 upstream
+    gradient for bf16 logits; a non-floating dtype is refused."""
+    x, t, w = _inputs(torch.bfloat16, requires_grad)
+    y = torch.softmax(torch.randn(6, 11), 1).to(torch.bfloat16)
+    f32 = torch.float32
+    for compute_grad in (False, True):
+        args = (x, t, w, -100, 0.1, reduction, False, compute_grad)
+        torch.library.opcheck(ops.cross_entropy_fwd.default, args, {"loss_dtype": f32})
+        assert ops.cross_entropy_fwd(*args, loss_dtype=f32)[0].dtype == f32
+        args = (x, y, w, 0.1, reduction, compute_grad)
+        torch.library.opcheck(ops.cross_entropy_prob_fwd.default, args, {"loss_dtype": f32})
+    if not requires_grad:
+        torch.library.opcheck(ops.cross_entropy_fwd_inplace.default,
+                              (x.clone(), t, w, -100, 0.1, reduction, False), {"loss_dtype": f32})
+        torch.library.opcheck(ops.cross_entropy_prob_fwd_inplace.default,
+                              (x.clone(), y, w, 0.1, reduction), {"loss_dtype": f32})
+    with pytest.raises(Exception, match="loss_dtype must be a floating dtype"):
+        ops.cross_entropy_fwd(x, t, w, -100, 0.1, reduction, False, False, loss_dtype=torch.int64)

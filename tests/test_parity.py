@@ -292,8 +292,8 @@ def test_precomputed_gradient_buffer_becomes_dot_grad(monkeypatch):
 
     pointers = []
 
-    def fwd(*args):
-        out = real(*args)
+    def fwd(*args, **kwargs):
+        out = real(*args, **kwargs)
         pointers.append(out[2].data_ptr())  # the address only: a reference would force a copy
         return out
 
@@ -326,3 +326,70 @@ def test_single_long_row(target, dtype, reduction):
     w = torch.rand(40001, device=target) + 0.1
     check_parity("cross_entropy", x, t, weight=w, reduction=reduction, label_smoothing=0.2)
     check_parity("cross_entropy", x, t, reduction=reduction)
+
+
+# torch.autocast: torch's cross_entropy and nll_loss are autocast "fp32" ops, so for
+# fp16/bf16 input they return float32, computed on fp32 copies. fused_nll returns
+# float32 too, at fp32 precision (the loss is not rounded to bf16 first), without
+# copying the logits; the gradient keeps the input's dtype, as torch's does.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("kind", ["index", "weight_smooth", "nll", "prob"])
+@pytest.mark.parametrize("inplace", [False, True], ids=["", "inplace"])
+def test_autocast_loss_is_float32_like_torch(target, dtype, reduction, kind, inplace):
+    torch.manual_seed(11)
+    x = logits(6, 300, dtype=dtype, device=target)
+    t = index_targets(6, 300, target)
+    kwargs = dict(reduction=reduction)
+    fn = fused_nll.nll_loss if kind == "nll" else fused_nll.cross_entropy
+    torch_fn = F.nll_loss if kind == "nll" else F.cross_entropy
+    if kind == "nll":
+        x = torch.log_softmax(x.double(), 1).to(dtype)
+    if kind == "prob":
+        t = torch.softmax(logits(6, 300, device=target), 1).to(dtype)
+    if kind == "weight_smooth":
+        kwargs.update(weight=torch.rand(300, device=target) + 0.1, label_smoothing=0.1)
+    leaf = x.detach().clone().requires_grad_(True)
+    x_in = leaf.clone() if inplace else leaf
+    extra = {"inplace_backward": True} if inplace else {}
+    with torch.autocast(target, dtype=torch.bfloat16):
+        want = torch_fn(x.detach().clone().requires_grad_(True), t, **kwargs)
+        loss = fn(x_in, t, **kwargs, **extra)
+    assert want.dtype == torch.float32 and loss.dtype == torch.float32
+    upstream = torch.rand(loss.shape, dtype=torch.float64, device=target).to(torch.float32) + 0.5
+    ref_loss, ref_grad = reference("nll_loss" if kind == "nll" else "cross_entropy", x, t,
+                                   grad_output=upstream, **kwargs)
+    ok, detail = close(loss, ref_loss, torch.float32)
+    assert ok, f"loss (fp32 precision expected under autocast): {detail}"
+    (grad,) = torch.autograd.grad(loss, leaf, upstream)
+    assert grad.dtype == dtype
+    ok, detail = close(grad, ref_grad, dtype, scale_floor=upstream.abs().max().item() / 6)
+    assert ok, f"grad: {detail}"
+
+
+def test_autocast_leaves_other_dtypes_alone(target):
+    t = index_targets(4, 10, target)
+    with torch.autocast(target, dtype=torch.bfloat16):
+        for dtype in (torch.float32, torch.float64):  # torch keeps these too
+            x = logits(4, 10, dtype=dtype, device=target)
+            assert fused_nll.cross_entropy(x, t).dtype == F.cross_entropy(x, t).dtype == dtype
+        with torch.autocast(target, enabled=False):
+            x = logits(4, 10, dtype=torch.bfloat16, device=target)
+            assert fused_nll.cross_entropy(x, t).dtype == torch.bfloat16
+    if target == "cuda":  # autocast for another device type only
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            x = logits(4, 10, dtype=torch.bfloat16, device=target)
+            assert fused_nll.cross_entropy(x, t).dtype == torch.bfloat16
+
+
+def test_probability_targets_loss_dtype_promotes_with_weight(target):
+    # torch's soft-target loss multiplies by the weight: its dtype joins the promotion
+    torch.manual_seed(2)
+    x = logits(4, 10, dtype=torch.float16, device=target)
+    y = torch.softmax(logits(4, 10, device=target), 1).to(torch.float16)
+    for w_dtype in (torch.float16, torch.float32, torch.float64):
+        w = (torch.rand(10, device=target) + 0.5).to(w_dtype)
+        for reduction in REDUCTIONS:
+            want = F.cross_entropy(x, y, weight=w, reduction=reduction)
+            loss = check_parity("cross_entropy", x, y, weight=w, reduction=reduction)[0]
+            assert loss.dtype == want.dtype == torch.promote_types(torch.float16, w_dtype)

@@ -764,6 +764,15 @@ def _total_weight(target: torch.Tensor, weight, ignore_index: int, C: int,
         dtype=acc)
 
 
+def _loss_dtype(loss_dtype, default: torch.dtype) -> torch.dtype:
+    """The forward ops' loss dtype: loss_dtype (the schemas' optional argument) or default."""
+    if loss_dtype is None:
+        return default
+    if not loss_dtype.is_floating_point:
+        raise ValueError(f"fused_nll: loss_dtype must be a floating dtype; got {loss_dtype}")
+    return loss_dtype
+
+
 def _reduce_loss(loss_rows: torch.Tensor, reduction: int, den, rows_shape, out_dtype):
     """none -> per-row losses; sum -> torch.sum in acc; mean -> sum / den; then cast."""
     if reduction == REDUCTION_NONE:
@@ -785,7 +794,7 @@ def _empty_grad(input: torch.Tensor) -> torch.Tensor:
 
 def cross_entropy_fwd(input: torch.Tensor, target: torch.Tensor, weight, ignore_index: int,
                       label_smoothing: float, reduction: int, log_probs: bool,
-                      compute_grad: bool):
+                      compute_grad: bool, loss_dtype: torch.dtype | None = None):
     """Index-target cross-entropy (log_probs=False) or nll_loss (log_probs=True).
 
     input: (C,), (N, C) or (N, C, d1..dk), any float dtype and strides; target: (), (N,)
@@ -794,26 +803,26 @@ def cross_entropy_fwd(input: torch.Tensor, target: torch.Tensor, weight, ignore_
     label_smoothing=...)`` (``F.nll_loss`` plus smoothing for log_probs=True), except that
     out-of-range targets give a nan row instead of an error.
 
-    Returns (loss, lse, grad_input): loss in input dtype (rows' shape or 0-d); lse (acc
-    dtype, rows' shape; 0 for ignored rows and with log_probs); grad_input (input's shape
+    Returns (loss, lse, grad_input): loss in loss_dtype, default the input's dtype (rows'
+    shape or 0-d); lse (acc dtype, rows' shape; 0 for ignored rows and with log_probs); grad_input (input's shape
     and dtype, contiguous; the gradient for grad_loss = 1) or an empty (0,) tensor.
     """
     grad = torch.empty(input.shape, dtype=input.dtype, device=input.device) \
         if compute_grad else None
     loss, lse = _index_fwd(input, target, weight, ignore_index, label_smoothing, reduction,
-                           log_probs, grad)
+                           log_probs, grad, loss_dtype)
     return loss, lse, grad if compute_grad else _empty_grad(input)
 
 
 def cross_entropy_fwd_inplace(input: torch.Tensor, target: torch.Tensor, weight,
                               ignore_index: int, label_smoothing: float, reduction: int,
-                              log_probs: bool):
+                              log_probs: bool, loss_dtype: torch.dtype | None = None):
     """:func:`cross_entropy_fwd` with compute_grad=True, the gradient written over the
     (contiguous) input: each program reads a block of its row before it writes the
     same block, and x_t is loaded before the gradient sweep. Returns (loss, lse)."""
     _check_inplace(input)
     return _index_fwd(input, target, weight, ignore_index, label_smoothing, reduction,
-                      log_probs, input)
+                      log_probs, input, loss_dtype)
 
 
 def _check_inplace(input: torch.Tensor) -> None:
@@ -824,7 +833,7 @@ def _check_inplace(input: torch.Tensor) -> None:
 
 
 def _index_fwd(input, target, weight, ignore_index, label_smoothing, reduction, log_probs,
-               grad):
+               grad, loss_dtype):
     """Loss and lse; the gradient (grad_loss = 1) into `grad`, a contiguous tensor of the
     input's shape (possibly the input itself), unless grad is None."""
     compute_grad = grad is not None
@@ -857,7 +866,7 @@ def _index_fwd(input, target, weight, ignore_index, label_smoothing, reduction, 
             HAS_WEIGHT=weight is not None, SMOOTH=smooth, LOG_PROBS=log_probs,
             COMPUTE_GRAD=compute_grad, MEAN=mean and compute_grad,
             PREFETCH=_PREFETCH and not log_probs, BLOCK=block, num_warps=num_warps)
-    loss = _reduce_loss(loss_rows, reduction, den, rows_shape, input.dtype)
+    loss = _reduce_loss(loss_rows, reduction, den, rows_shape, _loss_dtype(loss_dtype, input.dtype))
     return loss, lse
 
 
@@ -935,26 +944,29 @@ def cross_entropy_bwd(grad_loss: torch.Tensor, input: torch.Tensor, target: torc
 
 
 def cross_entropy_prob_fwd(input: torch.Tensor, target: torch.Tensor, weight,
-                           label_smoothing: float, reduction: int, compute_grad: bool):
+                           label_smoothing: float, reduction: int, compute_grad: bool,
+                           loss_dtype: torch.dtype | None = None):
     """Probability-target cross-entropy: ``F.cross_entropy(input, target, weight,
     reduction=..., label_smoothing=...)`` with float target of input's shape (any
     strides). Returns (loss, lse, grad_input) as :func:`cross_entropy_fwd`; the loss
-    dtype is ``torch.result_type(input, target)`` and mean divides by the row count."""
+    dtype is loss_dtype, default ``torch.result_type(input, target)``, and mean divides
+    by the row count."""
     grad = torch.empty(input.shape, dtype=input.dtype, device=input.device) \
         if compute_grad else None
-    loss, lse = _prob_fwd(input, target, weight, label_smoothing, reduction, grad)
+    loss, lse = _prob_fwd(input, target, weight, label_smoothing, reduction, grad, loss_dtype)
     return loss, lse, grad if compute_grad else _empty_grad(input)
 
 
 def cross_entropy_prob_fwd_inplace(input: torch.Tensor, target: torch.Tensor, weight,
-                                   label_smoothing: float, reduction: int):
+                                   label_smoothing: float, reduction: int,
+                                   loss_dtype: torch.dtype | None = None):
     """:func:`cross_entropy_prob_fwd` with compute_grad=True, the gradient written over
     the (contiguous) input. Returns (loss, lse)."""
     _check_inplace(input)
-    return _prob_fwd(input, target, weight, label_smoothing, reduction, input)
+    return _prob_fwd(input, target, weight, label_smoothing, reduction, input, loss_dtype)
 
 
-def _prob_fwd(input, target, weight, label_smoothing, reduction, grad):
+def _prob_fwd(input, target, weight, label_smoothing, reduction, grad, loss_dtype):
     """Loss and lse; the gradient into `grad` as in _index_fwd."""
     compute_grad = grad is not None
     x = _as_ncs(input)
@@ -977,7 +989,7 @@ def _prob_fwd(input, target, weight, label_smoothing, reduction, grad):
             y.stride(0), y.stride(1), y.stride(2), eps_hi, eps_lo,
             HAS_WEIGHT=weight is not None, COMPUTE_GRAD=compute_grad, MEAN=mean,
             BLOCK=block, num_warps=num_warps)
-    out_dtype = torch.result_type(input, target)
+    out_dtype = _loss_dtype(loss_dtype, torch.result_type(input, target))
     loss = _reduce_loss(loss_rows, reduction, R, rows_shape, out_dtype)
     return loss, lse
 

@@ -60,6 +60,7 @@
 #include <cooperative_groups.h>
 #endif
 
+#include "../schemas.h"  // checked_loss_dtype
 #include "online_softmax.cuh"
 
 #include <cstdint>
@@ -951,7 +952,8 @@ at::Tensor run_index(const at::Tensor& input, const at::Tensor& target,
                      const std::optional<at::Tensor>& weight_opt, int64_t ignore_index,
                      double label_smoothing, int64_t reduction, bool log_probs,
                      bool compute_grad, const at::Tensor* grad_loss, const at::Tensor* lse,
-                     at::Tensor* loss_out, at::Tensor* lse_out, bool grad_into_input = false) {
+                     at::Tensor* loss_out, at::Tensor* lse_out, bool grad_into_input = false,
+                     std::optional<at::ScalarType> loss_dtype = std::nullopt) {
   const Layout l = layout_of(input);
   const int64_t R = l.rows();
   const at::ScalarType acc = acc_type_of(input.scalar_type());
@@ -1033,7 +1035,8 @@ at::Tensor run_index(const at::Tensor& input, const at::Tensor& target,
   }
 
   if (!kBackward) {
-    *loss_out = reduce_loss(row_loss, l, reduction, W, input.scalar_type());
+    *loss_out = reduce_loss(row_loss, l, reduction, W,
+                            checked_loss_dtype(loss_dtype, input.scalar_type()));
     *lse_out = lse_rows;
   }
   return grad;
@@ -1044,7 +1047,8 @@ at::Tensor run_prob(const at::Tensor& input, const at::Tensor& target,
                     const std::optional<at::Tensor>& weight_opt, double label_smoothing,
                     int64_t reduction, bool compute_grad, const at::Tensor* grad_loss,
                     const at::Tensor* lse, at::Tensor* loss_out, at::Tensor* lse_out,
-                    bool grad_into_input = false) {
+                    bool grad_into_input = false,
+                    std::optional<at::ScalarType> loss_dtype = std::nullopt) {
   const Layout l = layout_of(input);
   const int64_t R = l.rows();
   const at::ScalarType acc = acc_type_of(input.scalar_type());
@@ -1112,7 +1116,8 @@ at::Tensor run_prob(const at::Tensor& input, const at::Tensor& target,
   }
 
   if (!kBackward) {
-    const at::ScalarType out_dtype = c10::promoteTypes(input.scalar_type(), target.scalar_type());
+    const at::ScalarType out_dtype = checked_loss_dtype(
+        loss_dtype, c10::promoteTypes(input.scalar_type(), target.scalar_type()));
     *loss_out = reduce_loss(row_loss, l, reduction, std::nullopt, out_dtype);
     *lse_out = lse_rows;
   }
@@ -1126,12 +1131,12 @@ at::Tensor run_prob(const at::Tensor& input, const at::Tensor& target,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     int64_t ignore_index, double label_smoothing, int64_t reduction, bool log_probs,
-    bool compute_grad) {
+    bool compute_grad, std::optional<at::ScalarType> loss_dtype) {
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor loss, lse;
   at::Tensor grad = run_index<false>(input, target, weight, ignore_index, label_smoothing,
                                      reduction, log_probs, compute_grad, nullptr, nullptr,
-                                     &loss, &lse);
+                                     &loss, &lse, /*grad_into_input=*/false, loss_dtype);
   return {loss, lse, grad};
 }
 
@@ -1147,11 +1152,13 @@ at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor&
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_prob_fwd_cuda(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    double label_smoothing, int64_t reduction, bool compute_grad) {
+    double label_smoothing, int64_t reduction, bool compute_grad,
+    std::optional<at::ScalarType> loss_dtype) {
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor loss, lse;
   at::Tensor grad = run_prob<false>(input, target, weight, label_smoothing, reduction,
-                                    compute_grad, nullptr, nullptr, &loss, &lse);
+                                    compute_grad, nullptr, nullptr, &loss, &lse,
+                                    /*grad_into_input=*/false, loss_dtype);
   return {loss, lse, grad};
 }
 
@@ -1167,22 +1174,23 @@ at::Tensor cross_entropy_prob_bwd_cuda(const at::Tensor& grad_loss, const at::Te
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_inplace_cuda(
     at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    int64_t ignore_index, double label_smoothing, int64_t reduction, bool log_probs) {
+    int64_t ignore_index, double label_smoothing, int64_t reduction, bool log_probs,
+    std::optional<at::ScalarType> loss_dtype) {
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor loss, lse;
   run_index<false>(input, target, weight, ignore_index, label_smoothing, reduction, log_probs,
                    /*compute_grad=*/true, nullptr, nullptr, &loss, &lse,
-                   /*grad_into_input=*/true);
+                   /*grad_into_input=*/true, loss_dtype);
   return {loss, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_prob_fwd_inplace_cuda(
     at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    double label_smoothing, int64_t reduction) {
+    double label_smoothing, int64_t reduction, std::optional<at::ScalarType> loss_dtype) {
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor loss, lse;
   run_prob<false>(input, target, weight, label_smoothing, reduction, /*compute_grad=*/true,
-                  nullptr, nullptr, &loss, &lse, /*grad_into_input=*/true);
+                  nullptr, nullptr, &loss, &lse, /*grad_into_input=*/true, loss_dtype);
   return {loss, lse};
 }
 

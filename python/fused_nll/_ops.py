@@ -40,13 +40,15 @@ def _fwd_outputs(input, out_dtype, reduction, compute_grad):
 
 
 @torch.library.register_fake("fused_nll::cross_entropy_fwd")
-def _(input, target, weight, ignore_index, label_smoothing, reduction, log_probs, compute_grad):
-    return _fwd_outputs(input, input.dtype, reduction, compute_grad)
+def _(input, target, weight, ignore_index, label_smoothing, reduction, log_probs, compute_grad,
+      loss_dtype=None):
+    return _fwd_outputs(input, loss_dtype or input.dtype, reduction, compute_grad)
 
 
 @torch.library.register_fake("fused_nll::cross_entropy_prob_fwd")
-def _(input, target, weight, label_smoothing, reduction, compute_grad):
-    return _fwd_outputs(input, torch.result_type(input, target), reduction, compute_grad)
+def _(input, target, weight, label_smoothing, reduction, compute_grad, loss_dtype=None):
+    return _fwd_outputs(input, loss_dtype or torch.result_type(input, target), reduction,
+                        compute_grad)
 
 
 @torch.library.register_fake("fused_nll::cross_entropy_bwd")
@@ -60,13 +62,15 @@ def _(grad_loss, input, target, weight, lse, label_smoothing, reduction):
 
 
 @torch.library.register_fake("fused_nll::cross_entropy_fwd_inplace")
-def _(input, target, weight, ignore_index, label_smoothing, reduction, log_probs):
-    return _fwd_outputs(input, input.dtype, reduction, False)[:2]
+def _(input, target, weight, ignore_index, label_smoothing, reduction, log_probs,
+      loss_dtype=None):
+    return _fwd_outputs(input, loss_dtype or input.dtype, reduction, False)[:2]
 
 
 @torch.library.register_fake("fused_nll::cross_entropy_prob_fwd_inplace")
-def _(input, target, weight, label_smoothing, reduction):
-    return _fwd_outputs(input, torch.result_type(input, target), reduction, False)[:2]
+def _(input, target, weight, label_smoothing, reduction, loss_dtype=None):
+    return _fwd_outputs(input, loss_dtype or torch.result_type(input, target), reduction,
+                        False)[:2]
 
 
 @torch.library.register_fake("fused_nll::scale_grad_")
@@ -128,9 +132,9 @@ def register_autograd(fwd_name, bwd, prob_fwd_name, prob_bwd):
     its outputs, which the caller may hold, so it is scaled out of place here;
     the public API avoids that copy with `FusedLoss` below."""
 
-    def setup(ctx, inputs, output, args):
+    def setup(ctx, inputs, output, args, compute_grad):
         input, target, weight = inputs[:3]
-        ctx.args, ctx.precomputed = args, inputs[-1]
+        ctx.args, ctx.precomputed = args, compute_grad
         ctx.mark_non_differentiable(output[1], output[2])
         if ctx.precomputed:
             ctx.save_for_backward(output[2])
@@ -141,21 +145,24 @@ def register_autograd(fwd_name, bwd, prob_fwd_name, prob_bwd):
         _refuse_double_backward()
         if ctx.precomputed:
             (grad,) = ctx.saved_tensors
-            grad = _times_upstream(grad, grad_loss)
+            grad = _times_upstream(grad, grad_loss).to(grad.dtype)
         else:
             input, target, weight, lse = ctx.saved_tensors
             grad = bwd_op(grad_loss, input, target, weight, lse, *ctx.args)
         return (grad,) + (None,) * (n_inputs - 1)
 
+    # inputs: (input, target, weight, *args, compute_grad, loss_dtype)
     torch.library.register_autograd(
         fwd_name,
-        lambda ctx, grad_loss, _lse, _grad: backward(ctx, grad_loss, bwd, 8),
-        setup_context=lambda ctx, inputs, output: setup(ctx, inputs, output, inputs[3:7]),
+        lambda ctx, grad_loss, _lse, _grad: backward(ctx, grad_loss, bwd, 9),
+        setup_context=lambda ctx, inputs, output: setup(ctx, inputs, output, inputs[3:7],
+                                                        inputs[7]),
     )
     torch.library.register_autograd(
         prob_fwd_name,
-        lambda ctx, grad_loss, _lse, _grad: backward(ctx, grad_loss, prob_bwd, 6),
-        setup_context=lambda ctx, inputs, output: setup(ctx, inputs, output, inputs[3:5]),
+        lambda ctx, grad_loss, _lse, _grad: backward(ctx, grad_loss, prob_bwd, 7),
+        setup_context=lambda ctx, inputs, output: setup(ctx, inputs, output, inputs[3:5],
+                                                        inputs[5]),
     )
 
 
@@ -176,15 +183,16 @@ class FusedLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, triton: bool, prob: bool, inplace: bool, input, target, weight, *args):
+    def forward(ctx, triton: bool, prob: bool, inplace: bool, loss_dtype, input, target, weight,
+                *args):
         family = triton_family() if triton else CPP
         if inplace:
             fwd = family.prob_fwd_inplace if prob else family.fwd_inplace
-            loss, _ = fwd(input, target, weight, *args)
+            loss, _ = fwd(input, target, weight, *args, loss_dtype=loss_dtype)
             grad = input  # now holds the gradient (its version counter was bumped)
         else:
             fwd = family.prob_fwd if prob else family.fwd
-            loss, _, grad = fwd(input, target, weight, *args, True)
+            loss, _, grad = fwd(input, target, weight, *args, True, loss_dtype=loss_dtype)
         ctx.scale, ctx.first_grad_loss, ctx.n_args = family.scale, None, len(args)
         ctx.save_for_backward(grad)
         return loss
@@ -207,7 +215,7 @@ class FusedLoss(torch.autograd.Function):
                 # this very buffer to .grad instead of copying it.
                 with torch._C._AutoDispatchBelowADInplaceOrView():
                     ctx.scale(grad, grad_loss)
-            return (None, None, None, grad) + none
+            return (None, None, None, None, grad) + none
         # A second backward (retain_graph): the only copy was scaled by the first
         # upstream gradient; rescale by new/first. Where the first was 0 the gradient
         # is gone: say so rather than return nan (a host read, on this rare path only).
@@ -218,7 +226,8 @@ class FusedLoss(torch.autograd.Function):
                 "the first backward scaled the only copy of the gradient, which fused_nll "
                 "writes during the forward pass. Compute the loss again for the second "
                 "backward, or use one backward with the summed upstream gradients.")
-        return (None, None, None, _times_upstream(grad, grad_loss / ctx.first_grad_loss)) + none
+        rescaled = _times_upstream(grad, grad_loss / ctx.first_grad_loss).to(grad.dtype)
+        return (None, None, None, None, rescaled) + none
 
 
 def triton_family():

@@ -34,9 +34,11 @@ def triton_cross_entropy_fwd(
     reduction: int,
     log_probs: bool,
     compute_grad: bool,
+    loss_dtype: Optional[torch.dtype] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     return _kernels.cross_entropy_fwd(
-        input, target, weight, ignore_index, label_smoothing, reduction, log_probs, compute_grad
+        input, target, weight, ignore_index, label_smoothing, reduction, log_probs, compute_grad,
+        loss_dtype,
     )
 
 
@@ -65,9 +67,10 @@ def triton_cross_entropy_prob_fwd(
     label_smoothing: float,
     reduction: int,
     compute_grad: bool,
+    loss_dtype: Optional[torch.dtype] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     return _kernels.cross_entropy_prob_fwd(
-        input, target, weight, label_smoothing, reduction, compute_grad
+        input, target, weight, label_smoothing, reduction, compute_grad, loss_dtype
     )
 
 
@@ -95,9 +98,10 @@ def triton_cross_entropy_fwd_inplace(
     label_smoothing: float,
     reduction: int,
     log_probs: bool,
+    loss_dtype: Optional[torch.dtype] = None,
 ) -> tuple[Tensor, Tensor]:
     return _kernels.cross_entropy_fwd_inplace(
-        input, target, weight, ignore_index, label_smoothing, reduction, log_probs
+        input, target, weight, ignore_index, label_smoothing, reduction, log_probs, loss_dtype
     )
 
 
@@ -109,8 +113,10 @@ def triton_cross_entropy_prob_fwd_inplace(
     weight: Optional[Tensor],
     label_smoothing: float,
     reduction: int,
+    loss_dtype: Optional[torch.dtype] = None,
 ) -> tuple[Tensor, Tensor]:
-    return _kernels.cross_entropy_prob_fwd_inplace(input, target, weight, label_smoothing, reduction)
+    return _kernels.cross_entropy_prob_fwd_inplace(input, target, weight, label_smoothing, reduction,
+                                                   loss_dtype)
 
 
 @torch.library.triton_op("fused_nll::triton_scale_grad_", mutates_args=("grad_input",))

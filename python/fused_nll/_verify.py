@@ -1,7 +1,8 @@
 """`python -m fused_nll verify`: a parity matrix of fused_nll against torch's
 nn.CrossEntropyLoss and nn.NLLLoss(log_softmax(x)) (in fp64, on the same
 inputs), loss and gradient, for every backend usable on the device; also
-cross_entropy with inplace_backward=True ("ce-inpl")."""
+cross_entropy with inplace_backward=True ("ce-inpl") and under torch.autocast ("ce-amp":
+the loss must have torch's autocast dtype, float32 for fp16/bf16, at fp32 precision)."""
 from __future__ import annotations
 
 import itertools
@@ -45,6 +46,8 @@ def cases(quick: bool):
             yield "nll", shape, weighted, ignore_index, 0.0
         for ls in [0.0, 0.1]:  # inplace_backward=True: the gradient over the logits
             yield "ce-inpl", shape, weighted, -100, ls
+        for ls in [0.0, 0.1]:  # under torch.autocast (bf16)
+            yield "ce-amp", shape, weighted, -100, ls
 
 
 def run_case(kind, shape, weighted, ignore_index, ls, dtype, reduction, device):
@@ -66,16 +69,22 @@ def run_case(kind, shape, weighted, ignore_index, ls, dtype, reduction, device):
         loss = fused_nll.nll_loss(xin, target, weight=weight, ignore_index=ignore_index, reduction=reduction)
     else:
         inplace = kind == "ce-inpl"  # on a non-leaf copy, as a model's logits
-        loss = fused_nll.cross_entropy(xin.clone() if inplace else xin, target, weight=weight,
-                                       ignore_index=ignore_index, reduction=reduction,
-                                       label_smoothing=ls, inplace_backward=inplace)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=kind == "ce-amp"):
+            loss = fused_nll.cross_entropy(xin.clone() if inplace else xin, target, weight=weight,
+                                           ignore_index=ignore_index, reduction=reduction,
+                                           label_smoothing=ls, inplace_backward=inplace)
+            if kind == "ce-amp":
+                w_same = None if weight is None else weight.to(x.dtype)  # torch's nll needs it
+                torch_dtype = nn.functional.cross_entropy(x, target, weight=w_same).dtype
     grad_out = (torch.randn(loss.shape, generator=gen, dtype=torch.float64).to(loss.dtype).to(device)
                 if reduction == "none" else torch.ones((), dtype=loss.dtype, device=device))
     (grad,) = torch.autograd.grad(loss, xin, grad_out)
 
     ref_loss, ref_grad = _torch_reference(kind, xin, target, weight, ignore_index, reduction, ls, grad_out)
     rows = max(1, x.numel() // classes)
-    ok_l, err_l, ratio_l, _ = compare(loss, ref_loss, dtype)
+    if kind == "ce-amp" and loss.dtype != torch_dtype:
+        raise TypeError(f"loss dtype {loss.dtype}, torch's {torch_dtype}")
+    ok_l, err_l, ratio_l, _ = compare(loss, ref_loss, loss.dtype if kind == "ce-amp" else dtype)
     ok_g, err_g, ratio_g, _ = compare(grad, ref_grad, dtype, scale_floor=grad_out.abs().max().item() / rows)
     return ok_l and ok_g, max(err_l, err_g), max(ratio_l, ratio_g)
 
@@ -109,7 +118,8 @@ def run(device: str | None = None, backend: str | None = None, quick: bool = Fal
     failures, total, start = [], 0, time.perf_counter()
     for name in backends:
         with fused_nll.use_backend(name):
-            for dtype, kind, reduction in itertools.product(DTYPES, ["ce", "ce-prob", "nll", "ce-inpl"],
+            for dtype, kind, reduction in itertools.product(DTYPES, ["ce", "ce-prob", "nll", "ce-inpl",
+                                                                    "ce-amp"],
                                                             REDUCTIONS):
                 group = [c for c in cases(quick) if c[0] == kind]
                 worst_err, worst_ratio, ok_all = 0.0, 0.0, True

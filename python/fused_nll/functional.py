@@ -2,6 +2,8 @@
 and F.nll_loss, computed by one fused op (docs/ops.md)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import _backend, _debug, _ops, _validate
@@ -22,10 +24,31 @@ def _host_targets(input: torch.Tensor) -> bool:
     return input.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
-def _run(prob: bool, inplace: bool, input, target, weight, *args) -> torch.Tensor:
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _loss_dtype(prob: bool, input, target, weight) -> torch.dtype | None:
+    """The loss dtype torch's function returns, when it is not the op's default (then
+    None): under torch.autocast (for the input's device type) cross_entropy and
+    nll_loss are "fp32" ops, computed on fp32 copies of fp16/bf16 inputs, so their
+    loss is float32; the kernels read the half-precision logits as they are and
+    accumulate in fp32 anyway, so only the loss's final rounding changes (no copy).
+    With probability targets torch's loss also promotes with the weight's dtype."""
+    dtypes = [input.dtype]
+    if prob:
+        dtypes += [target.dtype] + ([weight.dtype] if weight is not None else [])
+    if torch.is_autocast_enabled(input.device.type):
+        dtypes = [torch.float32 if d in _HALF else d for d in dtypes]
+    out = functools.reduce(torch.promote_types, dtypes)
+    default = torch.result_type(input, target) if prob else input.dtype
+    return None if out == default else out
+
+
+def _run(prob: bool, inplace: bool, loss_dtype, input, target, weight, *args) -> torch.Tensor:
     """Calls the forward op of the backend chosen for the input's device.
 
-    args: the op's arguments after `weight`, without `compute_grad`.
+    loss_dtype: the op's loss_dtype (_loss_dtype). args: the op's arguments after
+    `weight`, without `compute_grad`.
     Eager, when a gradient will be needed and the loss is reduced to a scalar,
     the gradient is written in the same pass over the logits (FusedLoss): read
     the logits once, write the gradient once. Otherwise backward recomputes it
@@ -43,10 +66,11 @@ def _run(prob: bool, inplace: bool, input, target, weight, *args) -> torch.Tenso
     precompute = (reduction != 0 and input.requires_grad and torch.is_grad_enabled()
                   and not torch.compiler.is_compiling())
     if inplace or precompute:
-        return _ops.FusedLoss.apply(triton, prob, inplace, input, target, weight, *args)
+        return _ops.FusedLoss.apply(triton, prob, inplace, loss_dtype, input, target, weight,
+                                    *args)
     family = _ops.triton_family() if triton else _ops.CPP
     fwd = family.prob_fwd if prob else family.fwd
-    return fwd(input, target, weight, *args, False)[0]
+    return fwd(input, target, weight, *args, False, loss_dtype=loss_dtype)[0]
 
 
 def cross_entropy(
@@ -83,7 +107,9 @@ def cross_entropy(
             No effect when no gradient is needed.
 
     Returns:
-        The loss in the input's dtype (accumulated in fp32, fp64 for fp64).
+        The loss, in torch's dtype: the input's (probability targets: promoted with
+        the target's and the weight's), float32 for fp16/bf16 under
+        ``torch.autocast``. Accumulated in fp32 (fp64 for fp64).
     """
     _validate.check_input(input, "cross_entropy")
     red = _validate.reduction_code(reduction)
@@ -106,12 +132,13 @@ def cross_entropy(
                 "fused_nll.cross_entropy: gradients with respect to probability targets are "
                 "not supported; pass target.detach() (e.g. a teacher's probabilities)."
             )
-        loss = _run(True, inplace, input, target, w, ls, red)
+        loss = _run(True, inplace, _loss_dtype(True, input, target, weight), input, target, w,
+                    ls, red)
     else:
         if debug or _host_targets(input):
             _debug.check_targets(input, target, ignore_index, "cross_entropy")
-        loss = _run(False, inplace, input, _validate.index_target(target), w, int(ignore_index), ls,
-                    red, False)
+        loss = _run(False, inplace, _loss_dtype(False, input, target, weight), input,
+                    _validate.index_target(target), w, int(ignore_index), ls, red, False)
     if verify:
         _debug.shadow_verify("cross_entropy", loss, ref_input, target, weight, ignore_index,
                              reduction, ls)
@@ -148,8 +175,8 @@ def nll_loss(
         _debug.check_targets(input, target, ignore_index, "nll_loss")
     if debug:
         _debug.check_log_probs(input, target, ignore_index)
-    loss = _run(False, inplace, input, _validate.index_target(target), w, int(ignore_index), 0.0,
-                red, True)
+    loss = _run(False, inplace, _loss_dtype(False, input, target, weight), input,
+                _validate.index_target(target), w, int(ignore_index), 0.0, red, True)
     if verify:
         _debug.shadow_verify("nll_loss", loss, ref_input, target, weight, ignore_index, reduction)
     return loss
