@@ -393,3 +393,44 @@ def test_probability_targets_loss_dtype_promotes_with_weight(target):
             want = F.cross_entropy(x, y, weight=w, reduction=reduction)
             loss = check_parity("cross_entropy", x, y, weight=w, reduction=reduction)[0]
             assert loss.dtype == want.dtype == torch.promote_types(torch.float16, w_dtype)
+
+
+def test_signature_is_torchs():
+    # A drop-in takes the same positional arguments (torch's legacy size_average and
+    # reduce included) with the same defaults; inplace_backward is keyword-only.
+    import inspect
+
+    for ours, theirs in ((fused_nll.cross_entropy, F.cross_entropy),
+                         (fused_nll.nll_loss, F.nll_loss)):
+        params = inspect.signature(ours).parameters.values()
+        mine = [(p.name, p.default) for p in params if p.kind != p.KEYWORD_ONLY]
+        assert mine == [(p.name, p.default) for p in inspect.signature(theirs).parameters.values()]
+        assert [p.name for p in params if p.kind == p.KEYWORD_ONLY] == ["inplace_backward"]
+
+
+def test_positional_and_legacy_arguments_like_torch(target):
+    torch.manual_seed(8)
+    x = logits(6, 9, device=target)
+    t = index_targets(6, 9, target, ignore_index=2)
+    w = torch.rand(9, device=target) + 0.5
+    args = (w, None, 2, None, "sum")
+    torch.testing.assert_close(fused_nll.cross_entropy(x, t, *args, 0.1),
+                               F.cross_entropy(x, t, *args, 0.1))
+    lp = torch.log_softmax(x, 1)
+    torch.testing.assert_close(fused_nll.nll_loss(lp, t, *args), F.nll_loss(lp, t, *args))
+    for size_average, reduce in ((False, None), (None, False), (True, True)):
+        with pytest.warns(UserWarning, match="deprecated"):
+            got = fused_nll.cross_entropy(x, t, size_average=size_average, reduce=reduce)
+        with pytest.warns(UserWarning, match="deprecated"):
+            want = F.cross_entropy(x, t, size_average=size_average, reduce=reduce)
+        torch.testing.assert_close(got, want)
+        with pytest.warns(UserWarning, match="deprecated"):
+            module = fused_nll.NLLLoss(size_average=size_average, reduce=reduce)
+        assert module.reduction == _legacy(size_average, reduce)
+
+
+def _legacy(size_average, reduce):
+    from torch.nn import _reduction
+
+    with pytest.warns(UserWarning):
+        return _reduction.legacy_get_string(size_average, reduce)

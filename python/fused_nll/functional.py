@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch.nn import _reduction
 
 from . import _backend, _debug, _ops, _validate
 
@@ -73,11 +74,20 @@ def _run(prob: bool, inplace: bool, loss_dtype, input, target, weight, *args) ->
     return fwd(input, target, weight, *args, False, loss_dtype=loss_dtype)[0]
 
 
+def _legacy_reduction(size_average, reduce, reduction: str) -> str:
+    """torch's deprecated size_average / reduce arguments (it warns, as torch does)."""
+    if size_average is not None or reduce is not None:
+        return _reduction.legacy_get_string(size_average, reduce)
+    return reduction
+
+
 def cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,
     weight: torch.Tensor | None = None,
+    size_average: bool | None = None,
     ignore_index: int = -100,
+    reduce: bool | None = None,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     *,
@@ -96,6 +106,7 @@ def cross_entropy(
         weight: optional per-class weights, shape ``(C,)``, any floating dtype.
         ignore_index: class index whose rows are skipped (index targets only;
             any integer, also a valid class).
+        size_average, reduce: torch's deprecated arguments (they set reduction).
         reduction: ``"none"`` (shape of the rows), ``"mean"`` or ``"sum"`` (0-d).
         label_smoothing: in ``[0, 1]``, torch's formula.
         inplace_backward: when a gradient will be needed, write it into
@@ -112,6 +123,7 @@ def cross_entropy(
         ``torch.autocast``. Accumulated in fp32 (fp64 for fp64).
     """
     _validate.check_input(input, "cross_entropy")
+    reduction = _legacy_reduction(size_average, reduce, reduction)
     red = _validate.reduction_code(reduction)
     kind = _validate.target_kind(input, target, "cross_entropy")
     _validate.check_same_device(input, target, "target", "cross_entropy")
@@ -149,7 +161,9 @@ def nll_loss(
     input: torch.Tensor,
     target: torch.Tensor,
     weight: torch.Tensor | None = None,
+    size_average: bool | None = None,
     ignore_index: int = -100,
+    reduce: bool | None = None,
     reduction: str = "mean",
     *,
     inplace_backward: bool = False,
@@ -161,9 +175,11 @@ def nll_loss(
             ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dk)``. For raw logits use
             :func:`cross_entropy`, which is faster and exact.
         target: class indices of shape ``()``, ``(N,)`` or ``(N, d1, ..., dk)``.
-        weight, ignore_index, reduction, inplace_backward: as :func:`cross_entropy`.
+        weight, size_average, ignore_index, reduce, reduction, inplace_backward: as
+            :func:`cross_entropy`.
     """
     _validate.check_input(input, "nll_loss")
+    reduction = _legacy_reduction(size_average, reduce, reduction)
     red = _validate.reduction_code(reduction)
     _validate.target_kind(input, target, "nll_loss")
     _validate.check_same_device(input, target, "target", "nll_loss")

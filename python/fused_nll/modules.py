@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-from torch.nn import _reduction
 
 from . import functional
 
@@ -10,9 +9,7 @@ from . import functional
 class _WeightedLoss(torch.nn.Module):
     def __init__(self, weight, size_average, reduce, reduction):
         super().__init__()
-        if size_average is not None or reduce is not None:  # torch's deprecated arguments
-            reduction = _reduction.legacy_get_string(size_average, reduce)
-        self.reduction = reduction
+        self.reduction = functional._legacy_reduction(size_average, reduce, reduction)
         self.register_buffer("weight", weight)  # moves with .to()/.cuda(), as in torch
 
 
