@@ -62,6 +62,14 @@ def _run(prob: bool, inplace: bool, loss_dtype, input, target, weight, *args) ->
     always writes the gradient in the forward pass, over the logits, for every
     reduction: that is its point (no gradient-sized buffer).
     """
+    if (input.requires_grad and not torch.compiler.is_compiling()
+            and torch._C._are_functorch_transforms_active()):
+        raise RuntimeError(
+            "fused_nll: torch.func transforms that differentiate (grad, vjp, jacrev, "
+            "hessian, ...) are not supported: the autograd that torch.library generates for "
+            "custom ops (and fused_nll's own) follows the torch.autograd protocol only. Use "
+            "loss.backward() / torch.autograd.grad, or torch.nn.functional.cross_entropy "
+            "(nll_loss) inside torch.func. (torch.func.vmap without grad works.)")
     triton = _backend.select(input.device) == "triton"
     reduction = args[-1] if prob else args[-2]
     precompute = (reduction != 0 and input.requires_grad and torch.is_grad_enabled()
