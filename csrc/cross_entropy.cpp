@@ -847,7 +847,10 @@ at::Tensor reduce_loss(const at::Tensor& row_loss, int64_t reduction, double tot
                        at::ScalarType out_dtype, c10::IntArrayRef shape) {
   if (reduction == kNone) return row_loss.to(out_dtype).reshape(shape);
   at::Tensor total = row_loss.sum();
-  if (reduction == kMean) total = total / total_weight;
+  // mean: W = 0 gives nan, as torch (its smoothing term alone would give +inf here)
+  if (reduction == kMean)
+    total = total_weight == 0 ? at::full_like(total, std::numeric_limits<double>::quiet_NaN())
+                              : total / total_weight;
   return total.to(out_dtype);
 }
 

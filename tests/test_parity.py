@@ -138,10 +138,18 @@ def test_empty_batch(target, reduction):
     assert x.grad.shape == (0, 7)
 
 
-def test_zero_weights_mean_is_nan_like_torch(target):
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_zero_weights_mean_is_nan_like_torch(target, label_smoothing):
+    # The mean divides by W = sum of the targets' weights. W = 0 gives nan, also with
+    # smoothing, whose term alone is > 0 (torch: 0/0 + eps*B/0 = nan, not inf).
     check_parity("cross_entropy", logits(4, 5, device=target),
                  torch.tensor([0, 1, 2, 3], device=target),
-                 weight=torch.zeros(5, device=target))
+                 weight=torch.zeros(5, device=target), label_smoothing=label_smoothing)
+    w = torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0], device=target)  # the targets' weights are 0
+    t = torch.tensor([0, 1, -100, 0], device=target)
+    loss, _ = check_parity("cross_entropy", logits(4, 5, device=target), t, weight=w,
+                           label_smoothing=label_smoothing)
+    assert loss.isnan()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -780,6 +780,8 @@ def _reduce_loss(loss_rows: torch.Tensor, reduction: int, den, rows_shape, out_d
     total = loss_rows.sum()
     if reduction == REDUCTION_MEAN:
         total = total / den
+        if isinstance(den, torch.Tensor):  # W = 0: nan, as torch (smoothing alone: +inf)
+            total = total.masked_fill(den == 0, float("nan"))
     return total.to(out_dtype)
 
 

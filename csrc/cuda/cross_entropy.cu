@@ -930,8 +930,8 @@ at::Tensor reduce_loss(const at::Tensor& row_loss, const Layout& l, int64_t redu
   if (reduction == 0) return row_loss.reshape(l.row_shape).to(out_dtype);
   at::Tensor total = row_loss.sum();  // deterministic, in acc dtype
   if (reduction == 1) {
-    if (W.has_value())
-      total = total.div(*W);
+    if (W.has_value())  // W = 0 gives nan, as torch (a smoothing term alone: +inf)
+      total = total.div(*W).masked_fill_(W->eq(0), std::numeric_limits<double>::quiet_NaN());
     else
       total = total.div(static_cast<double>(l.rows()));  // 0/0 = nan for R = 0
   }
