@@ -547,8 +547,10 @@ void index_rows(const Layout& L, const scalar_t* x, const target_t* t, const acc
       row_loss[r] = loss;
     }
     const acc_t s = scale(r);
-    return {a.log_probs ? acc_t(0) : s * ((1 - eps) * w_t + eps_c * wsum), s * eps_c,
-            s * (1 - eps) * w_t};
+    // e is 0, not s*0, without smoothing: s = 1/W is inf for a zero total weight, and
+    // torch's nll gradient is then nan at the target only
+    return {a.log_probs ? acc_t(0) : s * ((1 - eps) * w_t + eps_c * wsum),
+            eps != 0 ? s * eps_c : acc_t(0), s * (1 - eps) * w_t};
   };
   // p_c is taken as exp((x_c - m) - log_sum): exact in the forward pass even
   // for |logits| ~ 1e4, where lse itself rounds to 1e-3 in fp32.
