@@ -115,3 +115,26 @@ def test_autocast_under_compile():
     for a, b in zip(eager[1], compiled[1]):
         torch.testing.assert_close(b, a, rtol=5e-2, atol=5e-3)
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["", "autocast"])
+def test_compiled_probability_targets(amp):
+    # Soft targets with a weight of another dtype (the loss dtype promotes with both, as
+    # torch's), also under autocast: fullgraph, same loss and gradient as eager.
+    torch.manual_seed(6)
+    x = torch.randn(5, 11, dtype=torch.float16, requires_grad=True)
+    y = torch.softmax(torch.randn(5, 11), 1).to(torch.float16)
+    w = torch.rand(11) + 0.5
+
+    def f(x, y, w):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            return fused_nll.cross_entropy(x, y, weight=w, label_smoothing=0.1)
+
+    eager = f(x, y, w)
+    (eager_grad,) = torch.autograd.grad(eager, x)
+    compiled = torch.compile(f, fullgraph=True)(x, y, w)
+    (compiled_grad,) = torch.autograd.grad(compiled, x)
+    assert compiled.dtype == eager.dtype == torch.float32
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(compiled_grad, eager_grad)
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])

@@ -56,6 +56,7 @@ BAD_INPUTS = [
     ("nll-target-negative", nll, (x, torch.tensor([0, -1, 1, 2])), {}, IndexError, ["Target -1 is out of bounds."]),
     ("ce-target-other-device", ce, (x, idx.to("meta")), {}, RuntimeError, ["target is on meta", "input is on cpu", "target.to(input.device)"]),
     ("ce-weight-other-device", ce, (x, idx), {"weight": torch.ones(C, device="meta")}, RuntimeError, ["weight is on meta", "weight.to(input.device)"]),
+    ("ce-input-on-meta", ce, (x.to("meta"), idx.to("meta")), {}, RuntimeError, ["device type 'meta' are not supported", "CPU or CUDA"]),
     ("ce-input-not-tensor", ce, ([[1.0, 2.0]], idx), {}, TypeError, ["input must be a torch.Tensor"]),
     ("ce-target-not-tensor", ce, (x, [0, 1, 2, 3]), {}, TypeError, ["target must be a torch.Tensor"]),
     ("ce-inplace-not-bool", ce, (x, idx), {"inplace_backward": "yes"}, TypeError, ["inplace_backward must be True or False", "'yes'"]),

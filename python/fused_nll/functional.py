@@ -38,10 +38,13 @@ def _loss_dtype(prob: bool, input, target, weight) -> torch.dtype | None:
     dtypes = [input.dtype]
     if prob:
         dtypes += [target.dtype] + ([weight.dtype] if weight is not None else [])
-    if torch.is_autocast_enabled(input.device.type):
+    # (only CPU and CUDA run here; autocast itself rejects other device types)
+    if input.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(input.device.type):
         dtypes = [torch.float32 if d in _HALF else d for d in dtypes]
     out = functools.reduce(torch.promote_types, dtypes)
-    default = torch.result_type(input, target) if prob else input.dtype
+    # (= torch.result_type(input, target): both floating, same shape; that function
+    # does not trace under torch.compile)
+    default = torch.promote_types(input.dtype, target.dtype) if prob else input.dtype
     return None if out == default else out
 
 
