@@ -764,8 +764,9 @@ def _total_weight(target: torch.Tensor, weight, ignore_index: int, C: int,
         dtype=acc)
 
 
-def _loss_dtype(loss_dtype, default: torch.dtype) -> torch.dtype:
-    """The forward ops' loss dtype: loss_dtype (the schemas' optional argument) or default."""
+def _checked_loss_dtype(loss_dtype, default: torch.dtype) -> torch.dtype:
+    """The forward ops' loss dtype: loss_dtype (the schemas' optional argument) or default
+    (checked_loss_dtype in csrc/schemas.h for the C++ backends)."""
     if loss_dtype is None:
         return default
     if not loss_dtype.is_floating_point:
@@ -868,7 +869,8 @@ def _index_fwd(input, target, weight, ignore_index, label_smoothing, reduction, 
             HAS_WEIGHT=weight is not None, SMOOTH=smooth, LOG_PROBS=log_probs,
             COMPUTE_GRAD=compute_grad, MEAN=mean and compute_grad,
             PREFETCH=_PREFETCH and not log_probs, BLOCK=block, num_warps=num_warps)
-    loss = _reduce_loss(loss_rows, reduction, den, rows_shape, _loss_dtype(loss_dtype, input.dtype))
+    out_dtype = _checked_loss_dtype(loss_dtype, input.dtype)
+    loss = _reduce_loss(loss_rows, reduction, den, rows_shape, out_dtype)
     return loss, lse
 
 
@@ -991,7 +993,7 @@ def _prob_fwd(input, target, weight, label_smoothing, reduction, grad, loss_dtyp
             y.stride(0), y.stride(1), y.stride(2), eps_hi, eps_lo,
             HAS_WEIGHT=weight is not None, COMPUTE_GRAD=compute_grad, MEAN=mean,
             BLOCK=block, num_warps=num_warps)
-    out_dtype = _loss_dtype(loss_dtype, torch.result_type(input, target))
+    out_dtype = _checked_loss_dtype(loss_dtype, torch.result_type(input, target))
     loss = _reduce_loss(loss_rows, reduction, R, rows_shape, out_dtype)
     return loss, lse
 
