@@ -52,11 +52,17 @@ def test_verify_refuses_an_unusable_backend():
 
 def test_bench_quick_writes_csv(tmp_path):
     csv = tmp_path / "b.csv"
-    out = run("bench", "--device", "cpu", "--shapes", "64x1000", "--dtypes", "fp32", "--reps", "2",
-              "--impls", "fused_nll,eager", "--csv", str(csv))
+    out = run("bench", "--device", "cpu", "--shapes", "64x1000,2x5x3x4", "--dtypes", "fp32",
+              "--reps", "2", "--impls", "fused_nll,eager", "--csv", str(csv))
     assert out.returncode == 0, out.stderr
-    lines = csv.read_text().splitlines()
-    # fwd: fused_nll[cpp], torch eager; fwdbwd: those and fused_nll[cpp] inplace_backward
-    assert lines[0].startswith("impl,") and len(lines) == 1 + 2 + 3
-    assert [line.split(",")[6] for line in lines if "inplace_backward" in line] == ["fwdbwd"]
+    import csv as csv_module
+
+    rows = list(csv_module.DictReader(csv.read_text().splitlines()))
+    # per shape, fwd: fused_nll[cpp], torch eager; fwdbwd: those and fused_nll[cpp]
+    # inplace_backward
+    assert len(rows) == 2 * (2 + 3)
+    assert [r["mode"] for r in rows if "inplace_backward" in r["impl"]] == ["fwdbwd"] * 2
+    # K-dim (N, C, H, W): rows = N*H*W, V = C
+    kdim = [r for r in rows if r["shape"] == "2x5x3x4"]
+    assert len(kdim) == 5 and all((r["N"], r["V"]) == ("24", "5") for r in kdim)
     assert "% floor" in out.stdout

@@ -49,6 +49,18 @@ KERNELS = [  # (kernel, constexprs, num_warps)
     (ce._ce_prob_bwd_kernel, dict(HAS_WEIGHT=False, MEAN=False, BLOCK=4096), 8),
     (ce._scale_grad_kernel, dict(BLOCK=4096), 8),
     (ce._scale_grad_rows_kernel, dict(BLOCK=8192), 8),
+    (ce._ce_tile_fwd_kernel, dict(HAS_WEIGHT=True, SMOOTH=True, LOG_PROBS=False,
+                                  COMPUTE_GRAD=True, MEAN=True, ONE_BLOCK=True, BLOCK_C=32,
+                                  BLOCK_S=128), 4),
+    (ce._ce_tile_fwd_kernel, dict(HAS_WEIGHT=True, SMOOTH=True, LOG_PROBS=False,
+                                  COMPUTE_GRAD=True, MEAN=True, ONE_BLOCK=False, BLOCK_C=64,
+                                  BLOCK_S=64), 4),
+    (ce._ce_tile_fwd_kernel, dict(HAS_WEIGHT=False, SMOOTH=True, LOG_PROBS=True,
+                                  COMPUTE_GRAD=True, MEAN=False, ONE_BLOCK=True, BLOCK_C=2,
+                                  BLOCK_S=2), 1),
+    (ce._ce_tile_bwd_kernel, dict(HAS_WEIGHT=True, SMOOTH=True, LOG_PROBS=False, MEAN=True,
+                                  BLOCK_C=64, BLOCK_S=64), 4),
+    (ce._scale_grad_tile_kernel, dict(BLOCK_C=32, BLOCK_S=128), 4),
 ]
 
 
@@ -75,7 +87,7 @@ def test_kernel_compiles(case, arch):
                               options={"num_warps": num_warps})
     ptx = compiled.asm["ptx"]
     assert ".entry" in ptx and kernel.__name__ in ptx
-    if kernel is ce._ce_fwd_kernel and constexprs["COMPUTE_GRAD"]:
+    if kernel in (ce._ce_fwd_kernel, ce._ce_tile_fwd_kernel) and constexprs["COMPUTE_GRAD"]:
         # in place, x_t is read before any thread writes the gradient: a barrier even
         # where no reduction provides one (nll_loss on log-probs without smoothing)
         assert "bar.sync" in ptx
@@ -105,7 +117,10 @@ SPECIALISED = dict(R=8192, C=V_REF, stride_n=V_REF, S=1, stride_c=1, stride_s=1,
 REGISTERS_PER_SM = 65536  # sm_80 / sm_90
 
 
-def _compile_specialised(kernel, constexprs, num_warps, element="bf16"):
+def _compile_specialised(kernel, constexprs, num_warps, element="bf16", specialised=None):
+    """Compiles for sm_90 with the integer arguments in `specialised` (default: those of
+    the reference shape) specialised as the JIT does."""
+    specialised = SPECIALISED if specialised is None else specialised
     sig = _signature(kernel, constexprs)
     constexprs = dict(constexprs)
     attrs = {}
@@ -116,8 +131,8 @@ def _compile_specialised(kernel, constexprs, num_warps, element="bf16"):
             if name in ("x_ptr", "g_ptr", "y_ptr"):
                 sig[name] = "*" + element
             attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
-        elif name in SPECIALISED:
-            value = SPECIALISED[name]
+        elif name in specialised:
+            value = specialised[name]
             if value == 1:  # the JIT turns an int argument equal to 1 into a constant
                 sig[name], constexprs[name] = "constexpr", 1
             elif value % 16 == 0 and value != 0:
@@ -149,6 +164,52 @@ def _vector_accesses(ptx: str, op: str) -> bool:
 def _programs_per_sm(registers: int, num_warps: int) -> int:
     allocated = -(-registers // 8) * 8  # registers are allocated 8 per thread at a time
     return min(REGISTERS_PER_SM // (allocated * 32 * num_warps), 64 // num_warps)
+
+
+def _tile_case(name, x, kernel, constexprs, element, reads, writes, min_programs):
+    """A perf case for the tile kernel plan of the (meta) logits x: its tile shape,
+    warps and the integer arguments the JIT would specialise."""
+    v = ce._as_ncs(x)
+    plan = ce._tile_plan(v)
+    assert plan is not None, name
+    constexprs = dict(constexprs, BLOCK_C=plan.block_c, BLOCK_S=plan.block_s)
+    if kernel is ce._ce_tile_fwd_kernel:
+        constexprs["ONE_BLOCK"] = v.shape[1] <= plan.block_c
+    specialised = dict(C=v.shape[1], stride_gl=0, n_sblocks=plan.n_sblocks,
+                       **{f: getattr(plan, f) for f in ("S", "stride_n", "stride_c", "stride_s",
+                                                        "g_stride_n", "g_stride_c",
+                                                        "g_stride_s")})
+    return (name, kernel, constexprs, plan.num_warps, element, reads, writes, min_programs,
+            specialised)
+
+
+def _tile_cases():
+    import torch
+
+    fwd = dict(HAS_WEIGHT=False, SMOOTH=False, LOG_PROBS=False, COMPUTE_GRAD=True, MEAN=True)
+    nchw = torch.empty(16, 21, 512, 512, device="meta")  # segmentation, 21 classes
+    ade = torch.empty(16, 150, 128, 128, device="meta")  # 150 classes
+    return [
+        # contiguous (N, C, H, W): 16-byte accesses along the pixels
+        _tile_case("tile-nchw-fwd+grad", nchw, ce._ce_tile_fwd_kernel, fwd, "bf16",
+                   True, True, 3),
+        _tile_case("tile-nchw150-fwd+grad", ade, ce._ce_tile_fwd_kernel, fwd, "bf16",
+                   True, True, 3),
+        _tile_case("tile-nchw-fwd+grad-smooth-weight", nchw, ce._ce_tile_fwd_kernel,
+                   dict(fwd, HAS_WEIGHT=True, SMOOTH=True), "bf16", True, True, 2),
+        _tile_case("tile-nchw-bwd", nchw, ce._ce_tile_bwd_kernel,
+                   dict(HAS_WEIGHT=False, SMOOTH=False, LOG_PROBS=False, MEAN=True), "bf16",
+                   True, True, 3),
+        _tile_case("tile-nchw-fwd+grad-fp32", nchw, ce._ce_tile_fwd_kernel, fwd, "fp32",
+                   True, True, 3),
+        # channels-last and (N*H*W, C): rows of 21 classes are not 16-byte aligned, so
+        # element loads (coalesced); the (N, C, H, W) gradient is stored in 32-byte runs
+        # (16 pixels of a class): full sectors, not 16-byte vectors
+        _tile_case("tile-channels-last-fwd+grad", nchw.to(memory_format=torch.channels_last),
+                   ce._ce_tile_fwd_kernel, fwd, "bf16", False, False, 3),
+        _tile_case("tile-rows-fwd+grad", torch.empty(1 << 22, 21, device="meta"),
+                   ce._ce_tile_fwd_kernel, fwd, "bf16", False, False, 3),
+    ]
 
 
 def _perf_cases():
@@ -187,10 +248,10 @@ def _perf_cases():
     ]
 
 
-@pytest.mark.parametrize("case", _perf_cases(), ids=lambda c: c[0])
+@pytest.mark.parametrize("case", _perf_cases() + _tile_cases(), ids=lambda c: c[0])
 def test_compiled_kernel_keeps_its_performance_properties(case):
-    name, kernel, constexprs, num_warps, element, reads, writes, min_programs = case
-    compiled = _compile_specialised(kernel, constexprs, num_warps, element)
+    name, kernel, constexprs, num_warps, element, reads, writes, min_programs, *spec = case
+    compiled = _compile_specialised(kernel, constexprs, num_warps, element, *spec)
     ptx = compiled.asm["ptx"]
     if reads:
         assert _vector_accesses(ptx, "ld"), f"{name}: the logits are not read in 16-byte vectors"

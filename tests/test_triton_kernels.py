@@ -37,6 +37,33 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:.*encountered in:RuntimeWarning:triton.runtime.interpreter")
 
 
+
+
+@pytest.fixture(autouse=True)
+def _one_kernel_family(monkeypatch, request):
+    """Each kernel family on its own: the row kernels (one program per row), unless a
+    test asks for the tile kernels (fixture `tile`), which the launchers otherwise pick
+    for short rows and class-strided layouts."""
+    if "tile" not in request.fixturenames:
+        monkeypatch.setattr(ce, "_TILE", False)
+
+
+@pytest.fixture
+def tile(monkeypatch):
+    """The tile kernels on; returns the list of the plans the launchers made (None: a
+    row kernel ran), so that a test can check which kernels it tested."""
+    plans = []
+    real = ce._tile_plan
+
+    def spy(x):
+        plans.append(real(x))
+        return plans[-1]
+
+    monkeypatch.setattr(ce, "_TILE", True)
+    monkeypatch.setattr(ce, "_tile_plan", spy)
+    return plans
+
+
 # ---------------------------------------------------------------------------------------
 # Inputs, references and comparison
 # ---------------------------------------------------------------------------------------
@@ -764,3 +791,181 @@ def test_split_rows_one_launch_on_gpu():
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "split ok" in out.stdout, out.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------
+# Tile kernels (_TILE): short rows and class-strided layouts, many rows per program
+# ---------------------------------------------------------------------------------------
+
+TILE_LAYOUTS = ["rows", "nchw", "channels_last", "transposed"]
+
+
+def tile_input(layout, classes, dtype=torch.float32):
+    """(logits, target shape) in a layout the tile kernels serve: 23 rows, or 2 x 3 x 7
+    pixels (neither a multiple of a tile's pixels)."""
+    if layout == "rows":  # (N, C), unit class stride: short rows
+        return logits(23, classes, dtype=dtype), (23,)
+    if layout == "nchw":  # contiguous (N, C, H, W): classes at stride H*W
+        return logits(2, classes, 3, 7, dtype=dtype), (2, 3, 7)
+    if layout == "channels_last":  # (N, H, W, C) memory: unit class stride, rows at C
+        return logits(2, 3, 7, classes, dtype=dtype).permute(0, 3, 1, 2), (2, 3, 7)
+    return logits(classes, 23, dtype=dtype).t(), (23,)  # (C, N).t(): classes at stride N
+
+
+def check_tile_bwd(x, t, w, eps, reduction, log_probs):
+    gshape = t.shape if reduction == NONE else ()
+    grad_loss = (torch.randn(gshape, dtype=torch.float64) + 0.5).to(DEVICE)
+    _, lse, _ = ce.cross_entropy_fwd(x, t, w, -100, eps, reduction, log_probs, False)
+    grad = ce.cross_entropy_bwd(grad_loss, x, t, w, lse, -100, eps, reduction, log_probs)
+    _, _, rgrad = ref_index(x, t, w, -100, eps, reduction, log_probs, grad_loss)
+    assert grad.dtype == x.dtype and grad.shape == x.shape and grad.is_contiguous()
+    # (terms of size grad_loss / rows cancel to ~0, e.g. for one class with smoothing)
+    floor = grad_loss.abs().max().item() / (max(1, t.numel()) if reduction == MEAN else 1)
+    assert_close(grad, rgrad, x.dtype, "bwd grad", floor=floor)
+
+
+@pytest.mark.parametrize("layout", TILE_LAYOUTS)
+@pytest.mark.parametrize("classes", [1, 3, 37, 256])
+@pytest.mark.parametrize("option", OPTIONS)
+@pytest.mark.parametrize("log_probs", [False, True], ids=["logits", "logprobs"])
+def test_tile_index(tile, layout, classes, option, log_probs):
+    # every class count up to _TILE_MAX_CLASSES is one register block per pixel
+    torch.manual_seed(classes)
+    weighted, eps = OPTIONS[option]
+    x, tshape = tile_input(layout, classes)
+    if log_probs:
+        x = torch.log_softmax(x, 1)
+    t = targets(tshape, classes)
+    w = class_weight(classes, x.dtype) if weighted else None
+    check_index(x, t, w, eps=eps, reduction=MEAN, log_probs=log_probs)
+    check_tile_bwd(x, t, w, eps, MEAN, log_probs)
+    assert tile and all(plan is not None for plan in tile)
+
+
+@pytest.mark.parametrize("layout", TILE_LAYOUTS)
+@pytest.mark.parametrize("reduction", REDUCTIONS, ids=RED_NAME.get)
+@pytest.mark.parametrize("log_probs", [False, True], ids=["logits", "logprobs"])
+def test_tile_reductions(tile, layout, reduction, log_probs):
+    torch.manual_seed(reduction)
+    x, tshape = tile_input(layout, 21)
+    if log_probs:
+        x = torch.log_softmax(x, 1)
+    t = targets(tshape, 21)
+    w = class_weight(21, x.dtype)
+    loss, lse, _ = check_index(x, t, w, eps=0.2, reduction=reduction, log_probs=log_probs)
+    assert lse.shape == tshape and loss.shape == (tshape if reduction == NONE else ())
+    check_tile_bwd(x, t, w, 0.2, reduction, log_probs)
+    assert all(plan is not None for plan in tile)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "transposed"])
+@pytest.mark.parametrize("classes", [37, 300])
+@pytest.mark.parametrize("option", OPTIONS)
+@pytest.mark.parametrize("reduction", REDUCTIONS, ids=RED_NAME.get)
+def test_tile_multi_block(tile, monkeypatch, layout, classes, option, reduction):
+    # class-strided rows longer than a tile's classes: the online lse over class blocks
+    # and a second sweep for the gradient. Small tiles (8 pixels x 8 classes) make 37
+    # classes 5 blocks and 300 classes 38; -inf runs, +-1e4 logits, ignored pixels.
+    monkeypatch.setattr(ce, "_TILE_MAX_CLASSES", 8)
+    monkeypatch.setattr(ce, "_TILE_ELEMS", 64)
+    monkeypatch.setattr(ce, "_TILE_STRIDED_PIXELS", 8)
+    torch.manual_seed(classes + reduction)
+    weighted, eps = OPTIONS[option]
+    x, tshape = tile_input(layout, classes)
+    rows = x.movedim(1, -1).reshape(-1, classes)  # a view: rows of x
+    rows[1, : classes * 2 // 3] = float("-inf")
+    rows[2, classes - 1] = 1e4
+    rows[3, 0] = -1e4
+    t = targets(tshape, classes)
+    t.view(-1)[1] = classes - 2  # row 1's target is finite
+    w = class_weight(classes, x.dtype) if weighted else None
+    check_index(x, t, w, eps=eps, reduction=reduction)
+    check_tile_bwd(x, t, w, eps, reduction, False)
+    assert all(plan is not None and plan.block_c < classes for plan in tile)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("target_dtype", [torch.int64, torch.int32, torch.uint8], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_tile_dtypes(tile, dtype, target_dtype, layout):
+    torch.manual_seed(3)
+    x, tshape = tile_input(layout, 19, dtype)
+    t = targets(tshape, 19, ignore_every=0 if target_dtype == torch.uint8 else 4,
+                dtype=target_dtype)
+    w = class_weight(19, dtype)
+    check_index(x, t, w, eps=0.1, reduction=NONE)
+    check_tile_bwd(x, t, w, 0.1, SUM, False)
+    assert all(plan is not None for plan in tile)
+
+
+@pytest.mark.parametrize("layout", ["rows", "nchw"])
+@pytest.mark.parametrize("reduction", REDUCTIONS, ids=RED_NAME.get)
+@pytest.mark.parametrize("log_probs", [False, True], ids=["logits", "logprobs"])
+def test_tile_inplace(tile, layout, reduction, log_probs):
+    # the gradient written over the (contiguous) logits: identical to the out-of-place one
+    torch.manual_seed(4)
+    x, tshape = tile_input(layout, 21)
+    if log_probs:
+        x = torch.log_softmax(x, 1)
+    t = targets(tshape, 21)
+    w = class_weight(21, x.dtype)
+    loss, lse, grad = ce.cross_entropy_fwd(x, t, w, -100, 0.1, reduction, log_probs, True)
+    xi = x.clone()
+    loss_i, lse_i = ce.cross_entropy_fwd_inplace(xi, t, w, -100, 0.1, reduction, log_probs)
+    for got, want in ((loss_i, loss), (lse_i, lse), (xi, grad)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    assert all(plan is not None for plan in tile)
+
+
+@pytest.mark.parametrize("layout", ["rows", "nchw"])
+def test_tile_bad_and_ignored_pixels(tile, layout):
+    # out-of-range targets: nan loss and gradient at those pixels only; ignored pixels:
+    # exactly 0; all ignored: nan mean, 0 sum
+    x, tshape = tile_input(layout, 5)
+    t = targets(tshape, 5, ignore_every=0)
+    flat = t.view(-1)
+    flat[1], flat[4], flat[6] = 5, -1, -100
+    loss, _, grad = ce.cross_entropy_fwd(x, t, None, -100, 0.1, NONE, False, True)
+    g_rows = grad.movedim(1, -1).reshape(-1, 5)
+    bad = torch.zeros(flat.numel(), dtype=torch.bool)
+    bad[[1, 4]] = True
+    assert loss.view(-1)[bad].isnan().all() and torch.isfinite(loss.view(-1)[~bad]).all()
+    assert g_rows[bad].isnan().all() and torch.isfinite(g_rows[~bad]).all()
+    assert loss.view(-1)[6] == 0 and (g_rows[6] == 0).all()
+    t_all = torch.full_like(t, -100)
+    for reduction, expect in ((MEAN, float("nan")), (SUM, 0.0)):
+        loss, _, grad = ce.cross_entropy_fwd(x, t_all, None, -100, 0.1, reduction, False, True)
+        torch.testing.assert_close(loss.cpu(), torch.tensor(expect), equal_nan=True)
+        assert (grad == 0).all()
+    assert all(plan is not None for plan in tile)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_tile_scale_grad_rows(tile, dtype):
+    # a per-row grad_loss (reduction "none"): (N, C, H, W) and short (N, C) gradients
+    torch.manual_seed(5)
+    for shape in ((2, 21, 3, 7), (23, 21)):
+        g = torch.randn(shape, dtype=torch.float64).to(dtype).to(DEVICE)
+        rows = torch.randn((shape[0], *shape[2:]), dtype=torch.float64).to(dtype).to(DEVICE)
+        before = g.clone()
+        ce.scale_grad_(g, rows)
+        assert_close(g, before.double() * rows.double().unsqueeze(1), dtype, f"{shape}")
+    assert len(tile) == 2 and all(plan is not None for plan in tile)
+
+
+def test_tile_plan_routes_layouts(tile):
+    # which layouts take the tile kernels (the row kernels serve long unit-stride rows)
+    def plan(x):
+        return ce._tile_plan(ce._as_ncs(x))
+
+    meta = dict(device="meta")
+    assert plan(torch.empty(8192, 128256, **meta)) is None  # LM logits: one program per row
+    assert plan(torch.empty(4, 512, 1000, **meta).transpose(1, 2)) is None  # (B, V, T) view
+    assert plan(torch.empty(8, 1000, 512, **meta)) is not None  # (N, C, T) contiguous
+    nchw = plan(torch.empty(16, 21, 512, 512, **meta))
+    assert nchw.stride_s == 1 and nchw.block_c == 32 and nchw.block_c * nchw.block_s == 4096
+    short = plan(torch.empty(1 << 20, 21, **meta))  # (N*H*W, C): rows are the pixels
+    assert (short.N, short.S, short.stride_s, short.g_stride_s) == (1, 1 << 20, 21, 21)
+    wide = plan(torch.empty(2, 32000, 64, **meta))  # class-strided and long: looped
+    assert wide.block_s == ce._TILE_STRIDED_PIXELS and wide.block_c < 32000
+    assert plan(torch.empty(8, 257, **meta)) is None and plan(torch.empty(8, 256, **meta))

@@ -8,6 +8,10 @@ Design
 * One program per row. The input is viewed as (N, C, S) (S = d1*...*dk, 1 for 1-D/2-D
   input); row r = n*S + s starts at n*stride_n + s*stride_s and walks the classes with
   stride_c, so any strides work without copying the logits.
+* Except for short rows (at most _TILE_MAX_CLASSES classes) and class-strided layouts
+  (contiguous (N, C, H, W): a row's classes H*W elements apart): there a program takes
+  a tile of many rows (the tile kernels, below), loaded along whichever axis is
+  contiguous. Rows of LM logits (long, unit class stride) keep one program per row.
 * Sweep 1 reads the row once in blocks of BLOCK classes and keeps an online
   log-sum-exp: a running scalar max m and per-lane partial sums of exp(x - m), rescaled
   when m grows. Only the max is reduced across the block inside the loop; the sums are
@@ -33,6 +37,7 @@ a tensor value on the host.
 import math
 import os
 import struct
+from typing import NamedTuple
 
 import torch
 import triton
@@ -106,6 +111,25 @@ _SPLIT_NUM_WARPS = None  # None: BLOCK / (32 * _SPLIT_ELEMS_PER_THREAD), 4 to 32
 # for its sweep and bench when the one-launch GPU test did not pass: a part spinning
 # forever would stall them).
 _SPLIT_FUSED = os.environ.get("FUSED_NLL_SPLIT_ONE_LAUNCH", "1") != "0"
+
+
+# Tile kernels (_ce_tile_fwd_kernel and friends) for the layouts one program per row
+# serves badly: rows of at most _TILE_MAX_CLASSES classes, and rows whose classes are
+# strided (contiguous (N, C, H, W), where a row's classes sit H*W elements apart). A
+# program takes [BLOCK_C, BLOCK_S] tiles: BLOCK_S rows ("pixels") and BLOCK_C classes,
+# with 4 warps. Sizes from ptxas (sm_90, triton 3.9): class-strided tiles of 4096
+# elements (32 per thread) use about 128 registers, 4 programs and 16k elements in flight
+# per SM; unit-stride short rows cannot use vector loads (a row of 21 classes is not
+# 16-byte aligned) and each element's 64-bit address costs registers, so their tiles are
+# 512 elements (56 registers, 9 programs and 144 rows per SM; a program per row keeps
+# 16 rows of an SM busy; 1024-element tiles spill with triton 3.6). _TILE = False sends
+# everything to the row kernels (tests). Compiled and checked here with triton 3.9 and
+# 3.6 (tests/test_triton_compile.py); not yet timed on a GPU.
+_TILE = True
+_TILE_MAX_CLASSES = 256
+_TILE_ELEMS = 4096  # class-strided rows
+_TILE_ELEMS_UNIT = 512  # short rows of unit class stride
+_TILE_STRIDED_PIXELS = 64  # class-strided rows longer than _TILE_MAX_CLASSES: 128 B of bf16
 
 
 def _programs(rows: int, device: torch.device) -> int:
@@ -715,8 +739,275 @@ def _scale_grad_rows_kernel(g_ptr, gl_ptr, stride_gl, C, S, BLOCK: tl.constexpr)
 
 
 # ---------------------------------------------------------------------------------------
+# Tile kernels: short rows, and rows whose classes are strided
+#
+# One program per row is the wrong shape for two common layouts:
+# * (N, C, H, W) contiguous (segmentation): a row's classes sit S = H*W elements apart,
+#   so a program per pixel gathers C scattered elements while its neighbours' elements,
+#   one element further on, are read by other programs;
+# * short rows (e.g. 21 classes, or channels-last logits seen as (N*H*W, C)): a program
+#   per row leaves most of its >= 128 lanes idle.
+# Here a program takes BLOCK_S rows ("pixels") r = n*S + s of one n, s consecutive, and
+# walks their classes in [BLOCK_C, BLOCK_S] tiles. The tile's address is
+# c*stride_c + s*stride_s: Triton's JIT turns a stride equal to 1 into a constant, so the
+# compiler knows which axis is contiguous and coalesces (and vectorises) along it: the
+# pixels for (N, C, H, W), the classes for short unit-stride rows. 2-D input (S = 1) is
+# passed as (1, C, N): its rows are the pixels. The math is the row kernels', per pixel.
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_pixels(t_ptr, C, S, n_sblocks, stride_n, stride_s, g_stride_n, g_stride_s,
+                 ignore_index, BLOCK_S: tl.constexpr):
+    """This program's pixels: rows r = n*S + s for BLOCK_S consecutive s of one n; their
+    x and grad offsets (int64), the mask s < S, and their targets as _index_target's
+    (t, active, ignored); pixels past S are neither active nor ignored."""
+    pid = tl.program_id(0).to(tl.int64)
+    n = pid // n_sblocks
+    s = (pid - n * n_sblocks) * BLOCK_S + tl.arange(0, BLOCK_S)
+    s_ok = s < S
+    rows = n * S + s
+    t = tl.load(t_ptr + rows, mask=s_ok, other=0).to(tl.int64)
+    ignored = s_ok & (t == ignore_index)
+    active = s_ok & (t >= 0) & (t < C) & (t != ignore_index)
+    return rows, n * stride_n + s * stride_s, n * g_stride_n + s * g_stride_s, s_ok, t, \
+        active, ignored
+
+
+@triton.jit
+def _tile_load(ptr, offs, c, stride_c, mask, other):
+    """The [BLOCK_C, BLOCK_S] tile at classes c of the pixels at offsets offs."""
+    return tl.load(ptr + offs[None, :] + c.to(tl.int64)[:, None] * stride_c, mask=mask,
+                   other=other)
+
+
+@triton.jit
+def _tile_grad_sweep(x_ptr, x_off, stride_c, g_ptr, g_off, g_stride_c, w_ptr, C, t, m, log_se,
+                     active, ignored, s_ok, a, b, e, x_kept, ACC: tl.constexpr,
+                     HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, LOG_PROBS: tl.constexpr,
+                     ONE_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """_index_grad_sweep for the tile's pixels (a, b, m, log_se per pixel):
+    g_c = a*p_c - b*[c == t] - e*w_c; ONE_BLOCK: the logits are x_kept (C <= BLOCK_C)."""
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = c < C
+        g = tl.where(c[:, None] == t[None, :], -b[None, :], 0.0)
+        if not LOG_PROBS:
+            if ONE_BLOCK:
+                x = x_kept
+            else:
+                x = _tile_load(x_ptr, x_off, c, stride_c, c_ok[:, None] & s_ok[None, :],
+                               0.0).to(ACC)
+            g += a[None, :] * tl.exp((x - m[None, :]) - log_se[None, :])
+        if SMOOTH:
+            if HAS_WEIGHT:
+                g -= e * tl.load(w_ptr + c, mask=c_ok, other=0.0).to(ACC)[:, None]
+            else:
+                g -= e
+        g = tl.where(active[None, :], g, tl.where(ignored[None, :], 0.0, float("nan")))
+        tl.store(g_ptr + g_off[None, :] + c.to(tl.int64)[:, None] * g_stride_c,
+                 g.to(g_ptr.dtype.element_ty), mask=c_ok[:, None] & s_ok[None, :])
+
+
+@triton.jit
+def _ce_tile_fwd_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_ptr, wsum_ptr,
+                        C, S, n_sblocks, stride_n, stride_c, stride_s,
+                        g_stride_n, g_stride_c, g_stride_s, ignore_index, eps_hi, eps_lo,
+                        HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
+                        LOG_PROBS: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+                        MEAN: tl.constexpr, ONE_BLOCK: tl.constexpr,
+                        BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """_ce_fwd_kernel for a tile of pixels. ONE_BLOCK (C <= BLOCK_C): the tile read in
+    sweep 1 stays in registers for the gradient, so the logits are read once."""
+    ACC: tl.constexpr = lse_ptr.dtype.element_ty
+    NEG_INF: tl.constexpr = float("-inf")
+    rows, x_off, g_off, s_ok, t, active, ignored = _tile_pixels(
+        t_ptr, C, S, n_sblocks, stride_n, stride_s, g_stride_n, g_stride_s, ignore_index,
+        BLOCK_S)
+    t_safe = tl.where(active, t, 0)
+    eps = (tl.zeros([], ACC) + eps_hi) + eps_lo
+    x_t = tl.load(x_ptr + x_off + t_safe * stride_c, mask=active, other=0.0).to(ACC)
+    if HAS_WEIGHT:
+        w_t = tl.load(w_ptr + t_safe, mask=active, other=0.0).to(ACC)
+    else:
+        w_t = tl.full([BLOCK_S], 1.0, ACC)
+    x_kept = tl.zeros([BLOCK_C, BLOCK_S], ACC)
+    if LOG_PROBS:
+        m = tl.zeros([BLOCK_S], ACC)
+        log_se = m
+        lse = m
+        loss = (1.0 - eps) * w_t * (-x_t)
+        if SMOOTH:
+            wx = tl.zeros([BLOCK_S], ACC)
+            for c0 in range(0, C, BLOCK_C):
+                c = c0 + tl.arange(0, BLOCK_C)
+                mask = (c < C)[:, None] & s_ok[None, :]
+                x = _tile_load(x_ptr, x_off, c, stride_c, mask, 0.0).to(ACC)
+                if HAS_WEIGHT:
+                    x *= tl.load(w_ptr + c, mask=c < C, other=0.0).to(ACC)[:, None]
+                wx += tl.sum(tl.where(mask, x, 0.0), 0)
+            loss += eps / C * (-wx)
+    else:
+        # sweep 1: _online_lse per pixel; the smoothing sums as there (wsum is the same
+        # for every pixel: the classes seen so far)
+        m = tl.full([BLOCK_S], NEG_INF, ACC)
+        se = tl.zeros([BLOCK_S], ACC)
+        wxs = tl.zeros([BLOCK_S], ACC)
+        wsum = tl.zeros([], ACC)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            c_ok = c < C
+            mask = c_ok[:, None] & s_ok[None, :]
+            x = _tile_load(x_ptr, x_off, c, stride_c, mask, NEG_INF).to(ACC)
+            if ONE_BLOCK:
+                x_kept = x
+            m_new = tl.maximum(m, tl.max(x, 0))
+            m_ref = tl.where(m_new == NEG_INF, 0.0, m_new)
+            se = se * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref[None, :]), 0)
+            if SMOOTH:
+                if HAS_WEIGHT:
+                    w = tl.load(w_ptr + c, mask=c_ok, other=0.0).to(ACC)
+                else:
+                    w = c_ok.to(ACC)
+                m_ref_old = tl.where(m == NEG_INF, 0.0, m)
+                wxs = wxs - (m_ref - m_ref_old) * wsum + tl.sum(
+                    tl.where(mask, w[:, None] * (x - m_ref[None, :]), 0.0), 0)
+                wsum += tl.sum(w, 0)
+            m = m_new
+        m = tl.where(m == NEG_INF, 0.0, m)
+        log_se = tl.log(se)
+        lse = m + log_se
+        loss = (1.0 - eps) * w_t * ((m - x_t) + log_se)
+        if SMOOTH:
+            loss += eps / C * (wsum * log_se - wxs)
+    loss = tl.where(active, loss, tl.where(ignored, 0.0, float("nan")))
+    tl.store(loss_ptr + rows, loss, mask=s_ok)
+    tl.store(lse_ptr + rows, tl.where(active, lse, 0.0), mask=s_ok)
+
+    if COMPUTE_GRAD:
+        if MEAN:
+            scale = 1.0 / tl.load(den_ptr).to(ACC)
+        else:
+            scale = tl.full([], 1.0, ACC)
+        a, b, e = _index_grad_coefs(scale, eps, w_t, C, wsum_ptr, ACC, HAS_WEIGHT, SMOOTH,
+                                    LOG_PROBS)
+        # in place: every thread has read x_t (another thread's element) before any writes
+        tl.debug_barrier()
+        _tile_grad_sweep(x_ptr, x_off, stride_c, g_ptr, g_off, g_stride_c, w_ptr, C, t, m,
+                         log_se, active, ignored, s_ok, a, b, e, x_kept, ACC, HAS_WEIGHT,
+                         SMOOTH, LOG_PROBS, ONE_BLOCK, BLOCK_C, BLOCK_S)
+
+
+@triton.jit
+def _ce_tile_bwd_kernel(gl_ptr, stride_gl, x_ptr, t_ptr, w_ptr, lse_ptr, g_ptr, den_ptr,
+                        wsum_ptr, C, S, n_sblocks, stride_n, stride_c, stride_s,
+                        g_stride_n, g_stride_c, g_stride_s, ignore_index, eps_hi, eps_lo,
+                        HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
+                        LOG_PROBS: tl.constexpr, MEAN: tl.constexpr,
+                        BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """_ce_bwd_kernel for a tile of pixels: the gradient times grad_loss from the saved lse."""
+    ACC: tl.constexpr = lse_ptr.dtype.element_ty
+    rows, x_off, g_off, s_ok, t, active, ignored = _tile_pixels(
+        t_ptr, C, S, n_sblocks, stride_n, stride_s, g_stride_n, g_stride_s, ignore_index,
+        BLOCK_S)
+    t_safe = tl.where(active, t, 0)
+    eps = (tl.zeros([], ACC) + eps_hi) + eps_lo
+    scale = tl.load(gl_ptr + rows * stride_gl, mask=s_ok, other=0.0).to(ACC)
+    if MEAN:
+        scale = scale / tl.load(den_ptr).to(ACC)
+    if HAS_WEIGHT:
+        w_t = tl.load(w_ptr + t_safe, mask=active, other=0.0).to(ACC)
+    else:
+        w_t = tl.full([BLOCK_S], 1.0, ACC)
+    if LOG_PROBS:
+        lse = tl.zeros([BLOCK_S], ACC)
+    else:
+        lse = tl.load(lse_ptr + rows, mask=s_ok, other=0.0).to(ACC)
+    a, b, e = _index_grad_coefs(scale, eps, w_t, C, wsum_ptr, ACC, HAS_WEIGHT, SMOOTH,
+                                LOG_PROBS)
+    _tile_grad_sweep(x_ptr, x_off, stride_c, g_ptr, g_off, g_stride_c, w_ptr, C, t, lse,
+                     tl.zeros([BLOCK_S], ACC), active, ignored, s_ok, a, b, e, None, ACC,
+                     HAS_WEIGHT, SMOOTH, LOG_PROBS, False, BLOCK_C, BLOCK_S)
+
+
+@triton.jit
+def _scale_grad_tile_kernel(g_ptr, gl_ptr, stride_gl, C, S, n_sblocks, g_stride_n,
+                            g_stride_c, g_stride_s, BLOCK_C: tl.constexpr,
+                            BLOCK_S: tl.constexpr):
+    """g[n, :, s] *= gl[n*S + s] (_scale_grad_rows_kernel) for a tile of pixels."""
+    pid = tl.program_id(0).to(tl.int64)
+    n = pid // n_sblocks
+    s = (pid - n * n_sblocks) * BLOCK_S + tl.arange(0, BLOCK_S)
+    s_ok = s < S
+    gl = tl.load(gl_ptr + (n * S + s) * stride_gl, mask=s_ok, other=0.0)
+    if g_ptr.dtype.element_ty == tl.float64:
+        f = gl.to(tl.float64)
+    else:
+        f = gl.to(tl.float32)
+    g_off = n * g_stride_n + s * g_stride_s
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        mask = (c < C)[:, None] & s_ok[None, :]
+        ptrs = g_ptr + g_off[None, :] + c.to(tl.int64)[:, None] * g_stride_c
+        g = tl.load(ptrs, mask=mask)
+        tl.store(ptrs, (g.to(f.dtype) * f[None, :]).to(g.dtype), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------
 # Host-side helpers (torch ops and shape arithmetic only: traceable, no host sync)
 # ---------------------------------------------------------------------------------------
+
+
+class _TilePlan(NamedTuple):
+    """A tile kernel launch over the (N, C, S) view: the tile's (N, S) and strides (2-D
+    input as (1, C, N)), the contiguous gradient's strides in the same terms, the tile
+    shape and the grid."""
+    N: int
+    S: int
+    stride_n: int
+    stride_c: int
+    stride_s: int
+    g_stride_n: int
+    g_stride_c: int
+    g_stride_s: int
+    block_c: int
+    block_s: int
+    num_warps: int
+
+    @property
+    def n_sblocks(self) -> int:
+        return triton.cdiv(self.S, self.block_s)
+
+    @property
+    def grid(self) -> tuple[int]:
+        return (self.N * self.n_sblocks,)
+
+
+def _tile_plan(x: torch.Tensor) -> "_TilePlan | None":
+    """The tile launch for the (N, C, S) view x, or None when rows are long (more than
+    _TILE_MAX_CLASSES classes) with unit class stride: one program per row serves those."""
+    N, C, S = x.shape
+    stride_n, stride_c, stride_s = x.stride()
+    g_stride_n, g_stride_c, g_stride_s = C * S, S, 1  # the gradient is contiguous (N, C, S)
+    if S == 1:  # rows become the pixels of one n
+        N, S, stride_n, stride_s, g_stride_n, g_stride_s = 1, N, 0, stride_n, 0, C
+    class_strided = stride_c != 1 and C > 1
+    classes = max(triton.next_power_of_2(C), 2)
+    if not _TILE or (classes > _TILE_MAX_CLASSES and not class_strided):
+        return None
+    if classes <= _TILE_MAX_CLASSES:  # a pixel's classes fit one block: kept in registers
+        block_c = classes
+        if class_strided:  # at least 16 pixels: a 32-byte sector of bf16 per class
+            block_s = max(_TILE_ELEMS // classes, 16)
+        else:
+            block_s = max(_TILE_ELEMS_UNIT // classes, 2)
+    else:
+        block_s = _TILE_STRIDED_PIXELS
+        block_c = _TILE_ELEMS // block_s
+    block_s = min(block_s, max(triton.next_power_of_2(S), 2))
+    num_warps = max(1, min(4, block_c * block_s // 128))
+    return _TilePlan(N, S, stride_n, stride_c, stride_s, g_stride_n, g_stride_c, g_stride_s,
+                     block_c, block_s, num_warps)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -856,7 +1147,19 @@ def _index_fwd(input, target, weight, ignore_index, label_smoothing, reduction, 
     if weight is not None and smooth and compute_grad and not log_probs:
         wsum = weight.sum(dtype=acc)
     parts = _SPLIT_PARTS if compute_grad and not log_probs and C >= _SPLIT_MIN_CLASSES else None
-    if R > 0 and parts:
+    tile = _tile_plan(x) if R > 0 else None
+    if tile is not None:
+        eps_hi, eps_lo = _split_float(label_smoothing)
+        wrap_triton(_ce_tile_fwd_kernel)[tile.grid](
+            x, t, weight if weight is not None else lse, loss_rows, lse,
+            grad if compute_grad else lse, den if den is not None else lse,
+            wsum if wsum is not None else lse, C, tile.S, tile.n_sblocks, tile.stride_n,
+            tile.stride_c, tile.stride_s, tile.g_stride_n, tile.g_stride_c, tile.g_stride_s,
+            ignore_index, eps_hi, eps_lo, HAS_WEIGHT=weight is not None, SMOOTH=smooth,
+            LOG_PROBS=log_probs, COMPUTE_GRAD=compute_grad, MEAN=mean and compute_grad,
+            ONE_BLOCK=C <= tile.block_c, BLOCK_C=tile.block_c, BLOCK_S=tile.block_s,
+            num_warps=tile.num_warps)
+    elif R > 0 and parts:
         _launch_split(x, t, weight, loss_rows, lse, grad, den, wsum, ignore_index,
                       label_smoothing, mean, parts)
     elif R > 0:
@@ -936,7 +1239,16 @@ def cross_entropy_bwd(grad_loss: torch.Tensor, input: torch.Tensor, target: torc
     wsum = lse_flat
     if weight is not None and smooth and not log_probs:
         wsum = weight.sum(dtype=acc)
-    if R > 0:
+    tile = _tile_plan(x) if R > 0 else None
+    if tile is not None:
+        eps_hi, eps_lo = _split_float(label_smoothing)
+        wrap_triton(_ce_tile_bwd_kernel)[tile.grid](
+            gl, stride_gl, x, t, weight if weight is not None else lse_flat, lse_flat, grad,
+            den, wsum, C, tile.S, tile.n_sblocks, tile.stride_n, tile.stride_c, tile.stride_s,
+            tile.g_stride_n, tile.g_stride_c, tile.g_stride_s, ignore_index, eps_hi, eps_lo,
+            HAS_WEIGHT=weight is not None, SMOOTH=smooth, LOG_PROBS=log_probs, MEAN=mean,
+            BLOCK_C=tile.block_c, BLOCK_S=tile.block_s, num_warps=tile.num_warps)
+    elif R > 0:
         block, num_warps = _row_config(C, input.element_size())
         eps_hi, eps_lo = _split_float(label_smoothing)
         wrap_triton(_ce_bwd_kernel)[(R,)](
@@ -1046,6 +1358,13 @@ def scale_grad_(grad_input: torch.Tensor, grad_loss: torch.Tensor) -> None:
     g = _as_ncs(grad_input)
     N, C, S = g.shape
     gl, stride_gl = _grad_loss_arg(grad_loss)
+    tile = _tile_plan(g)
+    if tile is not None:
+        wrap_triton(_scale_grad_tile_kernel)[tile.grid](
+            g, gl, stride_gl, C, tile.S, tile.n_sblocks, tile.g_stride_n, tile.g_stride_c,
+            tile.g_stride_s, BLOCK_C=tile.block_c, BLOCK_S=tile.block_s,
+            num_warps=tile.num_warps)
+        return
     block, num_warps = _row_config(C, grad_input.element_size())
     wrap_triton(_scale_grad_rows_kernel)[(N * S,)](g, gl, stride_gl, C, S, BLOCK=block,
                                                    num_warps=num_warps)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import math
 import os
 import platform
 import signal
@@ -34,7 +35,8 @@ from fused_nll import _backend
 
 # The issue's reference shape first: a run cut short (SIGTERM, e.g. a device time
 # limit) still reports the cases it finished.
-GPU_SHAPES = [(8192, 128256), (8192, 32000), (4096, 256000)]
+GPU_SHAPES = [(8192, 128256), (8192, 32000), (4096, 256000),
+              (16, 21, 512, 512)]  # (N, C, H, W) contiguous: a segmentation loss
 CPU_SHAPES = [(2048, 32000), (512, 128256)]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 IGNORE_EVERY = 17  # every 17th target ignored, as in shared/reference/anchors.md
@@ -86,6 +88,23 @@ def copy_bandwidth_gbs(device) -> float:
 # ---------------------------------------------------------------------------
 
 
+def _triton_with(knob: str, value):
+    """fused_nll.cross_entropy on the Triton backend with one module knob of
+    triton_kernels/cross_entropy.py set to `value` for the call."""
+    from fused_nll.triton_kernels import cross_entropy as triton_ce
+
+    def run(x, t):
+        saved = getattr(triton_ce, knob)
+        setattr(triton_ce, knob, value)
+        try:
+            with fused_nll.use_backend("triton"):
+                return fused_nll.cross_entropy(x, t)
+        finally:
+            setattr(triton_ce, knob, saved)
+
+    return run
+
+
 def implementations(device, wanted):
     impls = {}
     for backend in _backend.BACKENDS:
@@ -110,21 +129,17 @@ def implementations(device, wanted):
         run_inplace.fwdbwd_only = True  # without a gradient it is the plain call
         impls[f"fused_nll[{backend}] inplace_backward"] = run_inplace
     if device == "cuda" and "fused_nll[triton]" in impls:
+        # The Triton row kernels (one program per row) where the launchers pick the
+        # tile kernels (short rows, class-strided layouts): what the tiles gain.
+        run_row_kernels = _triton_with("_TILE", False)
+        run_row_kernels.tile_shapes_only = True
+        impls["fused_nll[triton] row kernels"] = run_row_kernels
         # The Triton split-row gradient path (a module knob, off by default): 16 parts,
         # a chunk in registers up to 131072 classes. fwd+bwd only (forward-only calls
         # do not take it).
-        from fused_nll.triton_kernels import cross_entropy as triton_ce
-
-        def run_split(x, t):
-            saved = triton_ce._SPLIT_PARTS
-            triton_ce._SPLIT_PARTS = 16
-            try:
-                with fused_nll.use_backend("triton"):
-                    return fused_nll.cross_entropy(x, t)
-            finally:
-                triton_ce._SPLIT_PARTS = saved
-
+        run_split = _triton_with("_SPLIT_PARTS", 16)
         run_split.fwdbwd_only = True
+        run_split.rows_only = True
         impls["fused_nll[triton] split16"] = run_split
     if device == "cuda" and "fused_nll[cuda]" in impls:
         # The Hopper cluster kernel of the CUDA backend (opt-in, csrc/cuda): only
@@ -138,6 +153,7 @@ def implementations(device, wanted):
                 del os.environ["FUSED_NLL_CUDA_CLUSTER"]
 
         run_cluster.fwdbwd_only = True
+        run_cluster.rows_only = True
         impls["fused_nll[cuda] cluster"] = run_cluster
     impls["torch eager"] = lambda x, t: F.cross_entropy(x, t)
     compiled = torch.compile(F.cross_entropy)
@@ -147,7 +163,12 @@ def implementations(device, wanted):
             from liger_kernel.transformers import LigerCrossEntropyLoss
 
             liger = LigerCrossEntropyLoss()
-            impls["Liger-Kernel (overwrites logits)"] = lambda x, t: liger(x, t)
+
+            def run_liger(x, t):
+                return liger(x, t)
+
+            run_liger.rows_only = True  # (N, C) logits only
+            impls["Liger-Kernel (overwrites logits)"] = run_liger
         except Exception:  # not installed
             pass
     if wanted:
@@ -158,11 +179,20 @@ def implementations(device, wanted):
 # ---------------------------------------------------------------------------
 
 
-def bench_case(fn, n, v, dtype, mode, device, reps):
+def applies(fn, shape) -> bool:
+    """Whether an implementation is timed at this shape ((N, V) or (N, C, d1, ...))."""
+    if getattr(fn, "rows_only", False) and len(shape) != 2:
+        return False
+    if getattr(fn, "tile_shapes_only", False):  # short or class-strided rows
+        return len(shape) > 2 or shape[1] <= 256
+    return True
+
+
+def bench_case(fn, shape, dtype, mode, device, reps):
     gen = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(n, v, dtype=dtype, device=device, generator=gen)
-    t = torch.randint(0, v, (n,), device=device, generator=gen)
-    t[::IGNORE_EVERY] = -100
+    x = torch.randn(shape, dtype=dtype, device=device, generator=gen)
+    t = torch.randint(0, shape[1], (shape[0], *shape[2:]), device=device, generator=gen)
+    t.view(-1)[::IGNORE_EVERY] = -100
     if mode == "fwd":
         step = lambda: fn(x, t)  # noqa: E731  (inference: no gradient kept)
         ctx = torch.no_grad
@@ -209,7 +239,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m fused_nll bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    p.add_argument("--shapes", default=None, help="comma list of NxV (default: per device)")
+    p.add_argument("--shapes", default=None,
+                   help="comma list of NxV or NxCxHxW (contiguous) (default: per device)")
     p.add_argument("--dtypes", default="bf16,fp32", help="comma list of bf16,fp32,fp16")
     p.add_argument("--modes", default="fwd,fwdbwd", help="fwd, fwdbwd")
     p.add_argument("--impls", default="", help="substrings of implementation names to keep")
@@ -244,7 +275,8 @@ def main(argv=None) -> int:
           f"measured copy bandwidth {bw:.0f} GB/s")
 
     cases = [(s, d, m, i) for s in shapes for d in dtypes for m in modes for i in impls
-             if m != "fwd" or not getattr(impls[i], "fwdbwd_only", False)]  # same as without
+             if (m != "fwd" or not getattr(impls[i], "fwdbwd_only", False))  # same as without
+             and applies(impls[i], s)]
     rows = []
 
     def stop(signum, frame):  # `timeout` sends SIGTERM: keep the finished rows
@@ -276,30 +308,33 @@ def main(argv=None) -> int:
 def run_cases(cases, impls, device, reps, bw, card, triton_version, today, rows):
     """Times each (shape, dtype, mode, impl) case, appending a result row to `rows`
     as soon as it is measured (so an interrupted run keeps the finished ones)."""
-    for k, ((n, v), dname, mode, impl) in enumerate(cases, 1):
+    for k, (shape, dname, mode, impl) in enumerate(cases, 1):
+        name = "x".join(map(str, shape))
         bar = "#" * (30 * k // len(cases))
-        print(f"\r[{bar:30s}] {k}/{len(cases)} {impl} {n}x{v} {dname} {mode}".ljust(110), end="", flush=True)
+        print(f"\r[{bar:30s}] {k}/{len(cases)} {impl} {name} {dname} {mode}".ljust(110), end="", flush=True)
         dtype = DTYPES[dname]
         elt = torch.finfo(dtype).bits // 8
+        v = shape[1]
+        n = math.prod(shape) // v  # rows: N (x d1 x ... for K-dim input)
         nbytes = n * v * elt * (1 if mode == "fwd" else 2)
         try:
-            ms, peak = bench_case(impls[impl], n, v, dtype, mode, device, reps)
+            ms, peak = bench_case(impls[impl], shape, dtype, mode, device, reps)
         except Exception as exc:  # e.g. out of memory: report and go on
-            print(f"\n  {impl} {n}x{v} {dname} {mode} failed: {type(exc).__name__}: {str(exc)[:200]}")
+            print(f"\n  {impl} {name} {dname} {mode} failed: {type(exc).__name__}: {str(exc)[:200]}")
             continue
         floor_ms = nbytes / (bw * 1e9) * 1e3
-        rows.append(dict(impl=impl, device=device, card=card, N=n, V=v, dtype=dname, mode=mode,
-                         ms=round(ms, 4), GBps=round(nbytes / (ms * 1e-3) / 1e9, 1),
+        rows.append(dict(impl=impl, device=device, card=card, shape=name, N=n, V=v, dtype=dname,
+                         mode=mode, ms=round(ms, 4), GBps=round(nbytes / (ms * 1e-3) / 1e9, 1),
                          floor_ms=round(floor_ms, 4), pct_floor=round(100 * floor_ms / ms, 1),
                          peak_extra_MiB="" if peak is None else round(peak),
                          copy_GBps=round(bw), torch=torch.__version__, triton=triton_version, date=today))
 
 
 def print_table(rows):
-    print(f"{'impl':34s} {'N':>6s} {'V':>7s} {'dtype':5s} {'mode':6s} {'ms':>9s} {'GB/s':>8s} "
+    print(f"{'impl':34s} {'shape':>16s} {'dtype':5s} {'mode':6s} {'ms':>9s} {'GB/s':>8s} "
           f"{'floor ms':>9s} {'% floor':>7s} {'extra MiB':>9s}")
     for r in rows:
-        print(f"{r['impl']:34s} {r['N']:6d} {r['V']:7d} {r['dtype']:5s} {r['mode']:6s} {r['ms']:9.3f} "
+        print(f"{r['impl']:34s} {r['shape']:>16s} {r['dtype']:5s} {r['mode']:6s} {r['ms']:9.3f} "
               f"{r['GBps']:8.1f} {r['floor_ms']:9.3f} {r['pct_floor']:7.1f} {str(r['peak_extra_MiB']):>9s}")
 
 
@@ -315,20 +350,20 @@ def plot(csv_path: str) -> str | None:
         return None
     with open(csv_path) as f:
         rows = list(csv.DictReader(f))
-    groups = sorted({(r["N"], r["V"], r["dtype"], r["mode"]) for r in rows}, key=str)
+    groups = sorted({(r["shape"], r["dtype"], r["mode"]) for r in rows}, key=str)
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
     width = 0.8 / max(1, len(impls))
     for i, impl in enumerate(impls):
         xs, ys = [], []
         for g, key in enumerate(groups):
-            match = [r for r in rows if r["impl"] == impl and (r["N"], r["V"], r["dtype"], r["mode"]) == key]
+            match = [r for r in rows if r["impl"] == impl and (r["shape"], r["dtype"], r["mode"]) == key]
             if match:
                 xs.append(g + i * width)
                 ys.append(float(match[0]["ms"]))
         ax.bar(xs, ys, width, label=impl)
     ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))])
-    ax.set_xticklabels([f"{n}x{v}\n{d} {m}" for n, v, d, m in groups], fontsize=8)
+    ax.set_xticklabels([f"{shape}\n{d} {m}" for shape, d, m in groups], fontsize=8)
     ax.set_ylabel("median ms (lower is better)")
     ax.set_title(f"cross-entropy, {rows[0]['card']}, torch {rows[0]['torch']}, {rows[0]['date']}", fontsize=9)
     ax.legend(fontsize=7)
