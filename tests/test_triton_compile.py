@@ -61,6 +61,11 @@ KERNELS = [  # (kernel, constexprs, num_warps)
     (ce._ce_tile_bwd_kernel, dict(HAS_WEIGHT=True, SMOOTH=True, LOG_PROBS=False, MEAN=True,
                                   BLOCK_C=64, BLOCK_S=64), 4),
     (ce._scale_grad_tile_kernel, dict(BLOCK_C=32, BLOCK_S=128), 4),
+    (ce._ce_prob_tile_fwd_kernel, dict(HAS_WEIGHT=True, COMPUTE_GRAD=True, MEAN=True,
+                                       ONE_BLOCK=True, BLOCK_C=32, BLOCK_S=64), 4),
+    (ce._ce_prob_tile_fwd_kernel, dict(HAS_WEIGHT=False, COMPUTE_GRAD=True, MEAN=False,
+                                       ONE_BLOCK=False, BLOCK_C=32, BLOCK_S=64), 4),
+    (ce._ce_prob_tile_bwd_kernel, dict(HAS_WEIGHT=True, MEAN=True, BLOCK_C=32, BLOCK_S=64), 4),
 ]
 
 
@@ -167,18 +172,21 @@ def _programs_per_sm(registers: int, num_warps: int) -> int:
 
 
 def _tile_case(name, x, kernel, constexprs, element, reads, writes, min_programs):
-    """A perf case for the tile kernel plan of the (meta) logits x: its tile shape,
-    warps and the integer arguments the JIT would specialise."""
+    """A perf case for the tile kernel plan of the (meta) logits x (probability targets:
+    of x's layout): its tile shape, warps and the integer arguments the JIT would
+    specialise."""
     v = ce._as_ncs(x)
-    plan = ce._tile_plan(v)
+    prob = kernel in (ce._ce_prob_tile_fwd_kernel, ce._ce_prob_tile_bwd_kernel)
+    plan = ce._tile_plan(v, heavy=prob)
     assert plan is not None, name
     constexprs = dict(constexprs, BLOCK_C=plan.block_c, BLOCK_S=plan.block_s)
-    if kernel is ce._ce_tile_fwd_kernel:
+    if kernel in (ce._ce_tile_fwd_kernel, ce._ce_prob_tile_fwd_kernel):
         constexprs["ONE_BLOCK"] = v.shape[1] <= plan.block_c
     specialised = dict(C=v.shape[1], stride_gl=0, n_sblocks=plan.n_sblocks,
                        **{f: getattr(plan, f) for f in ("S", "stride_n", "stride_c", "stride_s",
                                                         "g_stride_n", "g_stride_c",
                                                         "g_stride_s")})
+    specialised.update(zip(("stride_yn", "stride_yc", "stride_ys"), plan.strides_of(v)))
     return (name, kernel, constexprs, plan.num_warps, element, reads, writes, min_programs,
             specialised)
 
@@ -202,6 +210,12 @@ def _tile_cases():
                    True, True, 3),
         _tile_case("tile-nchw-fwd+grad-fp32", nchw, ce._ce_tile_fwd_kernel, fwd, "fp32",
                    True, True, 3),
+        # probability targets (soft labels) of the logits' layout: half tiles, x and y
+        _tile_case("tile-prob-nchw-fwd+grad", nchw, ce._ce_prob_tile_fwd_kernel,
+                   dict(HAS_WEIGHT=False, COMPUTE_GRAD=True, MEAN=True), "bf16", True, True,
+                   3),
+        _tile_case("tile-prob-nchw-bwd", nchw, ce._ce_prob_tile_bwd_kernel,
+                   dict(HAS_WEIGHT=False, MEAN=True), "bf16", True, True, 3),
         # channels-last and (N*H*W, C): rows of 21 classes are not 16-byte aligned, so
         # element loads (coalesced); the (N, C, H, W) gradient is stored in 32-byte runs
         # (16 pixels of a class): full sectors, not 16-byte vectors

@@ -55,8 +55,8 @@ def tile(monkeypatch):
     plans = []
     real = ce._tile_plan
 
-    def spy(x):
-        plans.append(real(x))
+    def spy(x, **kwargs):
+        plans.append(real(x, **kwargs))
         return plans[-1]
 
     monkeypatch.setattr(ce, "_TILE", True)
@@ -812,6 +812,12 @@ def tile_input(layout, classes, dtype=torch.float32):
     return logits(classes, 23, dtype=dtype).t(), (23,)  # (C, N).t(): classes at stride N
 
 
+def pixel_row(x, r):
+    """Row r of x (the classes of pixel r in (n, d1, ...) order) as a view of x."""
+    xm = x.movedim(1, -1)
+    return xm[tuple(int(i) for i in torch.unravel_index(torch.tensor(r), xm.shape[:-1]))]
+
+
 def check_tile_bwd(x, t, w, eps, reduction, log_probs):
     gshape = t.shape if reduction == NONE else ()
     grad_loss = (torch.randn(gshape, dtype=torch.float64) + 0.5).to(DEVICE)
@@ -872,10 +878,9 @@ def test_tile_multi_block(tile, monkeypatch, layout, classes, option, reduction)
     torch.manual_seed(classes + reduction)
     weighted, eps = OPTIONS[option]
     x, tshape = tile_input(layout, classes)
-    rows = x.movedim(1, -1).reshape(-1, classes)  # a view: rows of x
-    rows[1, : classes * 2 // 3] = float("-inf")
-    rows[2, classes - 1] = 1e4
-    rows[3, 0] = -1e4
+    pixel_row(x, 1)[: classes * 2 // 3] = float("-inf")
+    pixel_row(x, 2)[classes - 1] = 1e4
+    pixel_row(x, 3)[0] = -1e4
     t = targets(tshape, classes)
     t.view(-1)[1] = classes - 2  # row 1's target is finite
     w = class_weight(classes, x.dtype) if weighted else None
@@ -951,6 +956,89 @@ def test_tile_scale_grad_rows(tile, dtype):
         ce.scale_grad_(g, rows)
         assert_close(g, before.double() * rows.double().unsqueeze(1), dtype, f"{shape}")
     assert len(tile) == 2 and all(plan is not None for plan in tile)
+
+
+def tile_prob_targets(layout, x, dtype=torch.float32):
+    """Probability targets of x's shape: the same layout as x, or (layout "mixed") the
+    contiguous one while x is channels-last."""
+    y = torch.softmax(torch.randn(x.shape, dtype=torch.float64), 1).to(dtype)
+    if layout in ("channels_last",):
+        y = y.contiguous(memory_format=torch.channels_last)
+    elif layout == "transposed":
+        y = y.t().contiguous().t()
+    return y.to(DEVICE)
+
+
+def check_tile_prob(x, y, w, eps, reduction):
+    loss, lse, grad = ce.cross_entropy_prob_fwd(x, y, w, eps, reduction, True)
+    rloss, rlse, rgrad = ref_prob(x, y, w, eps, reduction)
+    assert loss.dtype == torch.result_type(x, y) and grad.dtype == x.dtype
+    assert grad.shape == x.shape and grad.is_contiguous()
+    assert_close(loss, rloss, x.dtype, "loss")
+    assert_close(lse, rlse, torch.float32, "lse")
+    assert_close(grad, rgrad, x.dtype, "grad")
+    rows = lse.numel()
+    gshape = lse.shape if reduction == NONE else ()
+    grad_loss = (torch.randn(gshape, dtype=torch.float64) + 0.5).to(DEVICE)
+    g = ce.cross_entropy_prob_bwd(grad_loss, x, y, w, lse, eps, reduction)
+    floor = grad_loss.abs().max().item() / (max(1, rows) if reduction == MEAN else 1)
+    assert_close(g, ref_prob(x, y, w, eps, reduction, grad_loss)[2], x.dtype, "bwd grad",
+                 floor=floor)
+    loss2, _, grad2 = ce.cross_entropy_prob_fwd(x, y, w, eps, reduction, False)
+    assert grad2.shape == (0,)
+    torch.testing.assert_close(loss2, loss, rtol=0, atol=0)
+    return loss, grad
+
+
+@pytest.mark.parametrize("layout", TILE_LAYOUTS + ["mixed"])
+@pytest.mark.parametrize("classes", [1, 3, 37, 256])
+@pytest.mark.parametrize("option", OPTIONS)
+@pytest.mark.parametrize("reduction", REDUCTIONS, ids=RED_NAME.get)
+def test_tile_prob(tile, layout, classes, option, reduction):
+    torch.manual_seed(classes + 7 * reduction)
+    weighted, eps = OPTIONS[option]
+    x, _ = tile_input("channels_last" if layout == "mixed" else layout, classes)
+    y = tile_prob_targets(layout, x)
+    w = class_weight(classes, x.dtype) if weighted else None
+    loss, grad = check_tile_prob(x, y, w, eps, reduction)
+    xi = x.clone()
+    if xi.is_contiguous():  # in place: identical to out of place
+        loss_i, _ = ce.cross_entropy_prob_fwd_inplace(xi, y, w, eps, reduction)
+        torch.testing.assert_close(loss_i, loss, rtol=0, atol=0)
+        torch.testing.assert_close(xi, grad, rtol=0, atol=0)
+    assert tile and all(plan is not None for plan in tile)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "transposed"])
+@pytest.mark.parametrize("option", OPTIONS)
+def test_tile_prob_multi_block(tile, monkeypatch, layout, option):
+    # class-strided rows of 300 classes in tiles of 8 classes x 4 pixels (heavy: half of
+    # _TILE_ELEMS); +-1e4 logits, a row whose max comes late (-inf logits give torch's
+    # nan here: 0 * -inf)
+    monkeypatch.setattr(ce, "_TILE_MAX_CLASSES", 8)
+    monkeypatch.setattr(ce, "_TILE_ELEMS", 64)
+    monkeypatch.setattr(ce, "_TILE_STRIDED_PIXELS", 4)
+    torch.manual_seed(21)
+    weighted, eps = OPTIONS[option]
+    x, _ = tile_input(layout, 300)
+    pixel_row(x, 1)[:200] = -1e4
+    pixel_row(x, 2)[299] = 1e4
+    pixel_row(x, 3)[0] = -1e4
+    y = tile_prob_targets(layout, x)
+    w = class_weight(300, x.dtype) if weighted else None
+    check_tile_prob(x, y, w, eps, SUM)
+    assert all(plan is not None and plan.block_c < 300 for plan in tile)
+
+
+@pytest.mark.parametrize("dtype,target_dtype", [
+    (torch.float64, torch.float64), (torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.float32), (torch.float16, torch.float16)], ids=str)
+def test_tile_prob_dtypes(tile, dtype, target_dtype):
+    torch.manual_seed(22)
+    x, _ = tile_input("nchw", 19, dtype)
+    y = tile_prob_targets("nchw", x, target_dtype)
+    check_tile_prob(x, y, class_weight(19, dtype), 0.1, MEAN)
+    assert all(plan is not None for plan in tile)
 
 
 def test_tile_plan_routes_layouts(tile):

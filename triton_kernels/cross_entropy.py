@@ -757,15 +757,21 @@ def _scale_grad_rows_kernel(g_ptr, gl_ptr, stride_gl, C, S, BLOCK: tl.constexpr)
 
 
 @triton.jit
-def _tile_pixels(t_ptr, C, S, n_sblocks, stride_n, stride_s, g_stride_n, g_stride_s,
-                 ignore_index, BLOCK_S: tl.constexpr):
-    """This program's pixels: rows r = n*S + s for BLOCK_S consecutive s of one n; their
-    x and grad offsets (int64), the mask s < S, and their targets as _index_target's
-    (t, active, ignored); pixels past S are neither active nor ignored."""
+def _tile_coords(S, n_sblocks, BLOCK_S: tl.constexpr):
+    """This program's pixels: n and BLOCK_S consecutive s (int64), and the mask s < S."""
     pid = tl.program_id(0).to(tl.int64)
     n = pid // n_sblocks
     s = (pid - n * n_sblocks) * BLOCK_S + tl.arange(0, BLOCK_S)
-    s_ok = s < S
+    return n, s, s < S
+
+
+@triton.jit
+def _tile_pixels(t_ptr, C, S, n_sblocks, stride_n, stride_s, g_stride_n, g_stride_s,
+                 ignore_index, BLOCK_S: tl.constexpr):
+    """This program's pixels (_tile_coords): their rows r = n*S + s, x and grad offsets,
+    the mask s < S, and their targets as _index_target's (t, active, ignored); pixels
+    past S are neither active nor ignored."""
+    n, s, s_ok = _tile_coords(S, n_sblocks, BLOCK_S)
     rows = n * S + s
     t = tl.load(t_ptr + rows, mask=s_ok, other=0).to(tl.int64)
     ignored = s_ok & (t == ignore_index)
@@ -931,14 +937,137 @@ def _ce_tile_bwd_kernel(gl_ptr, stride_gl, x_ptr, t_ptr, w_ptr, lse_ptr, g_ptr, 
 
 
 @triton.jit
+def _tile_smoothed_targets(y_ptr, y_off, stride_yc, w_ptr, c, c_ok, mask, keep, smooth_add,
+                           ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr):
+    """w_c*y'_c of a tile (y' = keep*y + smooth_add), 0 outside the mask."""
+    y = _tile_load(y_ptr, y_off, c, stride_yc, mask, 0.0).to(ACC)
+    wy = tl.where(mask, keep * y + smooth_add, 0.0)
+    if HAS_WEIGHT:
+        wy = wy * tl.load(w_ptr + c, mask=c_ok, other=0.0).to(ACC)[:, None]
+    return wy
+
+
+@triton.jit
+def _tile_prob_grad_sweep(x_ptr, x_off, stride_c, y_ptr, y_off, stride_yc, g_ptr, g_off,
+                          g_stride_c, w_ptr, C, m, log_se, wysum, scale, keep, smooth_add,
+                          s_ok, x_kept, wy_kept, ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                          ONE_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
+                          BLOCK_S: tl.constexpr):
+    """_prob_grad_sweep for the tile's pixels: g_c = scale*(p_c*sum_j w_j*y'_j - w_c*y'_c);
+    ONE_BLOCK: x and w*y' are x_kept and wy_kept (C <= BLOCK_C)."""
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = c < C
+        mask = c_ok[:, None] & s_ok[None, :]
+        if ONE_BLOCK:
+            x = x_kept
+            wy = wy_kept
+        else:
+            x = _tile_load(x_ptr, x_off, c, stride_c, mask, 0.0).to(ACC)
+            wy = _tile_smoothed_targets(y_ptr, y_off, stride_yc, w_ptr, c, c_ok, mask, keep,
+                                        smooth_add, ACC, HAS_WEIGHT)
+        p = tl.exp((x - m[None, :]) - log_se[None, :])
+        g = scale[None, :] * (p * wysum[None, :] - wy)
+        tl.store(g_ptr + g_off[None, :] + c.to(tl.int64)[:, None] * g_stride_c,
+                 g.to(g_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ce_prob_tile_fwd_kernel(x_ptr, y_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, R, C, S, n_sblocks,
+                             stride_n, stride_c, stride_s, stride_yn, stride_yc, stride_ys,
+                             g_stride_n, g_stride_c, g_stride_s, eps_hi, eps_lo,
+                             HAS_WEIGHT: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+                             MEAN: tl.constexpr, ONE_BLOCK: tl.constexpr,
+                             BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """_ce_prob_fwd_kernel for a tile of pixels; ONE_BLOCK keeps x and w*y' in registers."""
+    ACC: tl.constexpr = lse_ptr.dtype.element_ty
+    NEG_INF: tl.constexpr = float("-inf")
+    n, s, s_ok = _tile_coords(S, n_sblocks, BLOCK_S)
+    rows = n * S + s
+    x_off = n * stride_n + s * stride_s
+    y_off = n * stride_yn + s * stride_ys
+    eps = (tl.zeros([], ACC) + eps_hi) + eps_lo
+    keep = 1.0 - eps
+    smooth_add = eps / C
+    m = tl.full([BLOCK_S], NEG_INF, ACC)
+    se = tl.zeros([BLOCK_S], ACC)
+    wyx = tl.zeros([BLOCK_S], ACC)  # sum w*y'*(x - m), re-referenced when m grows
+    wys = tl.zeros([BLOCK_S], ACC)  # sum w*y'
+    x_kept = tl.zeros([BLOCK_C, BLOCK_S], ACC)
+    wy_kept = tl.zeros([BLOCK_C, BLOCK_S], ACC)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = c < C
+        mask = c_ok[:, None] & s_ok[None, :]
+        x = _tile_load(x_ptr, x_off, c, stride_c, mask, NEG_INF).to(ACC)
+        wy = _tile_smoothed_targets(y_ptr, y_off, stride_yc, w_ptr, c, c_ok, mask, keep,
+                                    smooth_add, ACC, HAS_WEIGHT)
+        if ONE_BLOCK:
+            x_kept = x
+            wy_kept = wy
+        m_new = tl.maximum(m, tl.max(x, 0))
+        m_ref = tl.where(m_new == NEG_INF, 0.0, m_new)
+        m_ref_old = tl.where(m == NEG_INF, 0.0, m)
+        se = se * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref[None, :]), 0)
+        wyx = wyx - (m_ref - m_ref_old) * wys + tl.sum(
+            tl.where(mask, wy * (x - m_ref[None, :]), 0.0), 0)
+        wys += tl.sum(wy, 0)
+        m = m_new
+    m = tl.where(m == NEG_INF, 0.0, m)
+    log_se = tl.log(se)
+    tl.store(loss_ptr + rows, wys * log_se - wyx, mask=s_ok)
+    tl.store(lse_ptr + rows, m + log_se, mask=s_ok)
+
+    if COMPUTE_GRAD:
+        if MEAN:
+            scale = tl.full([BLOCK_S], 1.0, ACC) / R  # R may arrive as constexpr 1
+        else:
+            scale = tl.full([BLOCK_S], 1.0, ACC)
+        tl.debug_barrier()  # in place: every tile element read before any is written
+        _tile_prob_grad_sweep(x_ptr, x_off, stride_c, y_ptr, y_off, stride_yc, g_ptr,
+                              n * g_stride_n + s * g_stride_s, g_stride_c, w_ptr, C, m,
+                              log_se, wys, scale, keep, smooth_add, s_ok, x_kept, wy_kept,
+                              ACC, HAS_WEIGHT, ONE_BLOCK, BLOCK_C, BLOCK_S)
+
+
+@triton.jit
+def _ce_prob_tile_bwd_kernel(gl_ptr, stride_gl, x_ptr, y_ptr, w_ptr, lse_ptr, g_ptr, R, C, S,
+                             n_sblocks, stride_n, stride_c, stride_s, stride_yn, stride_yc,
+                             stride_ys, g_stride_n, g_stride_c, g_stride_s, eps_hi, eps_lo,
+                             HAS_WEIGHT: tl.constexpr, MEAN: tl.constexpr,
+                             BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """_ce_prob_bwd_kernel for a tile of pixels: sum w*y' over the targets, then the
+    gradient times grad_loss from the saved lse."""
+    ACC: tl.constexpr = lse_ptr.dtype.element_ty
+    n, s, s_ok = _tile_coords(S, n_sblocks, BLOCK_S)
+    rows = n * S + s
+    y_off = n * stride_yn + s * stride_ys
+    eps = (tl.zeros([], ACC) + eps_hi) + eps_lo
+    keep = 1.0 - eps
+    smooth_add = eps / C
+    wys = tl.zeros([BLOCK_S], ACC)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = c < C
+        mask = c_ok[:, None] & s_ok[None, :]
+        wys += tl.sum(_tile_smoothed_targets(y_ptr, y_off, stride_yc, w_ptr, c, c_ok, mask,
+                                             keep, smooth_add, ACC, HAS_WEIGHT), 0)
+    scale = tl.load(gl_ptr + rows * stride_gl, mask=s_ok, other=0.0).to(ACC)
+    if MEAN:
+        scale = scale / R
+    lse = tl.load(lse_ptr + rows, mask=s_ok, other=0.0).to(ACC)
+    _tile_prob_grad_sweep(x_ptr, n * stride_n + s * stride_s, stride_c, y_ptr, y_off, stride_yc,
+                          g_ptr, n * g_stride_n + s * g_stride_s, g_stride_c, w_ptr, C, lse,
+                          tl.zeros([BLOCK_S], ACC), wys, scale, keep, smooth_add, s_ok, None,
+                          None, ACC, HAS_WEIGHT, False, BLOCK_C, BLOCK_S)
+
+
+@triton.jit
 def _scale_grad_tile_kernel(g_ptr, gl_ptr, stride_gl, C, S, n_sblocks, g_stride_n,
                             g_stride_c, g_stride_s, BLOCK_C: tl.constexpr,
                             BLOCK_S: tl.constexpr):
     """g[n, :, s] *= gl[n*S + s] (_scale_grad_rows_kernel) for a tile of pixels."""
-    pid = tl.program_id(0).to(tl.int64)
-    n = pid // n_sblocks
-    s = (pid - n * n_sblocks) * BLOCK_S + tl.arange(0, BLOCK_S)
-    s_ok = s < S
+    n, s, s_ok = _tile_coords(S, n_sblocks, BLOCK_S)
     gl = tl.load(gl_ptr + (n * S + s) * stride_gl, mask=s_ok, other=0.0)
     if g_ptr.dtype.element_ty == tl.float64:
         f = gl.to(tl.float64)
@@ -973,6 +1102,13 @@ class _TilePlan(NamedTuple):
     block_c: int
     block_s: int
     num_warps: int
+    rows_as_pixels: bool  # S = 1: the N rows are the pixels of one n
+
+    def strides_of(self, t: torch.Tensor) -> tuple[int, int, int]:
+        """(n, c, s) strides of another (N, C, S) view of the input's shape (probability
+        targets) in the plan's terms."""
+        sn, sc, ss = t.stride()
+        return (0, sc, sn) if self.rows_as_pixels else (sn, sc, ss)
 
     @property
     def n_sblocks(self) -> int:
@@ -983,31 +1119,35 @@ class _TilePlan(NamedTuple):
         return (self.N * self.n_sblocks,)
 
 
-def _tile_plan(x: torch.Tensor) -> "_TilePlan | None":
+def _tile_plan(x: torch.Tensor, heavy: bool = False) -> "_TilePlan | None":
     """The tile launch for the (N, C, S) view x, or None when rows are long (more than
-    _TILE_MAX_CLASSES classes) with unit class stride: one program per row serves those."""
+    _TILE_MAX_CLASSES classes) with unit class stride: one program per row serves those.
+    ``heavy`` halves the tile, for kernels that keep two tiles (probability targets)."""
     N, C, S = x.shape
     stride_n, stride_c, stride_s = x.stride()
     g_stride_n, g_stride_c, g_stride_s = C * S, S, 1  # the gradient is contiguous (N, C, S)
-    if S == 1:  # rows become the pixels of one n
+    rows_as_pixels = S == 1
+    if rows_as_pixels:
         N, S, stride_n, stride_s, g_stride_n, g_stride_s = 1, N, 0, stride_n, 0, C
     class_strided = stride_c != 1 and C > 1
     classes = max(triton.next_power_of_2(C), 2)
     if not _TILE or (classes > _TILE_MAX_CLASSES and not class_strided):
         return None
+    elems, elems_unit = (_TILE_ELEMS // 2, _TILE_ELEMS_UNIT // 2) if heavy else \
+        (_TILE_ELEMS, _TILE_ELEMS_UNIT)
     if classes <= _TILE_MAX_CLASSES:  # a pixel's classes fit one block: kept in registers
         block_c = classes
         if class_strided:  # at least 16 pixels: a 32-byte sector of bf16 per class
-            block_s = max(_TILE_ELEMS // classes, 16)
+            block_s = max(elems // classes, 16)
         else:
-            block_s = max(_TILE_ELEMS_UNIT // classes, 2)
+            block_s = max(elems_unit // classes, 2)
     else:
         block_s = _TILE_STRIDED_PIXELS
-        block_c = _TILE_ELEMS // block_s
+        block_c = max(elems // block_s, 2)
     block_s = min(block_s, max(triton.next_power_of_2(S), 2))
     num_warps = max(1, min(4, block_c * block_s // 128))
     return _TilePlan(N, S, stride_n, stride_c, stride_s, g_stride_n, g_stride_c, g_stride_s,
-                     block_c, block_s, num_warps)
+                     block_c, block_s, num_warps, rows_as_pixels)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -1295,7 +1435,17 @@ def _prob_fwd(input, target, weight, label_smoothing, reduction, grad, loss_dtyp
     loss_rows = torch.empty(R, dtype=acc, device=device)
     lse = torch.empty(rows_shape, dtype=acc, device=device)
     mean = reduction == REDUCTION_MEAN
-    if R > 0:
+    tile = _tile_plan(x, heavy=True) if R > 0 else None
+    if tile is not None:
+        eps_hi, eps_lo = _split_float(label_smoothing)
+        wrap_triton(_ce_prob_tile_fwd_kernel)[tile.grid](
+            x, y, weight if weight is not None else lse, loss_rows, lse,
+            grad if compute_grad else lse, R, C, tile.S, tile.n_sblocks, tile.stride_n,
+            tile.stride_c, tile.stride_s, *tile.strides_of(y), tile.g_stride_n,
+            tile.g_stride_c, tile.g_stride_s, eps_hi, eps_lo, HAS_WEIGHT=weight is not None,
+            COMPUTE_GRAD=compute_grad, MEAN=mean, ONE_BLOCK=C <= tile.block_c,
+            BLOCK_C=tile.block_c, BLOCK_S=tile.block_s, num_warps=tile.num_warps)
+    elif R > 0:
         block, num_warps = _row_config(C, max(input.element_size(), target.element_size()),
                                        heavy=True)
         eps_hi, eps_lo = _split_float(label_smoothing)
@@ -1323,7 +1473,17 @@ def cross_entropy_prob_bwd(grad_loss: torch.Tensor, input: torch.Tensor,
     grad = torch.empty(input.shape, dtype=input.dtype, device=input.device)
     lse_flat = lse.reshape(-1).to(acc).contiguous()
     gl, stride_gl = _grad_loss_arg(grad_loss)
-    if R > 0:
+    tile = _tile_plan(x, heavy=True) if R > 0 else None
+    if tile is not None:
+        eps_hi, eps_lo = _split_float(label_smoothing)
+        wrap_triton(_ce_prob_tile_bwd_kernel)[tile.grid](
+            gl, stride_gl, x, y, weight if weight is not None else lse_flat, lse_flat, grad,
+            R, C, tile.S, tile.n_sblocks, tile.stride_n, tile.stride_c, tile.stride_s,
+            *tile.strides_of(y), tile.g_stride_n, tile.g_stride_c, tile.g_stride_s,
+            eps_hi, eps_lo, HAS_WEIGHT=weight is not None,
+            MEAN=reduction == REDUCTION_MEAN, BLOCK_C=tile.block_c, BLOCK_S=tile.block_s,
+            num_warps=tile.num_warps)
+    elif R > 0:
         block, num_warps = _row_config(C, max(input.element_size(), target.element_size()),
                                        heavy=True)
         eps_hi, eps_lo = _split_float(label_smoothing)
