@@ -180,3 +180,84 @@ def test_large_vocab_inplace_backward(backend, log_probs):
     assert close(loss, ref_loss, torch.bfloat16)[0]
     assert close(leaf.grad, ref_grad, torch.bfloat16, scale_floor=1 / 16)[0]
     assert torch.equal(xi.detach(), leaf.grad)
+
+
+SEGMENTATION_CASES = ["nchw-21-bf16", "channels-last-21-bf16", "rows-65536x21-fp32",
+                      "nchw-150-bf16-sum", "nchw-1000-fp32-class-blocks", "nchw-21-none",
+                      "nchw-21-probabilities"]
+
+
+def _segmentation_case(name):
+    """(logits, target, kwargs) at real segmentation / short-row shapes: the Triton tile
+    kernels (and the CUDA C++ kernels' small row groups). Built on the GPU when called."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def logits(*shape, dtype=torch.bfloat16):
+        return torch.randn(shape, device="cuda", dtype=dtype, generator=g) * 3
+
+    def labels(shape, classes, ignore=255):
+        t = torch.randint(0, classes, shape, device="cuda", generator=g)
+        t.view(-1)[::11] = ignore  # VOC / Cityscapes style ignore label
+        return t
+
+    seg = dict(weight=torch.rand(21, device="cuda", generator=g) + 0.5, ignore_index=255,
+               label_smoothing=0.1)
+    if name == "nchw-21-bf16":
+        return logits(8, 21, 128, 128), labels((8, 128, 128), 21), seg
+    if name == "channels-last-21-bf16":
+        x = logits(8, 21, 128, 128).contiguous(memory_format=torch.channels_last)
+        return x, labels((8, 128, 128), 21), seg
+    if name == "rows-65536x21-fp32":
+        return logits(65536, 21, dtype=torch.float32), labels((65536,), 21, ignore=-100), {}
+    if name == "nchw-150-bf16-sum":
+        return logits(4, 150, 64, 64), labels((4, 64, 64), 150), dict(ignore_index=255,
+                                                                       reduction="sum")
+    if name == "nchw-1000-fp32-class-blocks":
+        return logits(2, 1000, 32, 32, dtype=torch.float32), labels((2, 32, 32), 1000), \
+            dict(ignore_index=255)
+    if name == "nchw-21-none":
+        return logits(8, 21, 128, 128), labels((8, 128, 128), 21), dict(ignore_index=255,
+                                                                         reduction="none")
+    assert name == "nchw-21-probabilities"
+    return logits(8, 21, 128, 128), torch.softmax(logits(8, 21, 128, 128, dtype=torch.float32), 1), {}
+
+
+@pytest.mark.parametrize("name", SEGMENTATION_CASES)
+def test_segmentation_and_short_rows_parity(backend, name):
+    x, t, kwargs = _segmentation_case(name)
+    reduction = kwargs.get("reduction", "mean")
+    rows_shape = (t.shape[0], *t.shape[2:]) if t.is_floating_point() else t.shape
+    rows = max(1, torch.Size(rows_shape).numel())
+    g_out = (torch.rand(rows_shape, device="cuda", dtype=torch.float64)
+             if reduction == "none" else torch.tensor(1.0, dtype=torch.float64, device="cuda"))
+    ref_loss, ref_grad = reference("cross_entropy", x, t, grad_output=g_out, **kwargs)
+    xg = x.detach().clone().requires_grad_(True)
+    loss = fused_nll.cross_entropy(xg, t, **kwargs)
+    loss.backward(g_out.to(loss.dtype))
+    ok, detail = close(loss, ref_loss, x.dtype)
+    assert ok, f"loss: {detail}"
+    ok, detail = close(xg.grad, ref_grad, x.dtype,
+                       scale_floor=1 / rows if reduction == "mean" else 1.0)
+    assert ok, f"grad: {detail}"
+    if x.is_contiguous() and reduction != "none":  # in place: the same numbers
+        leaf = x.detach().clone().requires_grad_(True)
+        xi = leaf * 1
+        loss_i = fused_nll.cross_entropy(xi, t, inplace_backward=True, **kwargs)
+        loss_i.backward()
+        assert torch.equal(loss_i.detach(), loss.detach())
+        assert torch.equal(leaf.grad, xg.grad)
+
+
+def test_segmentation_compile_fullgraph(backend):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    x, t, kwargs = _segmentation_case("nchw-21-bf16")
+    xe = x.detach().clone().requires_grad_(True)
+    fused_nll.cross_entropy(xe, t, **kwargs).backward()
+    xc = x.detach().clone().requires_grad_(True)
+    loss = torch.compile(lambda a, b: fused_nll.cross_entropy(a, b, **kwargs), fullgraph=True)(xc, t)
+    loss.backward()
+    assert sum(counters["graph_break"].values()) == 0
+    torch.testing.assert_close(xc.grad, xe.grad, rtol=2e-2, atol=1e-4)
