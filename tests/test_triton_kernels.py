@@ -1057,3 +1057,21 @@ def test_tile_plan_routes_layouts(tile):
     wide = plan(torch.empty(2, 32000, 64, **meta))  # class-strided and long: looped
     assert wide.block_s == ce._TILE_STRIDED_PIXELS and wide.block_c < 32000
     assert plan(torch.empty(8, 257, **meta)) is None and plan(torch.empty(8, 256, **meta))
+
+
+def test_tile_configs_are_bounded(tile):
+    # tile shapes come from a small set (powers of two): no recompilation per class
+    # count or image size
+    configs = set()
+    for c in list(range(1, 300, 7)) + [1000, 32000]:
+        for s in (1, 2, 3, 7, 100, 1000, 4096, 262144):
+            for n in (1, 8, 4096):
+                x = torch.empty(n, c, s, device="meta")
+                for heavy in (False, True):
+                    plan = ce._tile_plan(x, heavy=heavy)
+                    if plan is not None:
+                        configs.add((plan.block_c, plan.block_s, plan.num_warps))
+    assert len(configs) <= 64
+    for block_c, block_s, warps in configs:
+        assert block_c & (block_c - 1) == 0 and block_s & (block_s - 1) == 0
+        assert block_c * block_s <= ce._TILE_ELEMS and 1 <= warps <= 4
