@@ -47,6 +47,12 @@ namespace fused_nll {
 namespace {
 
 constexpr int64_t kNone = 0, kMean = 1, kSum = 2;
+// Rows of unit class stride up to this many classes take the transposed lane
+// blocks of index_rows (vectorised across rows) instead of one row at a time.
+// A/B against one row at a time (2-core AVX-512 machine, fp32 and bf16): 8-48
+// classes, forward 1.7-3.3x and fwd+bwd 1.07-3.3x faster; at 64 the forward still
+// wins but fwd+bwd loses for bf16 (the gradient's transpose back); beyond, both lose.
+constexpr int64_t kShortRowClasses = 48;
 
 // The input viewed as (N, C, S): rows are (n, s), classes walk stride_c.
 struct Layout {
@@ -703,20 +709,22 @@ void index_rows(const Layout& L, const scalar_t* x, const target_t* t, const acc
   // vector lanes hold kChunk neighbouring positions s, i.e. kChunk rows, and
   // the sweeps walk the classes. Lanes whose max is not finite, and every
   // other layout, take scalar_row.
+  // lane_block: the `lanes` rows r0, r0 + 1, ... whose logits are at
+  // xb[c * xs + j] (row r0 + j, class c) and whose gradient goes to
+  // gb[c * gs + j]. Returns whether it wrote the vector gradient there (false
+  // when no gradient is wanted, or when the block went to scalar_row, which
+  // writes `grad` itself).
   using Vec = typename VR::Vec;
   constexpr int64_t kLanes = VR::kChunk;
-  auto lane_block = [&](int64_t n, int64_t s0) {
-    const int64_t lanes = std::min(kLanes, L.s - s0);
-    const scalar_t* xb = x + n * L.stride_n + s0;
-    scalar_t* gb = grad ? grad + n * C * L.s + s0 : nullptr;
-    const int64_t r0 = n * L.s + s0;
+  auto lane_block = [&](const scalar_t* xb, int64_t xs, scalar_t* gb, int64_t gs, int64_t r0,
+                        int64_t lanes) -> bool {
     __at_align__ acc_t m[kLanes], se[kLanes], wx[kLanes], ls[kLanes], ap[kLanes], ee[kLanes],
         xt[kLanes];
     std::fill(m, m + kLanes, acc_t(0));
     std::fill(se, se + kLanes, acc_t(1));
     std::fill(wx, wx + kLanes, acc_t(0));
     bool scalar_lane[kLanes] = {};  // max (or lse) not finite: left to scalar_row
-    auto column = [&](int64_t c, Vec& lo, Vec& hi) { VR::load(xb + c * L.stride_c, lanes, lo, hi); };
+    auto column = [&](int64_t c, Vec& lo, Vec& hi) { VR::load(xb + c * xs, lanes, lo, hi); };
     if (!a.log_probs && lse_in) {
       for (int64_t j = 0; j < lanes; ++j) {
         m[j] = lse_in[r0 + j];
@@ -780,7 +788,7 @@ void index_rows(const Layout& L, const scalar_t* x, const target_t* t, const acc
       }
       if (scalar_lane[j]) continue;
       const acc_t w_t = w ? w[cls] : acc_t(1);
-      xt[j] = static_cast<acc_t>(xb[cls * L.stride_c + j]);  // kept: grad may overwrite x
+      xt[j] = static_cast<acc_t>(xb[cls * xs + j]);  // kept: grad may overwrite x
       ls[j] = (a.log_probs || lse_in) ? acc_t(0) : std::log(se[j]);
       coef[j] = finish(r, xt[j], w_t, m[j], ls[j], wx[j]);
       ap[j] = coef[j].a_p;
@@ -792,7 +800,7 @@ void index_rows(const Layout& L, const scalar_t* x, const target_t* t, const acc
     // scalar_row (rare: a row whose max is inf or nan).
     if (gb && std::any_of(scalar_lane, scalar_lane + lanes, [](bool b) { return b; })) {
       for (int64_t j = 0; j < lanes; ++j) scalar_row(r0 + j);
-      return;
+      return false;
     }
     if (gb) {
       const Vec vm0 = Vec::loadu(m), vm1 = Vec::loadu(m + VR::K);
@@ -808,29 +816,61 @@ void index_rows(const Layout& L, const scalar_t* x, const target_t* t, const acc
           g0 = at::vec::fmadd(va0, VR::exp((lo - vm0) - vl0), g0);
           g1 = at::vec::fmadd(va1, VR::exp((hi - vm1) - vl1), g1);
         }
-        VR::store(gb + c * L.s, lanes, g0, g1);
+        VR::store(gb + c * gs, lanes, g0, g1);
       }
       // Ignored lanes are exactly 0; the target's entry is recomputed exactly.
       for (int64_t j = 0; j < lanes; ++j) {
         const int64_t cls = static_cast<int64_t>(t[r0 + j]);
         if (scalar_lane[j]) continue;
         if (cls == a.ignore_index) {
-          for (int64_t c = 0; c < C; ++c) gb[c * L.s + j] = scalar_t(0);
+          for (int64_t c = 0; c < C; ++c) gb[c * gs + j] = scalar_t(0);
         } else {
           const acc_t w_t = w ? w[cls] : acc_t(1);
-          gb[cls * L.s + j] = target_grad(coef[j], xt[j], w_t, m[j], ls[j]);
+          gb[cls * gs + j] = target_grad(coef[j], xt[j], w_t, m[j], ls[j]);
         }
       }
     }
     for (int64_t j = 0; j < lanes; ++j)
       if (scalar_lane[j]) scalar_row(r0 + j);
+    return gb != nullptr;
   };
+  const int64_t lane_grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C * kLanes, 1));
 
   if (!vectorised && L.s > 1 && L.stride_s == 1) {
     const int64_t blocks_per_n = (L.s + kLanes - 1) / kLanes;
-    const int64_t lane_grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C * kLanes, 1));
     at::parallel_for(0, L.n * blocks_per_n, lane_grain, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) lane_block(b / blocks_per_n, (b % blocks_per_n) * kLanes);
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t n = b / blocks_per_n, s0 = (b % blocks_per_n) * kLanes;
+        lane_block(x + n * L.stride_n + s0, L.stride_c, grad ? grad + n * C * L.s + s0 : nullptr,
+                   L.s, n * L.s + s0, std::min(kLanes, L.s - s0));
+      }
+    });
+    return;
+  }
+
+  // Short rows of unit class stride (e.g. 21 classes): one row at a time would
+  // spend most of each sweep on a partial vector and per-row overhead. Instead
+  // kLanes rows are transposed into a scratch block (class-major, so the lanes
+  // are rows) and take lane_block; their gradient is transposed back.
+  if (vectorised && C <= kShortRowClasses && L.rows() >= kLanes) {
+    const int64_t blocks = (L.rows() + kLanes - 1) / kLanes;
+    at::parallel_for(0, blocks, lane_grain, [&](int64_t begin, int64_t end) {
+      scalar_t* xs = thread_scratch<scalar_t>(2 * C * kLanes);
+      scalar_t* gs = xs + C * kLanes;
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t r0 = b * kLanes, lanes = std::min(kLanes, L.rows() - r0);
+        for (int64_t j = 0; j < lanes; ++j) {
+          const scalar_t* xr = x + L.offset(r0 + j);
+          for (int64_t c = 0; c < C; ++c) xs[c * kLanes + j] = xr[c];
+        }
+        // (in place, grad is x: every row was copied out above before any is written)
+        if (lane_block(xs, kLanes, grad ? gs : nullptr, kLanes, r0, lanes)) {
+          for (int64_t j = 0; j < lanes; ++j) {
+            scalar_t* g = grad + (r0 + j) * C;
+            for (int64_t c = 0; c < C; ++c) g[c] = gs[c * kLanes + j];
+          }
+        }
+      }
     });
     return;
   }
