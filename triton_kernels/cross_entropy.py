@@ -247,6 +247,18 @@ def _online_lse(x_row, stride_c, w_ptr, n_cols, x_first, ACC: tl.constexpr,
 
 
 @triton.jit
+def _index_loss(x_t, w_t, m, log_se, wsum, wxs, eps, C, SMOOTH: tl.constexpr):
+    """An index-target row's loss from sweep 1's statistics (_online_lse; per pixel in the
+    tile kernels): (1-eps)*w_t*(lse - x_t) plus eps/C*(wsum*log_se - wxs) with smoothing.
+    lse - x_t is taken as (m - x_t) + log_se, without rounding lse first (its ulp is 1e-3
+    at 1e4 in fp32); the smoothing term adds two non-negative numbers."""
+    loss = (1.0 - eps) * w_t * ((m - x_t) + log_se)
+    if SMOOTH:
+        loss += eps / C * (wsum * log_se - wxs)
+    return loss
+
+
+@triton.jit
 def _index_grad_coefs(s, eps, w_t, C, wsum_ptr, ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                       SMOOTH: tl.constexpr, LOG_PROBS: tl.constexpr):
     """(a, b, e) of _index_grad_sweep for a row with scale s (k_r/W or k_r, times
@@ -406,10 +418,7 @@ def _ce_fwd_row(row, x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_ptr, wsu
         m, log_se, wxs, wsum_row = _online_lse(x_row, stride_c, w_ptr, n_cols, x_first,
                                                ACC, HAS_WEIGHT, SMOOTH, PREFETCH, BLOCK)
         lse = m + log_se
-        # lse - x_t, without rounding lse first (its ulp is 1e-3 at 1e4 in fp32)
-        loss = (1.0 - eps) * w_t * ((m - x_t) + log_se)
-        if SMOOTH:
-            loss += eps / C * (wsum_row * log_se - wxs)
+        loss = _index_loss(x_t, w_t, m, log_se, wsum_row, wxs, eps, C, SMOOTH)
 
     loss = tl.where(active, loss, tl.where(ignored, 0.0, float("nan")))
     tl.store(loss_ptr + row, loss)
@@ -554,9 +563,7 @@ def _split_part(row, part, x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_pt
             w_t = tl.full([], 1.0, ACC)
         if part == 0:
             x_t = tl.load(xt_ptr + row, volatile=True)
-            loss = (1.0 - eps) * w_t * ((m_row - x_t) + log_se)
-            if SMOOTH:
-                loss += eps / C * (wsum_row * log_se - wxs_row)
+            loss = _index_loss(x_t, w_t, m_row, log_se, wsum_row, wxs_row, eps, C, SMOOTH)
             tl.store(loss_ptr + row, tl.where(active, loss, tl.where(ignored, 0.0, float("nan"))))
             tl.store(lse_ptr + row, tl.where(active, m_row + log_se, 0.0))
         if MEAN:
@@ -883,9 +890,7 @@ def _ce_tile_fwd_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_ptr, 
         m = tl.where(m == NEG_INF, 0.0, m)
         log_se = tl.log(se)
         lse = m + log_se
-        loss = (1.0 - eps) * w_t * ((m - x_t) + log_se)
-        if SMOOTH:
-            loss += eps / C * (wsum * log_se - wxs)
+        loss = _index_loss(x_t, w_t, m, log_se, wsum, wxs, eps, C, SMOOTH)
     loss = tl.where(active, loss, tl.where(ignored, 0.0, float("nan")))
     tl.store(loss_ptr + rows, loss, mask=s_ok)
     tl.store(lse_ptr + rows, tl.where(active, lse, 0.0), mask=s_ok)
