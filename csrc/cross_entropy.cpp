@@ -33,6 +33,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <sstream>
 #include <vector>
 #include <tuple>
 #include <type_traits>
@@ -504,16 +505,52 @@ struct IndexArgs {
   bool log_probs;
 };
 
-// Validates the targets (IndexError as torch) and returns W = sum of the
-// weights of the non-ignored rows.
+// Raises torch's IndexError for the first out-of-range class index, extended
+// with its position in the caller's target (shape `target_shape`), the valid
+// range and how many are out of range, e.g. "Target 9 is out of bounds.
+// fused_nll.cross_entropy: target[1, 1] = 9, but class indices must be in
+// [0, 4] (or equal ignore_index=-100); 1 target(s) are out of range." Only on
+// the error path: the second scan costs nothing otherwise.
+template <typename target_t>
+[[noreturn]] void raise_out_of_range(const target_t* t, int64_t rows, int64_t classes,
+                                     int64_t ignore_index, c10::IntArrayRef target_shape,
+                                     bool log_probs) {
+  int64_t first = -1, count = 0;
+  for (const auto r : c10::irange(rows)) {
+    const int64_t cls = static_cast<int64_t>(t[r]);
+    if (cls != ignore_index && (cls < 0 || cls >= classes)) {
+      if (first < 0) first = r;
+      ++count;
+    }
+  }
+  std::vector<int64_t> pos(target_shape.size());
+  for (int64_t d = static_cast<int64_t>(pos.size()) - 1, rest = first; d >= 0; --d) {
+    pos[d] = rest % target_shape[d];
+    rest /= target_shape[d];
+  }
+  std::ostringstream where;
+  for (size_t d = 0; d < pos.size(); ++d) where << (d ? ", " : "") << pos[d];
+  const int64_t value = static_cast<int64_t>(t[first]);
+  TORCH_CHECK_INDEX(false, "Target ", value, " is out of bounds. fused_nll.",
+                    log_probs ? "nll_loss" : "cross_entropy", ": target[", where.str(), "] = ",
+                    value, ", but class indices must be in [0, ", classes - 1,
+                    "] (or equal ignore_index=", ignore_index, "); ", count,
+                    " target(s) are out of range.");
+  TORCH_INTERNAL_ASSERT(false, "unreachable");
+}
+
+// Validates the targets (IndexError as torch, see raise_out_of_range) and
+// returns W = sum of the weights of the non-ignored rows.
 template <typename target_t, typename acc_t>
 acc_t check_targets_and_weigh(const target_t* t, int64_t rows, int64_t classes,
-                              int64_t ignore_index, const acc_t* w) {
+                              int64_t ignore_index, const acc_t* w,
+                              c10::IntArrayRef target_shape, bool log_probs) {
   acc_t total = 0;
   for (const auto r : c10::irange(rows)) {
     const int64_t cls = static_cast<int64_t>(t[r]);
     if (cls == ignore_index) continue;
-    TORCH_CHECK_INDEX(cls >= 0 && cls < classes, "Target ", cls, " is out of bounds.");
+    if (C10_UNLIKELY(cls < 0 || cls >= classes))
+      raise_out_of_range(t, rows, classes, ignore_index, target_shape, log_probs);
     total += w ? w[cls] : acc_t(1);
   }
   return total;
@@ -719,7 +756,7 @@ void index_rows(const Layout& L, const scalar_t* x, const target_t* t, const acc
   auto lane_block = [&](const scalar_t* xb, int64_t xs, scalar_t* gb, int64_t gs, int64_t r0,
                         int64_t lanes) -> bool {
     __at_align__ acc_t m[kLanes], se[kLanes], wx[kLanes], ls[kLanes], ap[kLanes], ee[kLanes],
-        xt[kLanes];
+        xt[kLanes], wt[kLanes];
     std::fill(m, m + kLanes, acc_t(0));
     std::fill(se, se + kLanes, acc_t(1));
     std::fill(wx, wx + kLanes, acc_t(0));
@@ -773,26 +810,60 @@ void index_rows(const Layout& L, const scalar_t* x, const target_t* t, const acc
       wx0.store(wx);
       wx1.store(wx + VR::K);
     }
-    // Per lane: the loss, lse and gradient coefficients (as vector_row).
-    Coef coef[kLanes];
-    for (int64_t j = 0; j < lanes; ++j) {
-      const int64_t r = r0 + j;
-      const int64_t cls = static_cast<int64_t>(t[r]);
-      ap[j] = ee[j] = 0;
-      ls[j] = 0;
+    // Per lane: the target's logit and weight (gathered; 0 past `lanes`), then
+    // the loss, lse and gradient coefficients of every lane at once, with the
+    // formulas of `finish` and `target_grad` in vector form. Ignored lanes get
+    // loss and lse 0 (and a 0 gradient below); lanes left to scalar_row are
+    // overwritten by it.
+    bool ignored[kLanes] = {};
+    for (int64_t j = 0; j < kLanes; ++j) {
+      xt[j] = wt[j] = 0;
+      if (j >= lanes) continue;
+      const int64_t cls = static_cast<int64_t>(t[r0 + j]);
       if (cls == a.ignore_index) {
+        ignored[j] = true;
         scalar_lane[j] = false;  // nothing to compute: loss 0, gradient 0
-        if (row_loss) row_loss[r] = 0;
-        if (lse_out) lse_out[r] = 0;
         continue;
       }
-      if (scalar_lane[j]) continue;
-      const acc_t w_t = w ? w[cls] : acc_t(1);
+      wt[j] = w ? w[cls] : acc_t(1);
       xt[j] = static_cast<acc_t>(xb[cls * xs + j]);  // kept: grad may overwrite x
-      ls[j] = (a.log_probs || lse_in) ? acc_t(0) : std::log(se[j]);
-      coef[j] = finish(r, xt[j], w_t, m[j], ls[j], wx[j]);
-      ap[j] = coef[j].a_p;
-      ee[j] = coef[j].e;
+    }
+    __at_align__ acc_t loss_of[kLanes], lse_of[kLanes], tg[kLanes];
+    const Vec zero(0), keep_nll(1 - eps), v_eps_c(eps_c), v_wsum(wsum);
+    for (int64_t h = 0; h < 2; ++h) {
+      const Vec vm = Vec::loadu(m + h * VR::K), vx = Vec::loadu(xt + h * VR::K),
+                vw = Vec::loadu(wt + h * VR::K);
+      // log_sum = log(sum exp(x - m)); 0 for log-probabilities and from a given lse.
+      const Vec vls = (a.log_probs || lse_in) ? zero : Vec::loadu(se + h * VR::K).log();
+      vls.store(ls + h * VR::K);
+      if (lse_out) (a.log_probs ? zero : vm + vls).store(lse_of + h * VR::K);
+      if (row_loss) {
+        // nll = -w_t * lp_t; smooth = -sum_c w_c lp_c = wsum*log_sum - shifted_wx.
+        Vec loss = -vw * ((vx - vm) - vls);
+        if (eps != 0)
+          loss = keep_nll * loss + v_eps_c * (v_wsum * vls - Vec::loadu(wx + h * VR::K));
+        loss.store(loss_of + h * VR::K);
+      }
+      if (gb) {
+        Vec vs(scale.base);
+        if (scale.per_row) {
+          const int64_t n = std::min(VR::K, lanes - h * VR::K);
+          if (n > 0) vs = vs * Vec::loadu(scale.per_row + r0 + h * VR::K, n);
+        }
+        const Vec va = a.log_probs ? zero : vs * (keep_nll * vw + v_eps_c * v_wsum);
+        // e is 0, not s*0, without smoothing (s = 1/W is inf for a zero total weight)
+        const Vec ve = eps != 0 ? vs * v_eps_c : zero;
+        Vec vt = -(ve * vw) - (vs * keep_nll) * vw;
+        // the target's p exactly (Sleef exp, 1 ulp): g_t = a_p p_t - b cancels when p_t ~ 1
+        if (!a.log_probs) vt = vt + va * ((vx - vm) - vls).exp();
+        va.store(ap + h * VR::K);
+        ve.store(ee + h * VR::K);
+        vt.store(tg + h * VR::K);
+      }
+    }
+    for (int64_t j = 0; j < lanes; ++j) {
+      if (row_loss) row_loss[r0 + j] = ignored[j] ? acc_t(0) : loss_of[j];
+      if (lse_out) lse_out[r0 + j] = ignored[j] ? acc_t(0) : lse_of[j];
     }
     // A lane left to scalar_row must still read its logits after the vector
     // gradient sweep, which would overwrite them when the gradient is written
@@ -820,13 +891,10 @@ void index_rows(const Layout& L, const scalar_t* x, const target_t* t, const acc
       }
       // Ignored lanes are exactly 0; the target's entry is recomputed exactly.
       for (int64_t j = 0; j < lanes; ++j) {
-        const int64_t cls = static_cast<int64_t>(t[r0 + j]);
-        if (scalar_lane[j]) continue;
-        if (cls == a.ignore_index) {
+        if (ignored[j]) {
           for (int64_t c = 0; c < C; ++c) gb[c * gs + j] = scalar_t(0);
         } else {
-          const acc_t w_t = w ? w[cls] : acc_t(1);
-          gb[cls * gs + j] = target_grad(coef[j], xt[j], w_t, m[j], ls[j]);
+          gb[static_cast<int64_t>(t[r0 + j]) * gs + j] = static_cast<scalar_t>(tg[j]);
         }
       }
     }
@@ -909,7 +977,8 @@ void dispatch_index(at::ScalarType data_type, at::ScalarType target_type, F&& f)
 // Shared by forward and backward: validates targets, computes W, runs the rows.
 // grad_loss (backward only) is 0-d or has the rows' shape.
 template <typename data_t, typename target_t>
-double run_index(const at::Tensor& x3, const at::Tensor& t, const std::optional<at::Tensor>& weight,
+double run_index(const at::Tensor& x3, const at::Tensor& t, c10::IntArrayRef target_shape,
+                 const std::optional<at::Tensor>& weight,
                  const IndexArgs& a, const at::Tensor* lse_in, const at::Tensor* grad_loss,
                  at::Tensor* row_loss, at::Tensor* lse_out, at::Tensor* grad) {
   using acc_t = at::opmath_type<data_t>;
@@ -919,7 +988,8 @@ double run_index(const at::Tensor& x3, const at::Tensor& t, const std::optional<
   at::Tensor w_holder, g_holder;
   const acc_t* w = weight_ptr<acc_t>(weight, L.c, w_holder);
   const target_t* tp = t.const_data_ptr<target_t>();
-  const acc_t W = check_targets_and_weigh<target_t, acc_t>(tp, L.rows(), L.c, a.ignore_index, w);
+  const acc_t W = check_targets_and_weigh<target_t, acc_t>(tp, L.rows(), L.c, a.ignore_index, w,
+                                                          target_shape, a.log_probs);
   RowScale<acc_t> scale;
   if (a.reduction == kMean) scale.base = acc_t(1) / W;
   if (grad_loss) {
@@ -961,7 +1031,7 @@ std::tuple<at::Tensor, at::Tensor> index_forward(const at::Tensor& input, const 
   double total_weight = 0;
   dispatch_index(input.scalar_type(), t.scalar_type(), [&](auto data_tag, auto target_tag) {
     total_weight = run_index<decltype(data_tag), decltype(target_tag)>(
-        x3, t, weight, a, nullptr, nullptr, &row_loss, &lse, grad);
+        x3, t, target.sizes(), weight, a, nullptr, nullptr, &row_loss, &lse, grad);
   });
   const auto out_dtype = checked_loss_dtype(loss_dtype, input.scalar_type());
   return {reduce_loss(row_loss, a.reduction, total_weight, out_dtype, shape), lse};
@@ -998,8 +1068,8 @@ at::Tensor cross_entropy_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& 
   at::Tensor grad = new_grad(input);
   const IndexArgs a{ignore_index, label_smoothing, reduction, log_probs};
   dispatch_index(input.scalar_type(), t.scalar_type(), [&](auto data_tag, auto target_tag) {
-    run_index<decltype(data_tag), decltype(target_tag)>(x3, t, weight, a, &lse_flat, &grad_loss,
-                                                        nullptr, nullptr, &grad);
+    run_index<decltype(data_tag), decltype(target_tag)>(
+        x3, t, target.sizes(), weight, a, &lse_flat, &grad_loss, nullptr, nullptr, &grad);
   });
   return grad;
 }

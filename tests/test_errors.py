@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fused_nll
+from conftest import CUDA_EMU
 from fused_nll._debug import NotLogProbabilitiesWarning
 
 N, C = 4, 5
@@ -52,8 +53,8 @@ BAD_INPUTS = [
     ("ce-probs-ignore-index", ce, (x, probs), {"ignore_index": 0}, RuntimeError, ["ignore_index is not supported for floating point target"]),
     ("ce-probs-wrong-shape", ce, (x, torch.rand(N, C + 1)), {}, RuntimeError, ["size mismatch", "[4, 6]"]),
     ("ce-probs-requires-grad", ce, (x, probs.clone().requires_grad_(True)), {}, RuntimeError, ["target.detach()"]),
-    ("ce-target-out-of-range", ce, (x, torch.tensor([0, 5, 1, 2])), {}, IndexError, ["Target 5 is out of bounds."]),
-    ("nll-target-negative", nll, (x, torch.tensor([0, -1, 1, 2])), {}, IndexError, ["Target -1 is out of bounds."]),
+    ("ce-target-out-of-range", ce, (x, torch.tensor([0, 5, 1, 2])), {}, IndexError, ["Target 5 is out of bounds.", "fused_nll.cross_entropy: target[1] = 5", "[0, 4]", "ignore_index=-100", "1 target(s)"]),
+    ("nll-target-negative", nll, (x, torch.tensor([0, -1, 1, 7])), {}, IndexError, ["Target -1 is out of bounds.", "fused_nll.nll_loss: target[1] = -1", "2 target(s)"]),
     ("ce-target-other-device", ce, (x, idx.to("meta")), {}, RuntimeError, ["target is on meta", "input is on cpu", "target.to(input.device)"]),
     ("ce-weight-other-device", ce, (x, idx), {"weight": torch.ones(C, device="meta")}, RuntimeError, ["weight is on meta", "weight.to(input.device)"]),
     ("ce-input-on-meta", ce, (x.to("meta"), idx.to("meta")), {}, RuntimeError, ["device type 'meta' are not supported", "CPU or CUDA"]),
@@ -70,6 +71,9 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
 def test_bad_input_raises_clear_error(case):
     _, fn, args, kwargs, exc, fragments = case
+    if CUDA_EMU and exc is IndexError:
+        pytest.skip("the C++ CPU kernel raises it; the emulated CUDA kernels in its place give a "
+                    "nan row, as on a GPU")
     with pytest.raises(exc) as info:
         fn(*args, **kwargs)
     for fragment in fragments:

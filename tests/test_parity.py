@@ -270,6 +270,7 @@ def test_output_dtype_matches_input(target):
             assert fused_nll.cross_entropy(x, t, reduction=reduction).dtype == dtype
 
 
+@cpu_kernel_only
 def test_out_of_range_target_raises_on_cpu():
     x = logits(3, 5)
     for bad in [5, -1, -2, 100]:
@@ -362,6 +363,16 @@ def test_cpp_kernel_itself_raises_index_error():
     with pytest.raises(IndexError, match="Target 5 is out of bounds."):
         torch.ops.fused_nll.cross_entropy_fwd(logits(3, 5), torch.tensor([0, 5, 1]), None, -100,
                                               0.0, 1, False, False)
+    # The position in the caller's (N, d1, ..., dk) target, the valid range and the count.
+    t = torch.tensor([[[0, 1], [-3, 4]], [[9, -3], [2, 9]]])
+    with pytest.raises(IndexError, match=r"Target -3 is out of bounds\. fused_nll\.nll_loss: "
+                                         r"target\[0, 1, 0\] = -3, but class indices must be in "
+                                         r"\[0, 4\] \(or equal ignore_index=9\); 2 target\(s\)"):
+        torch.ops.fused_nll.cross_entropy_fwd(logits(2, 5, 2, 2), t, None, 9, 0.0, 0, True, True)
+    # backward checks them too
+    with pytest.raises(IndexError, match=r"cross_entropy: target\[\] = 5"):
+        torch.ops.fused_nll.cross_entropy_bwd(torch.tensor(1.0), logits(5), torch.tensor(5), None,
+                                              torch.tensor(0.0), -100, 0.0, 1, False)
 
 
 # One long row (fewer rows than threads): the CPU kernel splits each sweep of
