@@ -1145,6 +1145,157 @@ void prob_rows(const Layout& L, const data_t* x, const Layout& Ly, const y_t* y,
     }
   };
 
+  // K-dim input with unit pixel stride in x and y (contiguous (N, C, H, W)),
+  // and short rows of unit class stride: kLanes rows at a time with the vector
+  // lanes across rows, as index_rows does (its lane_block has the details).
+  if constexpr (same_acc) {
+    using VR = VecRow<data_t>;
+    using Vec = typename VR::Vec;
+    constexpr int64_t K = VR::K, kLanes = VR::kChunk;
+    // The `lanes` rows r0, r0 + 1, ...: logits at xb[c * xs + j], targets at
+    // yb[c * ys + j], gradient to gb[c * gs + j]. Returns whether it wrote the
+    // vector gradient there (false without a gradient, or when the block went
+    // to scalar_row, which writes `grad` itself).
+    auto lane_block = [&](const data_t* xb, int64_t xs, const y_t* yb, int64_t ys, data_t* gb,
+                          int64_t gs, int64_t r0, int64_t lanes) -> bool {
+      __at_align__ acc_t m[kLanes];
+      bool scalar_lane[kLanes] = {};  // max (or lse) not finite: left to scalar_row
+      std::fill(m, m + kLanes, acc_t(0));
+      Vec lo, hi, y0, y1;
+      auto column = [&](int64_t c) {  // x_c and w_c y'_c of the block's rows
+        VR::load(xb + c * xs, lanes, lo, hi);
+        VecRow<y_t>::load(yb + c * ys, lanes, y0, y1);
+        const Vec keep(1 - eps), add(eps_c);
+        y0 = at::vec::fmadd(keep, y0, add);
+        y1 = at::vec::fmadd(keep, y1, add);
+        if (w) {
+          y0 = y0 * Vec(w[c]);
+          y1 = y1 * Vec(w[c]);
+        }
+      };
+      if (lse_in) {
+        for (int64_t j = 0; j < lanes; ++j) m[j] = lse_in[r0 + j];
+      } else {
+        const Vec ninf(-std::numeric_limits<acc_t>::infinity());
+        Vec m0 = ninf, m1 = ninf;
+        for (int64_t c = 0; c < C; ++c) {
+          VR::load(xb + c * xs, lanes, lo, hi);
+          m0 = at::vec::maximum(m0, lo);
+          m1 = at::vec::maximum(m1, hi);
+        }
+        m0.store(m);
+        m1.store(m + K);
+        for (int64_t j = lanes; j < kLanes; ++j) m[j] = 0;
+      }
+      for (int64_t j = 0; j < lanes; ++j)
+        if (!std::isfinite(m[j])) scalar_lane[j] = true, m[j] = 0;
+      // In place, a lane left to scalar_row must read its logits before the
+      // vector gradient overwrites them: then the whole block goes there.
+      if (gb && std::any_of(scalar_lane, scalar_lane + lanes, [](bool b) { return b; })) {
+        for (int64_t j = 0; j < lanes; ++j) scalar_row(r0 + j);
+        return false;
+      }
+      const Vec vm0 = Vec::loadu(m), vm1 = Vec::loadu(m + K);
+      // sum_c exp(x_c - m), wy = sum_c w_c y'_c, wyx = sum_c w_c y'_c (x_c - m)
+      Vec se0(0), se1(0), wy0(0), wy1(0), wyx0(0), wyx1(0);
+      for (int64_t c = 0; c < C; ++c) {
+        column(c);
+        const Vec d0 = lo - vm0, d1 = hi - vm1;
+        if (!lse_in) {
+          se0 += VR::exp(d0);
+          se1 += VR::exp(d1);
+        }
+        wy0 += y0;
+        wy1 += y1;
+        if (row_loss) {
+          wyx0 = at::vec::fmadd(y0, d0, wyx0);
+          wyx1 = at::vec::fmadd(y1, d1, wyx1);
+        }
+      }
+      const Vec zero(0);
+      const Vec ls0 = lse_in ? zero : se0.log(), ls1 = lse_in ? zero : se1.log();
+      __at_align__ acc_t out[kLanes];
+      if (lse_out) {
+        (vm0 + ls0).store(out);
+        (vm1 + ls1).store(out + K);
+        std::copy(out, out + lanes, lse_out + r0);
+      }
+      if (row_loss) {
+        // loss = -sum_c w_c y'_c (x_c - lse) = wy * log_sum - wyx
+        at::vec::fmsub(wy0, ls0, wyx0).store(out);
+        at::vec::fmsub(wy1, ls1, wyx1).store(out + K);
+        std::copy(out, out + lanes, row_loss + r0);
+      }
+      if (gb) {
+        Vec s0(scale.base), s1(scale.base);
+        if (scale.per_row) {
+          s0 = s0 * Vec::loadu(scale.per_row + r0, std::min(K, lanes));
+          if (lanes > K) s1 = s1 * Vec::loadu(scale.per_row + r0 + K, lanes - K);
+        }
+        // g_c = s * (p_c * wy - w_c y'_c)
+        for (int64_t c = 0; c < C; ++c) {
+          column(c);
+          const Vec g0 = s0 * at::vec::fmsub(VR::exp((lo - vm0) - ls0), wy0, y0);
+          const Vec g1 = s1 * at::vec::fmsub(VR::exp((hi - vm1) - ls1), wy1, y1);
+          VR::store(gb + c * gs, lanes, g0, g1);
+        }
+      }
+      for (int64_t j = 0; j < lanes; ++j)
+        if (scalar_lane[j]) scalar_row(r0 + j);
+      return gb != nullptr;
+    };
+    const int64_t lane_grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C * kLanes, 1));
+
+    if (L.s > 1 && L.stride_s == 1 && Ly.stride_s == 1) {
+      const int64_t blocks_per_n = (L.s + kLanes - 1) / kLanes;
+      at::parallel_for(0, L.n * blocks_per_n, lane_grain, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          const int64_t n = b / blocks_per_n, s0 = (b % blocks_per_n) * kLanes;
+          lane_block(x + n * L.stride_n + s0, L.stride_c, y + n * Ly.stride_n + s0,
+                     Ly.stride_c, grad ? grad + n * C * L.s + s0 : nullptr, L.s, n * L.s + s0,
+                     std::min(kLanes, L.s - s0));
+        }
+      });
+      return;
+    }
+
+    if (vectorised && C <= kShortRowClasses && L.rows() >= kLanes) {
+      const int64_t blocks = (L.rows() + kLanes - 1) / kLanes;
+      at::parallel_for(0, blocks, lane_grain, [&](int64_t begin, int64_t end) {
+        // x, gradient and y blocks; thread_scratch keeps one buffer per type
+        data_t* xs;
+        y_t* ys;
+        if constexpr (std::is_same_v<y_t, data_t>) {
+          xs = thread_scratch<data_t>(3 * C * kLanes);
+          ys = xs + 2 * C * kLanes;
+        } else {
+          xs = thread_scratch<data_t>(2 * C * kLanes);
+          ys = thread_scratch<y_t>(C * kLanes);
+        }
+        data_t* gs = xs + C * kLanes;
+        for (int64_t b = begin; b < end; ++b) {
+          const int64_t r0 = b * kLanes, lanes = std::min(kLanes, L.rows() - r0);
+          for (int64_t j = 0; j < lanes; ++j) {
+            const data_t* xr = x + L.offset(r0 + j);
+            const y_t* yr = y + Ly.offset(r0 + j);
+            for (int64_t c = 0; c < C; ++c) {
+              xs[c * kLanes + j] = xr[c];
+              ys[c * kLanes + j] = yr[c];
+            }
+          }
+          // (in place, grad is x: every row was copied out above before any is written)
+          if (lane_block(xs, kLanes, ys, kLanes, grad ? gs : nullptr, kLanes, r0, lanes)) {
+            for (int64_t j = 0; j < lanes; ++j) {
+              data_t* g = grad + (r0 + j) * C;
+              for (int64_t c = 0; c < C; ++c) g[c] = gs[c * kLanes + j];
+            }
+          }
+        }
+      });
+      return;
+    }
+  }
+
   at::parallel_for(0, L.rows(), grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       if (vectorised)

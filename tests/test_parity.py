@@ -115,6 +115,41 @@ def test_k_dim_many_positions(target, dtype, reduction):
     check_parity("nll_loss", lp, t, weight=w, reduction=reduction)
 
 
+# Probability targets in the layouts the CPU kernel sweeps a block of rows at a time
+# (lanes across rows): contiguous (N, C, H, W) with S = 37 * 3 positions, and short
+# rows (77 rows of 21 classes, with a row stride); with weights, smoothing, every
+# reduction (none: the backward from the lse), rows of inf / nan / -inf logits, the
+# targets in another dtype or another layout than the logits, and in place.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("layout", ["nchw", "short_rows"])
+def test_probability_targets_row_blocks(target, dtype, reduction, layout):
+    torch.manual_seed(7)
+    shape = (2, 6, 37, 3) if layout == "nchw" else (77, 21)
+    x = logits(*shape, dtype=torch.float64)
+    rows = x.movedim(1, -1).reshape(-1, shape[1])  # a view: row r of the (N*S, C) layout
+    rows[5, 2] = float("inf")
+    rows[40, 1] = float("nan")
+    rows[41, 1:] = float("-inf")
+    if reduction != "none":  # (none: backward from the fp32 lse, see test_extreme_logits)
+        rows[60] += 1e4
+    x = x.to(dtype).to(target)
+    y = torch.softmax(torch.randn(shape, dtype=torch.float64), 1)
+    w = torch.rand(shape[1], device=target) + 0.1
+    for y_dtype in {dtype, torch.float32}:
+        yt = y.to(y_dtype).to(target)
+        check_parity("cross_entropy", x, yt, weight=w, reduction=reduction, label_smoothing=0.1)
+        check_parity("cross_entropy", x, yt, reduction=reduction, inplace=True)
+    # the targets in another layout (channels-last / a row stride) than the logits
+    y_other = y.to(dtype).to(target)
+    y_other = (y_other.contiguous(memory_format=torch.channels_last) if layout == "nchw"
+               else torch.cat([y_other, y_other[:, :5]], 1)[:, :21])
+    check_parity("cross_entropy", x, y_other, reduction=reduction, label_smoothing=0.2)
+    if layout == "short_rows":
+        wide = logits(77, 30, dtype=dtype, device=target)[:, :21]  # logits with a row stride
+        check_parity("cross_entropy", wide, y.to(dtype).to(target), weight=w, reduction=reduction)
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_single_sample_1d(target, reduction):
     x = logits(11, device=target)
