@@ -63,6 +63,31 @@ struct Layout {
   int64_t offset(int64_t r) const { return (r / s) * stride_n + (r % s) * stride_s; }
 };
 
+// Rows of any other layout (class stride != 1: channels-last (N, C, H, W) viewed
+// as (N, C, S) has unit class stride but pixel stride C; a transposed (C, N)
+// matrix) up to this many classes are gathered a block of rows at a time into a
+// class-major scratch and swept with the vector lanes across rows (2 x C x
+// lanes elements of scratch per thread: 1 MB for fp32); longer ones take the
+// strided scalar sweeps.
+constexpr int64_t kGatherClasses = 4096;
+
+// Blocks of at most `lanes_max` rows for the sweeps with the vector lanes across
+// rows: f(r0, lanes) for rows [r0, r0 + lanes), in parallel. With S > 1 a block
+// never straddles two n: its rows are consecutive pixels of one n, so its
+// gradient is the [C, lanes] slab at grad + n*C*S + s0 (class stride S) of the
+// contiguous (N, C, S) gradient. With S == 1 the gradient rows are contiguous.
+template <typename F>
+void for_each_row_block(const Layout& L, int64_t lanes_max, int64_t grain, F&& f) {
+  const int64_t seg = L.s > 1 ? L.s : L.rows(), segs = L.s > 1 ? L.n : 1;
+  const int64_t per_seg = (seg + lanes_max - 1) / lanes_max;
+  at::parallel_for(0, segs * per_seg, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t first = (b % per_seg) * lanes_max;
+      f((b / per_seg) * seg + first, std::min(lanes_max, seg - first));
+    }
+  });
+}
+
 at::Tensor as_ncs(const at::Tensor& t) {
   TORCH_CHECK(t.dim() >= 1, "fused_nll: input must have at least 1 dimension");
   if (t.dim() == 1) return t.reshape({1, t.size(0), 1});
@@ -905,38 +930,35 @@ void index_rows(const Layout& L, const scalar_t* x, const target_t* t, const acc
   const int64_t lane_grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C * kLanes, 1));
 
   if (!vectorised && L.s > 1 && L.stride_s == 1) {
-    const int64_t blocks_per_n = (L.s + kLanes - 1) / kLanes;
-    at::parallel_for(0, L.n * blocks_per_n, lane_grain, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        const int64_t n = b / blocks_per_n, s0 = (b % blocks_per_n) * kLanes;
-        lane_block(x + n * L.stride_n + s0, L.stride_c, grad ? grad + n * C * L.s + s0 : nullptr,
-                   L.s, n * L.s + s0, std::min(kLanes, L.s - s0));
-      }
+    for_each_row_block(L, kLanes, lane_grain, [&](int64_t r0, int64_t lanes) {
+      const int64_t n = r0 / L.s, s0 = r0 % L.s;
+      lane_block(x + n * L.stride_n + s0, L.stride_c, grad ? grad + n * C * L.s + s0 : nullptr,
+                 L.s, r0, lanes);
     });
     return;
   }
 
-  // Short rows of unit class stride (e.g. 21 classes): one row at a time would
-  // spend most of each sweep on a partial vector and per-row overhead. Instead
-  // kLanes rows are transposed into a scratch block (class-major, so the lanes
-  // are rows) and take lane_block; their gradient is transposed back.
-  if (vectorised && C <= kShortRowClasses && L.rows() >= kLanes) {
-    const int64_t blocks = (L.rows() + kLanes - 1) / kLanes;
-    at::parallel_for(0, blocks, lane_grain, [&](int64_t begin, int64_t end) {
+  // Short rows of unit class stride (e.g. 21 classes; one row at a time would
+  // spend most of each sweep on a partial vector and per-row overhead), and the
+  // other layouts up to kGatherClasses: kLanes rows are gathered into a scratch
+  // block (class-major, so the lanes are rows) and take lane_block. Their
+  // gradient goes straight into its slab when S > 1, else it is transposed back.
+  if (vectorised ? (C <= kShortRowClasses && L.rows() >= kLanes) : C <= kGatherClasses) {
+    for_each_row_block(L, kLanes, lane_grain, [&](int64_t r0, int64_t lanes) {
       scalar_t* xs = thread_scratch<scalar_t>(2 * C * kLanes);
       scalar_t* gs = xs + C * kLanes;
-      for (int64_t b = begin; b < end; ++b) {
-        const int64_t r0 = b * kLanes, lanes = std::min(kLanes, L.rows() - r0);
+      for (int64_t j = 0; j < lanes; ++j) {
+        const scalar_t* xr = x + L.offset(r0 + j);
+        for (int64_t c = 0; c < C; ++c) xs[c * kLanes + j] = xr[c * L.stride_c];
+      }
+      // (in place, grad is x: every row was copied out above before any is written)
+      if (L.s > 1) {
+        lane_block(xs, kLanes, grad ? grad + (r0 / L.s) * C * L.s + r0 % L.s : nullptr, L.s, r0,
+                   lanes);
+      } else if (lane_block(xs, kLanes, grad ? gs : nullptr, kLanes, r0, lanes)) {
         for (int64_t j = 0; j < lanes; ++j) {
-          const scalar_t* xr = x + L.offset(r0 + j);
-          for (int64_t c = 0; c < C; ++c) xs[c * kLanes + j] = xr[c];
-        }
-        // (in place, grad is x: every row was copied out above before any is written)
-        if (lane_block(xs, kLanes, grad ? gs : nullptr, kLanes, r0, lanes)) {
-          for (int64_t j = 0; j < lanes; ++j) {
-            scalar_t* g = grad + (r0 + j) * C;
-            for (int64_t c = 0; c < C; ++c) g[c] = gs[c * kLanes + j];
-          }
+          scalar_t* g = grad + (r0 + j) * C;
+          for (int64_t c = 0; c < C; ++c) g[c] = gs[c * kLanes + j];
         }
       }
     });
@@ -1146,8 +1168,9 @@ void prob_rows(const Layout& L, const data_t* x, const Layout& Ly, const y_t* y,
   };
 
   // K-dim input with unit pixel stride in x and y (contiguous (N, C, H, W)),
-  // and short rows of unit class stride: kLanes rows at a time with the vector
-  // lanes across rows, as index_rows does (its lane_block has the details).
+  // short rows of unit class stride and the other layouts up to kGatherClasses:
+  // kLanes rows at a time with the vector lanes across rows, as index_rows does
+  // (its lane_block and row blocks have the details).
   if constexpr (same_acc) {
     using VR = VecRow<data_t>;
     using Vec = typename VR::Vec;
@@ -1247,21 +1270,16 @@ void prob_rows(const Layout& L, const data_t* x, const Layout& Ly, const y_t* y,
     const int64_t lane_grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C * kLanes, 1));
 
     if (L.s > 1 && L.stride_s == 1 && Ly.stride_s == 1) {
-      const int64_t blocks_per_n = (L.s + kLanes - 1) / kLanes;
-      at::parallel_for(0, L.n * blocks_per_n, lane_grain, [&](int64_t begin, int64_t end) {
-        for (int64_t b = begin; b < end; ++b) {
-          const int64_t n = b / blocks_per_n, s0 = (b % blocks_per_n) * kLanes;
-          lane_block(x + n * L.stride_n + s0, L.stride_c, y + n * Ly.stride_n + s0,
-                     Ly.stride_c, grad ? grad + n * C * L.s + s0 : nullptr, L.s, n * L.s + s0,
-                     std::min(kLanes, L.s - s0));
-        }
+      for_each_row_block(L, kLanes, lane_grain, [&](int64_t r0, int64_t lanes) {
+        const int64_t n = r0 / L.s, s0 = r0 % L.s;
+        lane_block(x + n * L.stride_n + s0, L.stride_c, y + n * Ly.stride_n + s0, Ly.stride_c,
+                   grad ? grad + n * C * L.s + s0 : nullptr, L.s, r0, lanes);
       });
       return;
     }
 
-    if (vectorised && C <= kShortRowClasses && L.rows() >= kLanes) {
-      const int64_t blocks = (L.rows() + kLanes - 1) / kLanes;
-      at::parallel_for(0, blocks, lane_grain, [&](int64_t begin, int64_t end) {
+    if (vectorised ? (C <= kShortRowClasses && L.rows() >= kLanes) : C <= kGatherClasses) {
+      for_each_row_block(L, kLanes, lane_grain, [&](int64_t r0, int64_t lanes) {
         // x, gradient and y blocks; thread_scratch keeps one buffer per type
         data_t* xs;
         y_t* ys;
@@ -1273,22 +1291,22 @@ void prob_rows(const Layout& L, const data_t* x, const Layout& Ly, const y_t* y,
           ys = thread_scratch<y_t>(C * kLanes);
         }
         data_t* gs = xs + C * kLanes;
-        for (int64_t b = begin; b < end; ++b) {
-          const int64_t r0 = b * kLanes, lanes = std::min(kLanes, L.rows() - r0);
-          for (int64_t j = 0; j < lanes; ++j) {
-            const data_t* xr = x + L.offset(r0 + j);
-            const y_t* yr = y + Ly.offset(r0 + j);
-            for (int64_t c = 0; c < C; ++c) {
-              xs[c * kLanes + j] = xr[c];
-              ys[c * kLanes + j] = yr[c];
-            }
+        for (int64_t j = 0; j < lanes; ++j) {
+          const data_t* xr = x + L.offset(r0 + j);
+          const y_t* yr = y + Ly.offset(r0 + j);
+          for (int64_t c = 0; c < C; ++c) {
+            xs[c * kLanes + j] = xr[c * L.stride_c];
+            ys[c * kLanes + j] = yr[c * Ly.stride_c];
           }
-          // (in place, grad is x: every row was copied out above before any is written)
-          if (lane_block(xs, kLanes, ys, kLanes, grad ? gs : nullptr, kLanes, r0, lanes)) {
-            for (int64_t j = 0; j < lanes; ++j) {
-              data_t* g = grad + (r0 + j) * C;
-              for (int64_t c = 0; c < C; ++c) g[c] = gs[c * kLanes + j];
-            }
+        }
+        // (in place, grad is x: every row was copied out above before any is written)
+        if (L.s > 1) {
+          lane_block(xs, kLanes, ys, kLanes,
+                     grad ? grad + (r0 / L.s) * C * L.s + r0 % L.s : nullptr, L.s, r0, lanes);
+        } else if (lane_block(xs, kLanes, ys, kLanes, grad ? gs : nullptr, kLanes, r0, lanes)) {
+          for (int64_t j = 0; j < lanes; ++j) {
+            data_t* g = grad + (r0 + j) * C;
+            for (int64_t c = 0; c < C; ++c) g[c] = gs[c * kLanes + j];
           }
         }
       });

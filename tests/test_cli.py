@@ -66,3 +66,21 @@ def test_bench_quick_writes_csv(tmp_path):
     kdim = [r for r in rows if r["shape"] == "2x5x3x4"]
     assert len(kdim) == 5 and all((r["N"], r["V"]) == ("24", "5") for r in kdim)
     assert "% floor" in out.stdout
+    assert {r["targets"] for r in rows} == {"index"} and kdim[0]["layout"] == "contiguous"
+
+
+def test_bench_probability_targets_channels_last(tmp_path):
+    csv = tmp_path / "b.csv"
+    out = run("bench", "--device", "cpu", "--shapes", "2x5x3x4", "--dtypes", "fp32", "--reps", "2",
+              "--impls", "fused_nll,eager", "--targets", "prob", "--layout", "channels_last",
+              "--csv", str(csv))
+    assert out.returncode == 0, out.stderr
+    import csv as csv_module
+
+    rows = list(csv_module.DictReader(csv.read_text().splitlines()))
+    # no inplace_backward row: it needs contiguous logits
+    assert sorted((r["impl"], r["mode"]) for r in rows) == [
+        ("fused_nll[cpp]", "fwd"), ("fused_nll[cpp]", "fwdbwd"),
+        ("torch eager", "fwd"), ("torch eager", "fwdbwd")]
+    assert all((r["targets"], r["layout"]) == ("prob", "channels_last") for r in rows)
+    assert "failed" not in out.stdout

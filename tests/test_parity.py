@@ -150,6 +150,51 @@ def test_probability_targets_row_blocks(target, dtype, reduction, layout):
         check_parity("cross_entropy", wide, y.to(dtype).to(target), weight=w, reduction=reduction)
 
 
+# Layouts whose classes are not contiguous in the row layout the kernels index
+# (the CPU kernel gathers blocks of such rows into a class-major scratch): channels-last
+# (N, C, H, W) (S = 63 pixels: blocks that end inside an image), a transposed (C, N)
+# matrix (70 rows) and every other class of a wider buffer; index and probability
+# targets, rows of inf / nan / -inf, ignored rows, weights, smoothing, every reduction.
+# 4097 classes is past the CPU kernel's gather limit (its strided scalar sweeps).
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("classes", [21, 150])
+@pytest.mark.parametrize("layout", ["channels_last", "transposed", "every_other_class"])
+def test_gathered_layouts(target, dtype, reduction, classes, layout):
+    torch.manual_seed(classes)
+    if layout == "channels_last":
+        x = logits(2, 9, 7, classes, dtype=torch.float64).permute(0, 3, 1, 2)
+    elif layout == "transposed":
+        x = logits(classes, 70, dtype=torch.float64).t()
+    else:
+        x = logits(40, 2 * classes, dtype=torch.float64)[:, ::2]
+    assert not x.is_contiguous()
+    rows = x.movedim(1, -1).reshape(-1, classes) if x.dim() > 2 else x  # views of x
+    rows[3, 2] = float("inf")
+    rows[33, 1] = float("nan")
+    rows[34, 1:] = float("-inf")
+    if reduction != "none":  # (none: backward from the fp32 lse, see test_extreme_logits)
+        rows[20] += 1e4
+    assert rows.data_ptr() == x.data_ptr() and rows[34, 2] == float("-inf")
+    x = x.to(dtype).to(target)  # (keeps the strides)
+    tshape = (x.shape[0], *x.shape[2:])
+    t = index_targets(0, classes, target, shape=tshape)
+    t.view(-1)[::7] = -100
+    t.view(-1)[[3, 20, 33, 34]] = torch.tensor([4, 1, 5, 0])  # (ignored, torch gives nan: docs/ops.md)
+    w = torch.rand(classes, device=target) + 0.1
+    check_parity("cross_entropy", x, t, weight=w, reduction=reduction, label_smoothing=0.1)
+    check_parity("nll_loss", torch.log_softmax(x.double(), 1).to(dtype), t, reduction=reduction)
+    y = torch.softmax(torch.randn(x.shape, dtype=torch.float64), 1).to(dtype).to(target)
+    check_parity("cross_entropy", x, y, weight=w, reduction=reduction, label_smoothing=0.1)
+
+
+def test_gather_limit_class_strided(target):
+    x = logits(4097, 5, device=target).t()  # (5, 4097), class stride 5
+    t = torch.tensor([0, 4096, -100, 17, 2048], device=target)
+    check_parity("cross_entropy", x, t, label_smoothing=0.1)
+    check_parity("cross_entropy", x, torch.softmax(x.double(), 1).to(x.dtype))
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_single_sample_1d(target, reduction):
     x = logits(11, device=target)

@@ -8,7 +8,8 @@ allocator statistics for CPU tensors, so the CPU column stays empty). Bytes coun
   forward:            read the logits once                  N*V*elt
   forward + backward: read the logits once, write the
                       gradient once                         2*N*V*elt
-(targets, N int64s, are < 0.1% and left out). The floor is those bytes at the
+(class-index targets, N int64s, are < 0.1% and left out; probability targets,
+--targets prob, are read once too: + N*V*elt). The floor is those bytes at the
 copy bandwidth measured at the start of the run (read + write of a large
 buffer), not the datasheet's.
 
@@ -140,6 +141,7 @@ def implementations(device, wanted):
         run_split = _triton_with("_SPLIT_PARTS", 16)
         run_split.fwdbwd_only = True
         run_split.rows_only = True
+        run_split.index_only = True
         impls["fused_nll[triton] split16"] = run_split
     if device == "cuda" and "fused_nll[cuda]" in impls:
         # The Hopper cluster kernel of the CUDA backend (opt-in, csrc/cuda): only
@@ -154,6 +156,7 @@ def implementations(device, wanted):
 
         run_cluster.fwdbwd_only = True
         run_cluster.rows_only = True
+        run_cluster.index_only = True
         impls["fused_nll[cuda] cluster"] = run_cluster
     impls["torch eager"] = lambda x, t: F.cross_entropy(x, t)
     compiled = torch.compile(F.cross_entropy)
@@ -168,6 +171,7 @@ def implementations(device, wanted):
                 return liger(x, t)
 
             run_liger.rows_only = True  # (N, C) logits only
+            run_liger.index_only = True
             impls["Liger-Kernel (overwrites logits)"] = run_liger
         except Exception:  # not installed
             pass
@@ -188,11 +192,18 @@ def applies(fn, shape) -> bool:
     return True
 
 
-def bench_case(fn, shape, dtype, mode, device, reps):
+def bench_case(fn, shape, dtype, mode, device, reps, targets="index", layout="contiguous"):
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(shape, dtype=dtype, device=device, generator=gen)
-    t = torch.randint(0, shape[1], (shape[0], *shape[2:]), device=device, generator=gen)
-    t.view(-1)[::IGNORE_EVERY] = -100
+    if targets == "prob":  # soft labels of the logits' dtype, e.g. distillation
+        t = torch.softmax(torch.randn(shape, device=device, generator=gen), 1).to(dtype)
+    else:
+        t = torch.randint(0, shape[1], (shape[0], *shape[2:]), device=device, generator=gen)
+        t.view(-1)[::IGNORE_EVERY] = -100
+    if layout == "channels_last":  # classes innermost in memory, e.g. a channels-last model
+        x = x.movedim(1, -1).contiguous().movedim(-1, 1)
+        if targets == "prob":
+            t = t.movedim(1, -1).contiguous().movedim(-1, 1)
     if mode == "fwd":
         step = lambda: fn(x, t)  # noqa: E731  (inference: no gradient kept)
         ctx = torch.no_grad
@@ -248,6 +259,11 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="one small shape, fp32, few repetitions")
     p.add_argument("--csv", default=None, help="CSV path (default benchmarks/results/bench_<device>_<date>.csv)")
     p.add_argument("--plot", action="store_true", help="also write a PNG next to the CSV (needs matplotlib)")
+    p.add_argument("--targets", choices=["index", "prob"], default="index",
+                   help="class indices (every 17th ignored) or probabilities of the logits' shape")
+    p.add_argument("--layout", choices=["contiguous", "channels_last"], default="contiguous",
+                   help="memory layout of K-dim logits (N, C, d1, ...): channels_last puts the "
+                        "classes innermost (probability targets too)")
     args = p.parse_args(argv)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -276,7 +292,11 @@ def main(argv=None) -> int:
 
     cases = [(s, d, m, i) for s in shapes for d in dtypes for m in modes for i in impls
              if (m != "fwd" or not getattr(impls[i], "fwdbwd_only", False))  # same as without
-             and applies(impls[i], s)]
+             and applies(impls[i], s)
+             and not (args.targets == "prob" and getattr(impls[i], "index_only", False))
+             # inplace_backward needs contiguous logits
+             and not (args.layout == "channels_last" and len(s) > 2
+                      and getattr(impls[i], "inplace", False))]
     rows = []
 
     def stop(signum, frame):  # `timeout` sends SIGTERM: keep the finished rows
@@ -284,7 +304,8 @@ def main(argv=None) -> int:
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
-        run_cases(cases, impls, device, reps, bw, card, triton_version, today, rows)
+        run_cases(cases, impls, device, reps, bw, card, triton_version, today, rows,
+                  args.targets, args.layout)
     except KeyboardInterrupt:
         print(f"\ninterrupted: {len(rows)} of {len(cases)} cases done; reporting those")
     finally:
@@ -305,7 +326,8 @@ def main(argv=None) -> int:
     return 0
 
 
-def run_cases(cases, impls, device, reps, bw, card, triton_version, today, rows):
+def run_cases(cases, impls, device, reps, bw, card, triton_version, today, rows,
+              targets="index", layout="contiguous"):
     """Times each (shape, dtype, mode, impl) case, appending a result row to `rows`
     as soon as it is measured (so an interrupted run keeps the finished ones)."""
     for k, (shape, dname, mode, impl) in enumerate(cases, 1):
@@ -316,15 +338,15 @@ def run_cases(cases, impls, device, reps, bw, card, triton_version, today, rows)
         elt = torch.finfo(dtype).bits // 8
         v = shape[1]
         n = math.prod(shape) // v  # rows: N (x d1 x ... for K-dim input)
-        nbytes = n * v * elt * (1 if mode == "fwd" else 2)
+        nbytes = n * v * elt * ((1 if mode == "fwd" else 2) + (targets == "prob"))
         try:
-            ms, peak = bench_case(impls[impl], shape, dtype, mode, device, reps)
+            ms, peak = bench_case(impls[impl], shape, dtype, mode, device, reps, targets, layout)
         except Exception as exc:  # e.g. out of memory: report and go on
             print(f"\n  {impl} {name} {dname} {mode} failed: {type(exc).__name__}: {str(exc)[:200]}")
             continue
         floor_ms = nbytes / (bw * 1e9) * 1e3
         rows.append(dict(impl=impl, device=device, card=card, shape=name, N=n, V=v, dtype=dname,
-                         mode=mode, ms=round(ms, 4), GBps=round(nbytes / (ms * 1e-3) / 1e9, 1),
+                         targets=targets, layout=layout if len(shape) > 2 else "", mode=mode, ms=round(ms, 4), GBps=round(nbytes / (ms * 1e-3) / 1e9, 1),
                          floor_ms=round(floor_ms, 4), pct_floor=round(100 * floor_ms / ms, 1),
                          peak_extra_MiB="" if peak is None else round(peak),
                          copy_GBps=round(bw), torch=torch.__version__, triton=triton_version, date=today))
