@@ -1,8 +1,11 @@
 """`python -m fused_nll verify`: a parity matrix of fused_nll against torch's
 nn.CrossEntropyLoss and nn.NLLLoss(log_softmax(x)) (in fp64, on the same
 inputs), loss and gradient, for every backend usable on the device; also
-cross_entropy with inplace_backward=True ("ce-inpl") and under torch.autocast ("ce-amp":
-the loss must have torch's autocast dtype, float32 for fp16/bf16, at fp32 precision)."""
+cross_entropy with inplace_backward=True ("ce-inpl"), under torch.autocast ("ce-amp":
+the loss must have torch's autocast dtype, float32 for fp16/bf16, at fp32 precision),
+and on logits in another memory layout (channels-last (N, C, H, W), a transposed (C, N)
+matrix) with class-index ("ce-layout") and probability ("prob-layout") targets. Shapes: LM-like rows,
+short rows, and (N, C, H, W) with a few and with many pixels."""
 from __future__ import annotations
 
 import itertools
@@ -36,7 +39,7 @@ def _torch_reference(kind, x, target, weight, ignore_index, reduction, label_smo
 
 def cases(quick: bool):
     """(kind, shape, weighted, ignore_index, label_smoothing) combinations."""
-    shapes = [(16, 1000), (4, 33, 3, 2)] if not quick else [(8, 257)]
+    shapes = [(16, 1000), (4, 33, 3, 2), (70, 21), (2, 21, 9, 7)] if not quick else [(8, 257)]
     for shape, weighted in itertools.product(shapes, [False, True]):
         for ignore_index, ls in itertools.product([-100, 1], [0.0, 0.1]):
             yield "ce", shape, weighted, ignore_index, ls
@@ -48,6 +51,9 @@ def cases(quick: bool):
             yield "ce-inpl", shape, weighted, -100, ls
         for ls in [0.0, 0.1]:  # under torch.autocast (bf16)
             yield "ce-amp", shape, weighted, -100, ls
+        for ls in [0.0, 0.1]:  # channels-last / transposed logits
+            yield "ce-layout", shape, weighted, -100, ls
+            yield "prob-layout", shape, weighted, -100, ls
 
 
 def run_case(kind, shape, weighted, ignore_index, ls, dtype, reduction, device):
@@ -55,7 +61,10 @@ def run_case(kind, shape, weighted, ignore_index, ls, dtype, reduction, device):
     classes = shape[1]
     x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 3).to(dtype).to(device)
     rows_shape = (shape[0], *shape[2:])
-    if kind == "ce-prob":
+    if kind.endswith("-layout"):  # the same values; K-dim: classes innermost in memory
+        # (channels-last); 2-D: a transposed (C, N) matrix, classes N apart
+        x = x.movedim(1, -1).contiguous().movedim(-1, 1) if x.dim() > 2 else x.t().contiguous().t()
+    if kind in ("ce-prob", "prob-layout"):
         target = torch.softmax(torch.randn(shape, generator=gen, dtype=torch.float64), 1).to(dtype).to(device)
     else:
         target = torch.randint(0, classes, rows_shape, generator=gen)
@@ -112,14 +121,15 @@ def run(device: str | None = None, backend: str | None = None, quick: bool = Fal
         return 2
     print(f"fused_nll verify on {device}: backends {', '.join(backends)}; reference: torch "
           f"{torch.__version__} nn.CrossEntropyLoss / nn.NLLLoss(log_softmax) in fp64")
-    header = f"{'backend':8s} {'dtype':9s} {'case':8s} {'reduction':9s} {'cases':>5s} {'max err':>10s} {'rtol':>8s} {'of tol':>7s}  result"
+    header = f"{'backend':8s} {'dtype':9s} {'case':11s} {'reduction':9s} {'cases':>5s} {'max err':>10s} {'rtol':>8s} {'of tol':>7s}  result"
     print(header)
     print("-" * len(header))
     failures, total, start = [], 0, time.perf_counter()
     for name in backends:
         with fused_nll.use_backend(name):
             for dtype, kind, reduction in itertools.product(DTYPES, ["ce", "ce-prob", "nll", "ce-inpl",
-                                                                    "ce-amp"],
+                                                                    "ce-amp", "ce-layout",
+                                                                    "prob-layout"],
                                                             REDUCTIONS):
                 group = [c for c in cases(quick) if c[0] == kind]
                 worst_err, worst_ratio, ok_all = 0.0, 0.0, True
@@ -136,7 +146,7 @@ def run(device: str | None = None, backend: str | None = None, quick: bool = Fal
                     ok_all &= ok
                     total += 1
                 dname = str(dtype).replace("torch.", "")
-                print(f"{name:8s} {dname:9s} {kind:8s} {reduction:9s} {len(group):5d} {worst_err:10.3g} "
+                print(f"{name:8s} {dname:9s} {kind:11s} {reduction:9s} {len(group):5d} {worst_err:10.3g} "
                       f"{tolerance(dtype)[0]:8.1g} {worst_ratio:7.2f}  {'PASS' if ok_all else 'FAIL'}")
     elapsed = time.perf_counter() - start
     for name, dtype, reduction, case, why in failures:
