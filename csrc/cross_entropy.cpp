@@ -49,11 +49,18 @@ namespace {
 
 constexpr int64_t kNone = 0, kMean = 1, kSum = 2;
 // Rows of unit class stride up to this many classes take the transposed lane
-// blocks of index_rows (vectorised across rows) instead of one row at a time.
-// A/B against one row at a time (2-core AVX-512 machine, fp32 and bf16): 8-48
-// classes, forward 1.7-3.3x and fwd+bwd 1.07-3.3x faster; at 64 the forward still
-// wins but fwd+bwd loses for bf16 (the gradient's transpose back); beyond, both lose.
-constexpr int64_t kShortRowClasses = 48;
+// blocks of index_rows / prob_rows (vectorised across rows) instead of one row at
+// a time. With a gradient to write the block's gradient is transposed back, which
+// costs more as rows get longer; a forward without one goes further. Interleaved
+// A/B (2-core AVX-512 machine, op only, fp32 and bf16, index targets, 3 rounds;
+// per-row epilogue in vector form): at 64 classes lanes win forward 1.8x and
+// fwd+grad ~1.1x; at 96 forward 1.5x, fwd+grad even; at 128 forward 1.3x but
+// fwd+grad loses 1.2-1.4x; at 160 forward ~1.1x, fwd+grad loses 1.3-2x.
+constexpr int64_t kShortRowClasses = 96;          // with a gradient
+constexpr int64_t kShortRowClassesForward = 128;  // loss and lse only
+int64_t short_row_limit(const void* grad) {
+  return grad ? kShortRowClasses : kShortRowClassesForward;
+}
 
 // The input viewed as (N, C, S): rows are (n, s), classes walk stride_c.
 struct Layout {
@@ -943,7 +950,7 @@ void index_rows(const Layout& L, const scalar_t* x, const target_t* t, const acc
   // other layouts up to kGatherClasses: kLanes rows are gathered into a scratch
   // block (class-major, so the lanes are rows) and take lane_block. Their
   // gradient goes straight into its slab when S > 1, else it is transposed back.
-  if (vectorised ? (C <= kShortRowClasses && L.rows() >= kLanes) : C <= kGatherClasses) {
+  if (vectorised ? (C <= short_row_limit(grad) && L.rows() >= kLanes) : C <= kGatherClasses) {
     for_each_row_block(L, kLanes, lane_grain, [&](int64_t r0, int64_t lanes) {
       scalar_t* xs = thread_scratch<scalar_t>(2 * C * kLanes);
       scalar_t* gs = xs + C * kLanes;
@@ -1278,7 +1285,7 @@ void prob_rows(const Layout& L, const data_t* x, const Layout& Ly, const y_t* y,
       return;
     }
 
-    if (vectorised ? (C <= kShortRowClasses && L.rows() >= kLanes) : C <= kGatherClasses) {
+    if (vectorised ? (C <= short_row_limit(grad) && L.rows() >= kLanes) : C <= kGatherClasses) {
       for_each_row_block(L, kLanes, lane_grain, [&](int64_t r0, int64_t lanes) {
         // x, gradient and y blocks; thread_scratch keeps one buffer per type
         data_t* xs;

@@ -39,11 +39,13 @@ def test_index_targets(target, dtype, classes, reduction, weighted, label_smooth
                  label_smoothing=label_smoothing)
 
 
-# Many short rows (77 rows: blocks of rows and a partial one): up to 48 classes the
-# C++ CPU kernel takes rows a block at a time, transposed so that vector lanes are rows
-# (kShortRowClasses), 64 is past that; the Triton kernels take tiles of rows.
+# Many short rows (77 rows: blocks of rows and a partial one): up to 96 classes (128
+# for a forward without gradient) the C++ CPU kernel takes rows a block at a time,
+# transposed so that vector lanes are rows (kShortRowClasses*); at 128 the fused
+# fwd+grad takes one row at a time while reduction="none" computes its lse in blocks
+# and its gradient row by row; 129 is past both. The Triton kernels take tiles of rows.
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("classes", [1, 3, 21, 48, 64])
+@pytest.mark.parametrize("classes", [1, 3, 21, 48, 96, 128, 129])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("weighted", [False, True], ids=["noweight", "weight"])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
