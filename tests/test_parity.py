@@ -164,8 +164,9 @@ def test_probability_targets_row_blocks(target, dtype, reduction, layout):
 @pytest.mark.parametrize("layout", ["channels_last", "transposed", "every_other_class"])
 def test_gathered_layouts(target, dtype, reduction, classes, layout):
     torch.manual_seed(classes)
-    if layout == "channels_last":
-        x = logits(2, 9, 7, classes, dtype=torch.float64).permute(0, 3, 1, 2)
+    if layout == "channels_last":  # with a padded class dim: the public API's (R, C)
+        # view of channels-last logits (test_classes_innermost_logits) does not apply
+        x = logits(2, 9, 7, classes + 3, dtype=torch.float64)[..., :classes].permute(0, 3, 1, 2)
     elif layout == "transposed":
         x = logits(classes, 70, dtype=torch.float64).t()
     else:
@@ -188,6 +189,47 @@ def test_gathered_layouts(target, dtype, reduction, classes, layout):
     check_parity("nll_loss", torch.log_softmax(x.double(), 1).to(dtype), t, reduction=reduction)
     y = torch.softmax(torch.randn(x.shape, dtype=torch.float64), 1).to(dtype).to(target)
     check_parity("cross_entropy", x, y, weight=w, reduction=reduction, label_smoothing=0.1)
+
+
+# Logits whose classes are innermost in memory: channels-last (N, C, H, W) and a
+# (B, V, T) view of (B, T, V) LM logits. The public API runs them as the (R, C) view of
+# the same memory; the gradient must come back in the input's own layout.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_classes_innermost_logits(target, dtype, reduction):
+    torch.manual_seed(5)
+    w = torch.rand(21, device=target) + 0.1
+    cl = logits(2, 21, 9, 7, dtype=dtype, device=target).contiguous(
+        memory_format=torch.channels_last)
+    t = index_targets(0, 21, target, shape=(2, 9, 7))
+    check_parity("cross_entropy", cl, t, weight=w, reduction=reduction, label_smoothing=0.1)
+    check_parity("nll_loss", torch.log_softmax(cl.float(), 1).to(dtype), t, reduction=reduction)
+    y = torch.softmax(torch.randn(cl.shape, device=target), 1).to(dtype)
+    for probs in (y.contiguous(memory_format=torch.channels_last), y.contiguous()):
+        check_parity("cross_entropy", cl, probs, weight=w, reduction=reduction)
+    lm = logits(2, 5, 300, dtype=dtype, device=target)  # (B, T, V)
+    t_lm = index_targets(0, 300, target, shape=(2, 5))
+    check_parity("cross_entropy", lm.transpose(1, 2), t_lm, reduction=reduction)
+    # The gradient comes back in the input's layout: channels-last for channels-last
+    # logits (torch's CPU gradient is contiguous there), contiguous (B, T, V) through the
+    # transposed view. Taken with autograd.grad of a non-leaf: a leaf's .grad would be
+    # copied into the leaf's layout by autograd anyway.
+    for x, tt in ((cl, t), (cl, y.contiguous(memory_format=torch.channels_last))):
+        a = x.detach().clone().requires_grad_(True) * 1  # (keeps the channels-last layout)
+        (ga,) = torch.autograd.grad(fused_nll.cross_entropy(a, tt, reduction=reduction).sum(), a)
+        assert ga.stride() == x.stride()
+    base = (lm.detach().clone().requires_grad_(True) * 1).transpose(1, 2)
+    (g,) = torch.autograd.grad(fused_nll.cross_entropy(base, t_lm, reduction=reduction).sum(), base)
+    assert g.transpose(1, 2).is_contiguous()
+
+
+@cpu_kernel_only
+def test_classes_innermost_out_of_range_position():
+    x = logits(2, 5, 3, 4).contiguous(memory_format=torch.channels_last)
+    t = torch.zeros(2, 3, 4, dtype=torch.long)
+    t[1, 2, 3] = 7
+    with pytest.raises(IndexError, match=r"target\[1, 2, 3\] = 7"):
+        fused_nll.cross_entropy(x, t)
 
 
 def test_gather_limit_class_strided(target):

@@ -57,6 +57,34 @@ def _loss_dtype(prob: bool, input, target, weight) -> torch.dtype | None:
     return None if out == default else out
 
 
+def _classes_innermost(prob: bool, inplace: bool, input: torch.Tensor, target: torch.Tensor):
+    """K-dim logits (N, C, d1, ..., dk) whose classes are innermost in memory
+    (channels-last (N, C, H, W), or a (B, V, T) view of (B, T, V) LM logits), as the
+    (R, C) view of the same memory, R = N*d1*...*dk rows (no copy). The kernels then
+    read each row's classes contiguously, and the contiguous (R, C) gradient reaches
+    the caller through the inverse view, i.e. in the input's own layout: a
+    channels-last leaf's .grad then needs no layout copy by autograd (torch's own CPU
+    gradient is contiguous there and pays it), and the (B, T, V) logits under a
+    (B, V, T) view get a contiguous gradient rather than a class-strided one.
+    Returns the (input, target) to run instead, or None. Index targets stay as they
+    are (the ops take R class indices in any shape, and report an out-of-range one at
+    its position in that shape); probability targets take the same view when their
+    classes are innermost too (otherwise the kernels read both layouts as they are,
+    rather than copy the targets)."""
+    if input.dim() <= 2 or inplace or input.numel() == 0:
+        return None
+    rows = input.movedim(1, -1)
+    if not rows.is_contiguous():
+        return None
+    classes = input.shape[1]
+    if not prob:
+        return rows.reshape(-1, classes), target
+    y = target.movedim(1, -1)
+    if not y.is_contiguous():
+        return None
+    return rows.reshape(-1, classes), y.reshape(-1, classes)
+
+
 def _run(prob: bool, inplace: bool, loss_dtype, input, target, weight, *args) -> torch.Tensor:
     """Calls the forward op of the backend chosen for the input's device.
 
@@ -82,8 +110,12 @@ def _run(prob: bool, inplace: bool, loss_dtype, input, target, weight, *args) ->
             "custom ops (and fused_nll's own) follows the torch.autograd protocol only. Use "
             "loss.backward() / torch.autograd.grad, or torch.nn.functional.cross_entropy "
             "(nll_loss) inside torch.func. (torch.func.vmap without grad works.)")
-    triton = _backend.select(input.device) == "triton"
     reduction = args[-1] if prob else args[-2]
+    view = _classes_innermost(prob, inplace, input, target)
+    if view is not None:
+        loss = _run(prob, inplace, loss_dtype, *view, weight, *args)
+        return loss.reshape(_ops.rows_shape(input)) if reduction == 0 else loss
+    triton = _backend.select(input.device) == "triton"
     precompute = (reduction != 0 and input.requires_grad and torch.is_grad_enabled()
                   and not torch.compiler.is_compiling())
     if inplace or precompute:
