@@ -138,3 +138,25 @@ def test_compiled_probability_targets(amp):
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(compiled_grad, eager_grad)
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_classes_innermost_logits_compile(reduction):
+    # Channels-last logits and a (B, V, T) view of LM logits: the public API runs them as
+    # the (rows, C) view of their memory; compiled fullgraph, same loss and gradient.
+    torch.manual_seed(4)
+    cases = [(torch.randn(2, 7, 5, 3).contiguous(memory_format=torch.channels_last),
+              torch.randint(0, 7, (2, 5, 3))),
+             (torch.randn(2, 6, 40).transpose(1, 2), torch.randint(0, 40, (2, 6)))]
+    for x, t in cases:
+        def loss_of(x, t):
+            return fused_nll.cross_entropy(x, t, reduction=reduction, label_smoothing=0.1).sum()
+
+        results = []
+        for fn in (loss_of, torch.compile(loss_of, fullgraph=True)):
+            xg = x.detach().clone().requires_grad_(True)
+            loss = fn(xg, t)
+            loss.backward()
+            results.append((loss.detach(), xg.grad))
+        _assert_same(*[(l, [g]) for l, g in results])
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
