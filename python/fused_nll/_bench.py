@@ -200,8 +200,8 @@ def bench_case(fn, shape, dtype, mode, device, reps, targets="index", layout="co
     else:
         t = torch.randint(0, shape[1], (shape[0], *shape[2:]), device=device, generator=gen)
         t.view(-1)[::IGNORE_EVERY] = -100
-    if layout == "channels_last":  # classes innermost in memory, e.g. a channels-last model
-        x = x.movedim(1, -1).contiguous().movedim(-1, 1)
+    if layout == "channels_last" and x.dim() > 2:  # K-dim logits with the classes innermost
+        x = x.movedim(1, -1).contiguous().movedim(-1, 1)  # in memory (a channels-last model)
         if targets == "prob":
             t = t.movedim(1, -1).contiguous().movedim(-1, 1)
     if mode == "fwd":
@@ -346,7 +346,8 @@ def run_cases(cases, impls, device, reps, bw, card, triton_version, today, rows,
             continue
         floor_ms = nbytes / (bw * 1e9) * 1e3
         rows.append(dict(impl=impl, device=device, card=card, shape=name, N=n, V=v, dtype=dname,
-                         targets=targets, layout=layout if len(shape) > 2 else "", mode=mode, ms=round(ms, 4), GBps=round(nbytes / (ms * 1e-3) / 1e9, 1),
+                         targets=targets, layout=layout if len(shape) > 2 else "", mode=mode,
+                         ms=round(ms, 4), GBps=round(nbytes / (ms * 1e-3) / 1e9, 1),
                          floor_ms=round(floor_ms, 4), pct_floor=round(100 * floor_ms / ms, 1),
                          peak_extra_MiB="" if peak is None else round(peak),
                          copy_GBps=round(bw), torch=torch.__version__, triton=triton_version, date=today))

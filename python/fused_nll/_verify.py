@@ -4,8 +4,8 @@ inputs), loss and gradient, for every backend usable on the device; also
 cross_entropy with inplace_backward=True ("ce-inpl"), under torch.autocast ("ce-amp":
 the loss must have torch's autocast dtype, float32 for fp16/bf16, at fp32 precision),
 and on logits in another memory layout (channels-last (N, C, H, W), a transposed (C, N)
-matrix) with class-index ("ce-layout") and probability ("prob-layout") targets. Shapes: LM-like rows,
-short rows, and (N, C, H, W) with a few and with many pixels."""
+matrix) with class-index ("ce-layout") and probability ("prob-layout") targets.
+Shapes: LM-like rows, short rows, and (N, C, H, W) with a few and with many pixels."""
 from __future__ import annotations
 
 import itertools
