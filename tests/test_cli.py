@@ -23,7 +23,7 @@ def test_verify_passes_and_prints_a_table():
     assert out.returncode == 0, out.stdout + out.stderr
     assert "max err" in out.stdout and "PASS" in out.stdout and "FAIL" not in out.stdout
     assert "cases passed" in out.stdout and " ce-inpl " in out.stdout and " ce-amp " in out.stdout
-    assert " ce-layout " in out.stdout and " prob-layout " in out.stdout
+    assert " ce-layout " in out.stdout and " prob-layout " in out.stdout and " ce-vmap " in out.stdout
 
 
 @pytest.mark.parametrize("op", ["fwd", "fwd_inplace"])

@@ -174,18 +174,3 @@ def test_shadow_mode_catches_a_wrong_result(monkeypatch):
     monkeypatch.setenv("FUSED_NLL_VERIFY", "1")
     with pytest.raises(RuntimeError, match="FUSED_NLL_VERIFY: fused_nll.cross_entropy differs from torch"):
         fused_nll.cross_entropy(torch.randn(6, 9), torch.randint(0, 9, (6,)))
-
-
-def test_torch_func_grad_says_it_is_not_supported():
-    # torch.library's generated autograd (and FusedLoss) follow the torch.autograd
-    # protocol only: torch.func.grad would fail deep inside torch; say why, and what to use.
-    x = torch.randn(4, 10)
-    t = torch.randint(0, 10, (4,))
-    for reduction in ("mean", "none"):
-        with pytest.raises(RuntimeError, match="torch.func transforms that differentiate"):
-            torch.func.grad(lambda x: fused_nll.cross_entropy(x, t, reduction=reduction).sum())(x)
-    # vmap alone (no gradient) works, through torch's per-sample fallback
-    xs = torch.randn(3, 4, 10)
-    got = torch.func.vmap(lambda x: fused_nll.cross_entropy(x, t))(xs)
-    want = torch.stack([torch.nn.functional.cross_entropy(xi, t) for xi in xs])
-    torch.testing.assert_close(got, want)

@@ -250,3 +250,11 @@ def _cpp_op_family():
 
 CPP = _cpp_op_family()
 register_autograd("fused_nll::cross_entropy_fwd", CPP.bwd, "fused_nll::cross_entropy_prob_fwd", CPP.prob_bwd)
+
+
+# Batching rules (torch.vmap) of the four non-mutating ops: fused_nll._func.
+from . import _func  # noqa: E402
+
+_func.register_batching_rules("fused_nll::cross_entropy_fwd", "fused_nll::cross_entropy_bwd",
+                              "fused_nll::cross_entropy_prob_fwd",
+                              "fused_nll::cross_entropy_prob_bwd")

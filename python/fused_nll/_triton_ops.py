@@ -20,6 +20,7 @@ from torch import Tensor
 
 import triton  # noqa: F401  (ImportError here = no Triton backend)
 
+from ._func import register_batching_rules
 from ._ops import register_autograd
 from .triton_kernels import cross_entropy as _kernels
 
@@ -137,3 +138,6 @@ TRITON = SimpleNamespace(
 )
 register_autograd("fused_nll::triton_cross_entropy_fwd", TRITON.bwd,
                   "fused_nll::triton_cross_entropy_prob_fwd", TRITON.prob_bwd)
+register_batching_rules("fused_nll::triton_cross_entropy_fwd", "fused_nll::triton_cross_entropy_bwd",
+                        "fused_nll::triton_cross_entropy_prob_fwd",
+                        "fused_nll::triton_cross_entropy_prob_bwd")

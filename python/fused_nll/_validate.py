@@ -191,6 +191,13 @@ def inplace_backward(flag, input: torch.Tensor, fn: str) -> bool:
         )
     if not (flag and input.requires_grad and torch.is_grad_enabled()):
         return False  # nothing to write: the input is left alone
+    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+        raise RuntimeError(
+            f"fused_nll.{fn}: inplace_backward=True is not supported inside torch.func "
+            "transforms (grad, vjp, vmap, ...): there the gradient comes from the backward op, "
+            "not from the forward pass, so there is nothing to write in place. Drop "
+            "inplace_backward inside torch.func."
+        )
     base = input._base  # Dynamo traces it (fullgraph), so also checked when compiled
     if input.is_leaf or (base is not None and base.is_leaf and base.requires_grad):
         raise RuntimeError(

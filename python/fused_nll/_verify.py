@@ -3,8 +3,10 @@ nn.CrossEntropyLoss and nn.NLLLoss(log_softmax(x)) (in fp64, on the same
 inputs), loss and gradient, for every backend usable on the device; also
 cross_entropy with inplace_backward=True ("ce-inpl"), under torch.autocast ("ce-amp":
 the loss must have torch's autocast dtype, float32 for fp16/bf16, at fp32 precision),
-and on logits in another memory layout (channels-last (N, C, H, W), a transposed (C, N)
-matrix) with class-index ("ce-layout") and probability ("prob-layout") targets.
+on logits in another memory layout (channels-last (N, C, H, W), a transposed (C, N)
+matrix) with class-index ("ce-layout") and probability ("prob-layout") targets, and
+per-sample losses and gradients by torch.func.vmap(grad(...)) over two halves of the
+batch ("ce-vmap", against torch's module on each half).
 Shapes: LM-like rows, short rows, and (N, C, H, W) with a few and with many pixels."""
 from __future__ import annotations
 
@@ -54,6 +56,29 @@ def cases(quick: bool):
         for ls in [0.0, 0.1]:  # channels-last / transposed logits
             yield "ce-layout", shape, weighted, -100, ls
             yield "prob-layout", shape, weighted, -100, ls
+        for ls in [0.0, 0.1]:  # torch.func: per-sample gradients
+            yield "ce-vmap", shape, weighted, -100, ls
+
+
+def _per_sample_case(x, target, weight, ignore_index, reduction, ls, gen, device):
+    """"ce-vmap": the batch as two samples of N/2 rows; vmap of the loss and
+    vmap(grad(...)) of the loss times a per-sample upstream gradient, against torch
+    per sample. Returns (loss, grad, reference loss, reference grad, upstream)."""
+    xs, ts = x.unflatten(0, (2, -1)), target.unflatten(0, (2, -1))
+
+    def loss_of(xb, tb):
+        return fused_nll.cross_entropy(xb, tb, weight=weight, ignore_index=ignore_index,
+                                       reduction=reduction, label_smoothing=ls)
+
+    loss = torch.func.vmap(loss_of)(xs, ts)
+    grad_out = (torch.randn(loss.shape, generator=gen, dtype=torch.float64) if reduction == "none"
+                else torch.ones(loss.shape, dtype=torch.float64)).to(loss.dtype).to(device)
+    grad = torch.func.vmap(torch.func.grad(lambda xb, tb, gb: (loss_of(xb, tb) * gb).sum()))(
+        xs, ts, grad_out)
+    refs = [_torch_reference("ce", xs[b], ts[b], weight, ignore_index, reduction, ls, grad_out[b])
+            for b in range(2)]
+    return (loss, grad, torch.stack([r[0] for r in refs]), torch.stack([r[1] for r in refs]),
+            grad_out)
 
 
 def run_case(kind, shape, weighted, ignore_index, ls, dtype, reduction, device):
@@ -73,6 +98,13 @@ def run_case(kind, shape, weighted, ignore_index, ls, dtype, reduction, device):
     weight = (torch.rand(classes, generator=gen) + 0.2).to(device) if weighted else None
     if kind == "nll":  # nll_loss takes log-probabilities
         x = torch.log_softmax(x.double(), 1).to(dtype)
+    if kind == "ce-vmap":
+        loss, grad, ref_loss, ref_grad, grad_out = _per_sample_case(
+            x, target, weight, ignore_index, reduction, ls, gen, device)
+        ok_l, err_l, ratio_l, _ = compare(loss, ref_loss, dtype)
+        ok_g, err_g, ratio_g, _ = compare(grad, ref_grad, dtype, scale_floor=grad_out.abs().max()
+                                          .item() / max(1, x.numel() // classes // 2))
+        return ok_l and ok_g, max(err_l, err_g), max(ratio_l, ratio_g)
     xin = x.detach().clone().requires_grad_(True)
     if kind == "nll":
         loss = fused_nll.nll_loss(xin, target, weight=weight, ignore_index=ignore_index, reduction=reduction)
@@ -129,7 +161,7 @@ def run(device: str | None = None, backend: str | None = None, quick: bool = Fal
         with fused_nll.use_backend(name):
             for dtype, kind, reduction in itertools.product(DTYPES, ["ce", "ce-prob", "nll", "ce-inpl",
                                                                     "ce-amp", "ce-layout",
-                                                                    "prob-layout"],
+                                                                    "prob-layout", "ce-vmap"],
                                                             REDUCTIONS):
                 group = [c for c in cases(quick) if c[0] == kind]
                 worst_err, worst_ratio, ok_all = 0.0, 0.0, True

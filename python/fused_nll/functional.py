@@ -7,17 +7,23 @@ import functools
 import torch
 from torch.nn import _reduction
 
-from . import _backend, _debug, _ops, _validate
+from . import _backend, _debug, _func, _ops, _validate
+
+
+def _in_torch_func() -> bool:
+    """Inside a torch.func transform (vmap, grad, jvp, ...), eager."""
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
 
 
 def _checks_on() -> tuple[bool, bool]:
-    """(debug, shadow verify), both eager only (they read tensor values)."""
-    if torch.compiler.is_compiling():
+    """(debug, shadow verify), both eager only and outside torch.func transforms
+    (they read tensor values)."""
+    if torch.compiler.is_compiling() or _in_torch_func():
         return False, False
     return _backend.debug_enabled(), _debug.verify_enabled()
 
 
-def _host_targets(input: torch.Tensor) -> bool:
+def _host_targets(input: torch.Tensor, target: torch.Tensor) -> bool:
     """Whether to check CPU class indices in Python before dispatch (eager only).
 
     The C++ CPU kernel checks them itself in its pass over the targets and raises
@@ -27,8 +33,11 @@ def _host_targets(input: torch.Tensor) -> bool:
     It stays for CPU tensors on the Triton interpreter (whose kernels, like the
     GPU ones, give a nan row) and on GPU builds of torch or of the extension,
     where an IndexError thrown inside the C++ kernel once crashed the process
-    (README, Known issues)."""
+    (README, Known issues). Not for targets batched by torch.vmap (their values
+    cannot be read there)."""
     if input.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    if torch._C._functorch.is_functorch_wrapped_tensor(target):
         return False
     return (_backend.select(input.device) != "cpp" or torch.version.cuda is not None
             or torch.version.hip is not None or _backend.cuda_cpp_built())
@@ -102,14 +111,9 @@ def _run(prob: bool, inplace: bool, loss_dtype, input, target, weight, *args) ->
     always writes the gradient in the forward pass, over the logits, for every
     reduction: that is its point (no gradient-sized buffer).
     """
-    if (input.requires_grad and not torch.compiler.is_compiling()
-            and torch._C._are_functorch_transforms_active()):
-        raise RuntimeError(
-            "fused_nll: torch.func transforms that differentiate (grad, vjp, jacrev, "
-            "hessian, ...) are not supported: the autograd that torch.library generates for "
-            "custom ops (and fused_nll's own) follows the torch.autograd protocol only. Use "
-            "loss.backward() / torch.autograd.grad, or torch.nn.functional.cross_entropy "
-            "(nll_loss) inside torch.func. (torch.func.vmap without grad works.)")
+    if _in_torch_func():  # (inplace is refused there: _validate.inplace_backward)
+        family = _ops.triton_family() if _backend.select(input.device) == "triton" else _ops.CPP
+        return _func.FuncLoss.apply(family, prob, loss_dtype, input, target, weight, *args)[0]
     reduction = args[-1] if prob else args[-2]
     view = _classes_innermost(prob, inplace, input, target)
     if view is not None:
@@ -199,7 +203,7 @@ def cross_entropy(
         loss = _run(True, inplace, _loss_dtype(True, input, target, weight), input, target, w,
                     ls, red)
     else:
-        if debug or _host_targets(input):
+        if debug or _host_targets(input, target):
             _debug.check_targets(input, target, ignore_index, "cross_entropy")
         loss = _run(False, inplace, _loss_dtype(False, input, target, weight), input,
                     _validate.index_target(target), w, int(ignore_index), ls, red, False)
@@ -239,7 +243,7 @@ def nll_loss(
     inplace = _validate.inplace_backward(inplace_backward, input, "nll_loss")
     debug, verify = _checks_on()
     ref_input = input.detach().clone() if verify and inplace else input
-    if debug or _host_targets(input):
+    if debug or _host_targets(input, target):
         _debug.check_targets(input, target, ignore_index, "nll_loss")
     if debug:
         _debug.check_log_probs(input, target, ignore_index)

@@ -1,0 +1,251 @@
+"""torch.func: vmap (the ops' batching rules: one call, no per-sample loop),
+per-sample gradients vmap(grad), vjp / jacrev / jvp / jacfwd, against torch's fp64
+reference on every backend runnable here; second-order transforms refused."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import grad, jacfwd, jacrev, jvp, vjp, vmap
+
+import fused_nll
+from conftest import cpu_kernel_only
+from fused_nll._reference import close
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+REDUCTIONS = ["none", "mean", "sum"]
+B, C = 3, 7
+
+
+def _case(kind, per_sample, dtype, device, seed=0):
+    """Batched logits (B, *per_sample), targets and per-class weight. Index targets
+    ignore some rows; one sample (when it has several rows) ignores all of them."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(B, *per_sample, generator=g, dtype=torch.float64) * 3)
+    rows = [per_sample[0], *per_sample[2:]] if len(per_sample) > 1 else []
+    if kind == "prob":
+        t = torch.softmax(torch.randn(B, *per_sample, generator=g, dtype=torch.float64), 2
+                          if len(per_sample) > 1 else 1).to(dtype)
+    else:
+        t = torch.randint(0, C, (B, *rows), generator=g)
+        t.view(-1)[::4] = -100
+        if rows:
+            t[1] = -100
+    if kind == "nll":
+        x = torch.log_softmax(x, 2 if len(per_sample) > 1 else 1)
+    w = torch.rand(C, generator=g, dtype=torch.float64) + 0.1
+    return x.to(dtype).to(device), t.to(device), w.to(device)
+
+
+def _fused(kind, **kw):
+    fn = fused_nll.nll_loss if kind == "nll" else fused_nll.cross_entropy
+    return lambda x, t: fn(x, t, **kw)
+
+
+def _torch64(kind, weight=None, **kw):
+    """torch's function in fp64, on one sample (looped over samples by the caller)."""
+    fn = F.nll_loss if kind == "nll" else F.cross_entropy
+    w = None if weight is None else weight.double()
+    return lambda x, t: fn(x.double(), t.double() if t.is_floating_point() else t, weight=w, **kw)
+
+
+def _per_sample(f, *args):
+    return torch.stack([f(*(a[b] for a in args)) for b in range(B)])
+
+
+def _options(kind, weighted, smoothing, w):
+    kw = {"weight": w if weighted else None}
+    if kind != "nll":
+        kw["label_smoothing"] = smoothing
+    return kw
+
+
+def _no_fallback(record):
+    slow = [str(r.message) for r in record if "fallback" in str(r.message).lower()
+            or "performance drop" in str(r.message).lower()]
+    assert not slow, f"vmap fell back to a per-sample loop: {slow[0]}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["ce", "nll", "prob"])
+@pytest.mark.parametrize("per_sample", [(C,), (5, C), (2, C, 3, 2)], ids=["C", "NC", "NCHW"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("weighted", [False, True], ids=["noweight", "weight"])
+def test_vmap_and_per_sample_gradients(target, dtype, kind, per_sample, reduction, weighted):
+    x, t, w = _case(kind, per_sample, dtype, target, seed=len(per_sample))
+    kw = _options(kind, weighted, 0.1, w)
+    if kind == "prob" and kw["weight"] is not None:
+        kw["weight"] = kw["weight"].to(dtype)  # (the loss's dtype promotes with it)
+    fused, ref = _fused(kind, reduction=reduction, **kw), _torch64(kind, reduction=reduction, **kw)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        loss = vmap(fused)(x, t)
+        grads = vmap(grad(lambda x, t: fused(x, t).sum()))(x, t)
+    _no_fallback(record)
+    want = _per_sample(ref, x, t)
+    assert loss.dtype == (torch.result_type(x, t) if kind == "prob" else dtype)
+    ok, detail = close(loss, want, dtype)
+    assert ok, f"loss: {detail}"
+    want_grads = torch.stack([
+        torch.func.grad(lambda xb, tb: ref(xb, tb).sum())(x[b].double(), t[b]) for b in range(B)])
+    assert grads.dtype == dtype and grads.shape == x.shape
+    ok, detail = close(grads, want_grads, dtype, scale_floor=0.1)
+    assert ok, f"per-sample gradients: {detail}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_vjp_jacrev_jvp_jacfwd(target, dtype, reduction):
+    x, t, w = _case("ce", (4, C), dtype, target, seed=7)
+    x, t = x[0], t[0]
+    kw = dict(weight=w, label_smoothing=0.05, reduction=reduction)
+    fused, ref = _fused("ce", **kw), _torch64("ce", **kw)
+    x64 = x.double()
+    want_jac = jacrev(lambda x: ref(x, t))(x64)
+    for name, jac in [("jacrev", jacrev(lambda x: fused(x, t))(x)),
+                      ("jacfwd", jacfwd(lambda x: fused(x, t))(x))]:
+        assert jac.dtype == dtype, name
+        ok, detail = close(jac, want_jac, dtype, scale_floor=0.1)
+        assert ok, f"{name}: {detail}"
+    loss, vjp_fn = vjp(lambda x: fused(x, t), x)
+    cot = torch.randn(loss.shape, dtype=torch.float64).to(dtype).to(target)
+    (got,) = vjp_fn(cot)
+    (want,) = vjp(lambda x: ref(x, t), x64)[1](cot.double())
+    ok, detail = close(got, want, dtype, scale_floor=0.1)
+    assert ok, f"vjp: {detail}"
+    tangent = torch.randn(x.shape, dtype=torch.float64).to(dtype).to(target)
+    _, got = jvp(lambda x: fused(x, t), (x,), (tangent,))
+    _, want = jvp(lambda x: ref(x, t), (x64,), (tangent.double(),))
+    assert got.dtype == dtype
+    ok, detail = close(got, want, dtype, scale_floor=0.1)
+    assert ok, f"jvp: {detail}"
+
+
+def test_vmap_in_dims_and_unbatched_arguments(target):
+    # the vmapped dimension anywhere (a copy where the rows cannot be merged as a
+    # view), shared targets, shared logits with batched targets
+    x, t, w = _case("ce", (5, C), torch.float64, target, seed=3)
+    kw = dict(weight=w, reduction="mean", label_smoothing=0.1)
+    fused, ref = _fused("ce", **kw), _torch64("ce", **kw)
+    want = _per_sample(ref, x, t)
+    for name, got in [
+        ("dim 1", vmap(fused, in_dims=(1, 1))(x.movedim(0, 1), t.movedim(0, 1))),
+        ("dim 2", vmap(fused, in_dims=(2, 1))(x.movedim(0, 2), t.movedim(0, 1))),
+    ]:
+        ok, detail = close(got, want, torch.float64)
+        assert ok, f"{name}: {detail}"
+    got = vmap(fused, in_dims=(0, None))(x, t[0])
+    ok, detail = close(got, torch.stack([ref(x[b], t[0]) for b in range(B)]), torch.float64)
+    assert ok, f"shared targets: {detail}"
+    got = vmap(fused, in_dims=(None, 0))(x[0], t)
+    ok, detail = close(got, torch.stack([ref(x[0], t[b]) for b in range(B)]), torch.float64)
+    assert ok, f"shared logits: {detail}"
+    got = vmap(grad(fused), in_dims=(None, 0))(x[0], t)
+    want = torch.stack([grad(ref)(x[0], t[b]) for b in range(B)])
+    ok, detail = close(got, want, torch.float64, scale_floor=0.1)
+    assert ok, f"shared logits, per-sample gradients: {detail}"
+
+
+@pytest.mark.parametrize("kind", ["ce", "prob"])
+def test_vmap_over_the_weight(target, kind):
+    # a per-sample class weight: one call per sample (no batching rule for it)
+    x, t, _ = _case(kind, (5, C), torch.float64, target, seed=4)
+    ws = torch.rand(B, C, dtype=torch.float64, device=target) + 0.1
+    fn = lambda x, t, w: fused_nll.cross_entropy(x, t, weight=w)  # noqa: E731
+    got = vmap(fn)(x, t, ws)
+    want = torch.stack([_torch64(kind, weight=ws[b])(x[b], t[b]) for b in range(B)])
+    ok, detail = close(got, want, torch.float64)
+    assert ok, detail
+    got = vmap(grad(fn))(x, t, ws)
+    want = torch.stack([grad(_torch64(kind, weight=ws[b]))(x[b].double(), t[b])
+                        for b in range(B)])
+    ok, detail = close(got, want, torch.float64, scale_floor=0.1)
+    assert ok, detail
+
+
+@pytest.mark.parametrize("prob", [False, True], ids=["index", "prob"])
+@pytest.mark.parametrize("reduction", [0, 1, 2], ids=REDUCTIONS)
+def test_batching_rules_of_the_ops(target, prob, reduction):
+    # the ops called directly under vmap, compute_grad included: equal to a loop
+    triton = fused_nll._backend.select(torch.device(target)) == "triton"
+    ops = fused_nll._ops.triton_family() if triton else fused_nll._ops.CPP
+    x, t, w = _case("prob" if prob else "ce", (4, C, 2), torch.float64, target, seed=5)
+    if prob:
+        fwd = lambda x, t: ops.prob_fwd(x, t, w, 0.1, reduction, True)  # noqa: E731
+        bwd = lambda g, x, t, lse: ops.prob_bwd(g, x, t, w, lse, 0.1, reduction)  # noqa: E731
+    else:
+        fwd = lambda x, t: ops.fwd(x, t, w, -100, 0.1, reduction, False, True)  # noqa: E731
+        bwd = lambda g, x, t, lse: ops.bwd(g, x, t, w, lse, -100, 0.1, reduction,  # noqa: E731
+                                           False)
+    got = vmap(fwd)(x, t)
+    want = [torch.stack(o) for o in zip(*(fwd(x[b], t[b]) for b in range(B)))]
+    for name, a, b in zip(["loss", "lse", "grad"], got, want):
+        ok, detail = close(a, b, torch.float64, scale_floor=0.1)
+        assert ok, f"{name}: {detail}"
+    g = torch.randn(got[0].shape, dtype=torch.float64, device=target)
+    got = vmap(bwd)(g, x, t, got[1])
+    want = torch.stack([bwd(g[b], x[b], t[b], want[1][b]) for b in range(B)])
+    ok, detail = close(got, want, torch.float64, scale_floor=0.1)
+    assert ok, f"backward: {detail}"
+
+
+def test_vmapped_forward_then_plain_backward(target):
+    # an ensemble: vmap over a stack of LM heads, then loss.backward() as usual
+    h = torch.randn(6, 8, dtype=torch.float64, device=target)
+    t = torch.randint(0, C, (6,), device=target)
+    heads = torch.randn(B, 8, C, dtype=torch.float64, device=target, requires_grad=True)
+    loss = vmap(lambda w: fused_nll.cross_entropy(h @ w, t, label_smoothing=0.1))(heads)
+    loss.sum().backward()
+    ref = heads.detach().clone().requires_grad_(True)
+    want = torch.stack([F.cross_entropy(h @ ref[b], t, label_smoothing=0.1) for b in range(B)])
+    want.sum().backward()
+    ok, detail = close(loss, want, torch.float64)
+    assert ok, detail
+    ok, detail = close(heads.grad, ref.grad, torch.float64)
+    assert ok, detail
+
+
+def test_second_order_is_refused(target):
+    x = torch.randn(4, C, dtype=torch.float64, device=target)
+    t = torch.randint(0, C, (4,), device=target)
+    f = lambda x: fused_nll.cross_entropy(x, t)  # noqa: E731
+    for name, call in [
+        ("hessian", lambda: torch.func.hessian(f)(x)),
+        ("grad(grad)", lambda: grad(lambda x: grad(f)(x).sum())(x)),
+        ("jacfwd(jacfwd)", lambda: jacfwd(jacfwd(f))(x)),
+        ("jacrev(jacrev)", lambda: jacrev(jacrev(f))(x)),
+    ]:
+        with pytest.raises(RuntimeError, match="second-order derivatives"):
+            call()
+        assert name
+
+
+def test_inplace_backward_is_refused_inside_torch_func(target):
+    x = torch.randn(4, C, device=target)
+    t = torch.randint(0, C, (4,), device=target)
+    with pytest.raises(RuntimeError, match="inplace_backward=True is not supported inside "
+                                           "torch.func"):
+        grad(lambda x: fused_nll.cross_entropy(x * 2, t, inplace_backward=True))(x)
+
+
+@cpu_kernel_only
+def test_out_of_range_target_under_vmap():
+    # batched targets cannot be read in Python there: the C++ kernel's own check
+    x = torch.randn(B, 4, C)
+    t = torch.randint(0, C, (B, 4))
+    t[2, 1] = C
+    with fused_nll.use_backend("cpp"), pytest.raises(IndexError, match=f"Target {C} is out"):
+        vmap(lambda x, t: fused_nll.cross_entropy(x, t))(x, t)
+
+
+@cpu_kernel_only
+def test_vmap_compiled_fullgraph():
+    # torch.compile of a vmap goes through the same batching rules (the
+    # differentiating transforms are eager only: README, Known issues)
+    x, t, w = _case("ce", (5, C), torch.float32, "cpu", seed=6)
+    f = torch.func.vmap(lambda x, t: fused_nll.cross_entropy(x, t, weight=w, reduction="sum"))
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True)(x, t)
+    ok, detail = close(got, _per_sample(_torch64("ce", weight=w, reduction="sum"), x, t),
+                       torch.float32)
+    assert ok, detail
