@@ -85,3 +85,19 @@ def test_bench_probability_targets_channels_last(tmp_path):
         ("torch eager", "fwd"), ("torch eager", "fwdbwd")]
     assert all((r["targets"], r["layout"]) == ("prob", "channels_last") for r in rows)
     assert "failed" not in out.stdout
+
+
+def test_bench_per_sample_gradients(tmp_path):
+    # --modes vmapgrad: torch.func.vmap(grad(loss)) over 16 samples; only the
+    # implementations that work inside torch.func, only batches that split evenly
+    csv = tmp_path / "b.csv"
+    out = run("bench", "--device", "cpu", "--shapes", "64x100,8x100,16x5x3", "--dtypes", "fp32",
+              "--reps", "2", "--modes", "vmapgrad", "--csv", str(csv))
+    assert out.returncode == 0, out.stderr
+    import csv as csv_module
+
+    rows = list(csv_module.DictReader(csv.read_text().splitlines()))
+    assert sorted((r["impl"], r["shape"]) for r in rows) == [
+        ("fused_nll[cpp]", "16x5x3"), ("fused_nll[cpp]", "64x100"),
+        ("torch eager", "16x5x3"), ("torch eager", "64x100")]
+    assert all(r["mode"] == "vmapgrad" for r in rows) and "failed" not in out.stdout

@@ -8,6 +8,9 @@ allocator statistics for CPU tensors, so the CPU column stays empty). Bytes coun
   forward:            read the logits once                  N*V*elt
   forward + backward: read the logits once, write the
                       gradient once                         2*N*V*elt
+  per-sample gradients (--modes vmapgrad): the same as forward + backward;
+                      torch.func.vmap(torch.func.grad(loss)) over the batch split
+                      into 16 samples of N/16 rows (shapes with N % 16 == 0)
 (class-index targets, N int64s, are < 0.1% and left out; probability targets,
 --targets prob, are read once too: + N*V*elt). The floor is those bytes at the
 copy bandwidth measured at the start of the run (read + write of a large
@@ -41,6 +44,7 @@ GPU_SHAPES = [(8192, 128256), (8192, 32000), (4096, 256000),
 CPU_SHAPES = [(2048, 32000), (512, 128256)]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 IGNORE_EVERY = 17  # every 17th target ignored, as in shared/reference/anchors.md
+PER_SAMPLE = 16  # --modes vmapgrad: samples per batch
 
 
 # ---------------------------------------------------------------------------
@@ -125,6 +129,7 @@ def implementations(device, wanted):
             with fused_nll.use_backend(backend):
                 return fused_nll.cross_entropy(x, t, inplace_backward=True)
 
+        run.func = True  # usable inside torch.func transforms (--modes vmapgrad)
         impls[f"fused_nll[{backend}]"] = run
         run_inplace.inplace = True  # bench_case hands it non-leaf logits
         run_inplace.fwdbwd_only = True  # without a gradient it is the plain call
@@ -158,7 +163,11 @@ def implementations(device, wanted):
         run_cluster.rows_only = True
         run_cluster.index_only = True
         impls["fused_nll[cuda] cluster"] = run_cluster
-    impls["torch eager"] = lambda x, t: F.cross_entropy(x, t)
+    def eager(x, t):
+        return F.cross_entropy(x, t)
+
+    eager.func = True
+    impls["torch eager"] = eager
     compiled = torch.compile(F.cross_entropy)
     impls["torch.compile"] = lambda x, t: compiled(x, t)
     if device == "cuda":
@@ -192,6 +201,13 @@ def applies(fn, shape) -> bool:
     return True
 
 
+def applies_to_mode(fn, shape, mode) -> bool:
+    """vmapgrad: implementations that work inside torch.func, batches that split evenly."""
+    if mode == "vmapgrad":
+        return getattr(fn, "func", False) and shape[0] % PER_SAMPLE == 0
+    return mode != "fwd" or not getattr(fn, "fwdbwd_only", False)  # (same as without)
+
+
 def bench_case(fn, shape, dtype, mode, device, reps, targets="index", layout="contiguous"):
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(shape, dtype=dtype, device=device, generator=gen)
@@ -207,6 +223,11 @@ def bench_case(fn, shape, dtype, mode, device, reps, targets="index", layout="co
     if mode == "fwd":
         step = lambda: fn(x, t)  # noqa: E731  (inference: no gradient kept)
         ctx = torch.no_grad
+    elif mode == "vmapgrad":  # per-sample gradients of the samples' mean losses
+        xs, ts = x.unflatten(0, (PER_SAMPLE, -1)), t.unflatten(0, (PER_SAMPLE, -1))
+        per_sample = torch.func.vmap(torch.func.grad(fn))
+        step = lambda: per_sample(xs, ts)  # noqa: E731
+        ctx = torch.enable_grad
     elif getattr(fn, "inplace", False):
         # inplace_backward needs non-leaf logits (as a model's head produces):
         # made once, outside the timing; every step overwrites them with the
@@ -239,7 +260,7 @@ def bench_case(fn, shape, dtype, mode, device, reps, targets="index", layout="co
             torch.cuda.synchronize()
             # extra = peak beyond the inputs, minus the gradient torch must return
             # (inplace_backward returns it in the logits' storage)
-            new_grad = mode == "fwdbwd" and not getattr(fn, "inplace", False)
+            new_grad = mode != "fwd" and not getattr(fn, "inplace", False)
             grad_bytes = x.numel() * x.element_size() if new_grad else 0
             peak = max(0, torch.cuda.max_memory_allocated() - base - grad_bytes) / 2**20
         ms = time_ms(step, device, reps)
@@ -253,7 +274,8 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default=None,
                    help="comma list of NxV or NxCxHxW (contiguous) (default: per device)")
     p.add_argument("--dtypes", default="bf16,fp32", help="comma list of bf16,fp32,fp16")
-    p.add_argument("--modes", default="fwd,fwdbwd", help="fwd, fwdbwd")
+    p.add_argument("--modes", default="fwd,fwdbwd",
+                   help="fwd, fwdbwd, vmapgrad (per-sample gradients, torch.func)")
     p.add_argument("--impls", default="", help="substrings of implementation names to keep")
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="one small shape, fp32, few repetitions")
@@ -291,8 +313,7 @@ def main(argv=None) -> int:
           f"measured copy bandwidth {bw:.0f} GB/s")
 
     cases = [(s, d, m, i) for s in shapes for d in dtypes for m in modes for i in impls
-             if (m != "fwd" or not getattr(impls[i], "fwdbwd_only", False))  # same as without
-             and applies(impls[i], s)
+             if applies_to_mode(impls[i], s, m) and applies(impls[i], s)
              and not (args.targets == "prob" and getattr(impls[i], "index_only", False))
              # inplace_backward needs contiguous logits
              and not (args.layout == "channels_last" and len(s) > 2
