@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU round on a lent GPU (shared/GPU.md): versions, build, GPU tests, Triton
-# config sweep, benchmark, parity suite; the short table is printed last.
+# config sweep, benchmark, parity suite, torch.func suite; the short table is printed last.
 # Full logs go to $OUT (the device tool brings them back).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +14,7 @@ PY=${PY:-python3}
 # parity also runs in CI on the CPU emulator) and each gets at most its own timeout and
 # what is left of DEADLINE seconds from the start; a stage with < 20 s left is skipped
 # and says so. STAGES picks stages, e.g. STAGES=sweep,bench on a warm machine later.
-STAGES=${STAGES:-build,tests,sweep,bench,parity}
+STAGES=${STAGES:-build,tests,sweep,bench,parity,func}
 DEADLINE=${DEADLINE:-470}
 T0=$(date +%s)
 left() {  # left <stage timeout>: seconds this stage may take, 0 to skip it
@@ -97,6 +97,17 @@ if [[ $STAGES == *parity* ]] && t=$(left ${PARITY_TIMEOUT:-240}) && [ "$t" -gt 0
   echo "parity rc=$? in $(( $(date +%s) - start )) s: $(tail -1 "$OUT/parity.log")"
   grep -E "^(FAILED|ERROR)" "$OUT/parity.log" | head -20
 elif [[ $STAGES == *parity* ]]; then skip parity
+fi
+
+# torch.func (vmap batching rules, per-sample gradients) on the GPU backends, if time is left
+if [[ $STAGES == *func* ]] && t=$(left ${FUNC_TIMEOUT:-90}) && [ "$t" -gt 0 ]; then
+  start=$(date +%s)
+  FUSED_NLL_TEST_BACKENDS=${PARITY_BACKENDS:-cuda/triton,cuda/cuda} \
+    timeout "$t" $PY -m pytest -q --maxfail=10 -p no:cacheprovider tests/test_func.py \
+    > "$OUT/func.log" 2>&1
+  echo "func rc=$? in $(( $(date +%s) - start )) s: $(tail -1 "$OUT/func.log")"
+  grep -E "^(FAILED|ERROR)" "$OUT/func.log" | head -10
+elif [[ $STAGES == *func* ]]; then skip func
 fi
 
 # The short table last (the bench's, when it ran).
