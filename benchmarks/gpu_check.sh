@@ -89,26 +89,20 @@ if [[ $STAGES == *bench* ]] && t=$(left ${BENCH_TIMEOUT:-150}) && [ "$t" -gt 0 ]
 elif [[ $STAGES == *bench* ]]; then skip bench
 fi
 
-if [[ $STAGES == *parity* ]] && t=$(left ${PARITY_TIMEOUT:-240}) && [ "$t" -gt 0 ]; then
+# The last two stages: a test file on the GPU backends, within its own timeout.
+gpu_suite() {  # gpu_suite <stage> <timeout> <test file>
+  local t start
+  if [[ $STAGES != *$1* ]]; then return; fi
+  t=$(left "$2"); if [ "$t" -eq 0 ]; then skip "$1"; return; fi
   start=$(date +%s)
   FUSED_NLL_TEST_BACKENDS=${PARITY_BACKENDS:-cuda/triton,cuda/cuda} \
-    timeout "$t" $PY -m pytest -q --maxfail=25 -p no:cacheprovider tests/test_parity.py \
-    > "$OUT/parity.log" 2>&1
-  echo "parity rc=$? in $(( $(date +%s) - start )) s: $(tail -1 "$OUT/parity.log")"
-  grep -E "^(FAILED|ERROR)" "$OUT/parity.log" | head -20
-elif [[ $STAGES == *parity* ]]; then skip parity
-fi
-
-# torch.func (vmap batching rules, per-sample gradients) on the GPU backends, if time is left
-if [[ $STAGES == *func* ]] && t=$(left ${FUNC_TIMEOUT:-90}) && [ "$t" -gt 0 ]; then
-  start=$(date +%s)
-  FUSED_NLL_TEST_BACKENDS=${PARITY_BACKENDS:-cuda/triton,cuda/cuda} \
-    timeout "$t" $PY -m pytest -q --maxfail=10 -p no:cacheprovider tests/test_func.py \
-    > "$OUT/func.log" 2>&1
-  echo "func rc=$? in $(( $(date +%s) - start )) s: $(tail -1 "$OUT/func.log")"
-  grep -E "^(FAILED|ERROR)" "$OUT/func.log" | head -10
-elif [[ $STAGES == *func* ]]; then skip func
-fi
+    timeout "$t" $PY -m pytest -q --maxfail=25 -p no:cacheprovider "$3" > "$OUT/$1.log" 2>&1
+  echo "$1 rc=$? in $(( $(date +%s) - start )) s: $(tail -1 "$OUT/$1.log")"
+  grep -E "^(FAILED|ERROR)" "$OUT/$1.log" | head -20
+}
+gpu_suite parity "${PARITY_TIMEOUT:-240}" tests/test_parity.py
+# torch.func (vmap batching rules, per-sample gradients), if time is left
+gpu_suite func "${FUNC_TIMEOUT:-90}" tests/test_func.py
 
 # The short table last (the bench's, when it ran).
 if grep -q "^impl " "$OUT/bench.log" 2>/dev/null; then echo "== table =="; grep -A100 "^impl " "$OUT/bench.log"; fi
