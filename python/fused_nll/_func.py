@@ -244,9 +244,12 @@ class FuncLoss(torch.autograd.Function):
             upstream = torch.ones_like(lse)
         else:
             upstream = torch.ones((), dtype=lse.dtype, device=lse.device)
+        # the gradient at the same (rounded) logits, in the accumulation dtype: a
+        # half-precision gradient would round each term of the contraction (a copy
+        # of the logits in fp32; jvp is not a training path)
         with torch.no_grad():
-            grad = ctx.bwd(upstream, input, target, weight, lse, *ctx.args)
-        prod = grad.to(lse.dtype) * input_t.to(lse.dtype)
+            grad = ctx.bwd(upstream, input.to(lse.dtype), target, weight, lse, *ctx.args)
+        prod = grad * input_t.to(lse.dtype)
         if ctx.reduction != _NONE:
             tangent = prod.sum()
         else:
