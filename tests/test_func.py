@@ -207,6 +207,7 @@ def test_vmapped_forward_then_plain_backward(target):
 
 def test_second_order_is_refused(target):
     x = torch.randn(4, C, dtype=torch.float64, device=target)
+    xs = torch.randn(2, 4, C, dtype=torch.float64, device=target, requires_grad=True)
     t = torch.randint(0, C, (4,), device=target)
     f = lambda x: fused_nll.cross_entropy(x, t)  # noqa: E731
     for name, call in [
@@ -214,6 +215,11 @@ def test_second_order_is_refused(target):
         ("grad(grad)", lambda: grad(lambda x: grad(f)(x).sum())(x)),
         ("jacfwd(jacfwd)", lambda: jacfwd(jacfwd(f))(x)),
         ("jacrev(jacrev)", lambda: jacrev(jacrev(f))(x)),
+        ("jvp(grad)", lambda: jvp(grad(f), (x,), (x,))),
+        ("grad(jvp)", lambda: grad(lambda x: jvp(f, (x,), (x,))[1])(x)),
+        ("vjp(grad)", lambda: vjp(grad(f), x)[1](x)),
+        ("create_graph after a vmapped forward",
+         lambda: torch.autograd.grad(vmap(f)(xs).sum(), xs, create_graph=True)),
     ]:
         with pytest.raises(RuntimeError, match="second-order derivatives"):
             call()
@@ -249,3 +255,117 @@ def test_vmap_compiled_fullgraph():
     ok, detail = close(got, _per_sample(_torch64("ce", weight=w, reduction="sum"), x, t),
                        torch.float32)
     assert ok, detail
+
+
+def test_samples_with_zero_total_weight(target):
+    # mean over a sample whose counted rows all have class weight 0: torch's loss is
+    # nan, its gradient nan on those rows and 0 on ignored ones (not inf, not finite)
+    x = torch.randn(2, 3, 4, dtype=torch.float64, device=target)
+    t = torch.tensor([[0, -100, 0], [2, 3, 2]], device=target)
+    w = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=torch.float64, device=target)
+    for ls in (0.0, 0.2):
+        kw = dict(weight=w, label_smoothing=ls)
+        f, ref = _fused("ce", **kw), _torch64("ce", **kw)
+        for name, got, want in [
+            ("loss", vmap(f)(x, t), torch.stack([ref(x[b], t[b]) for b in range(2)])),
+            ("grad", vmap(grad(f))(x, t), torch.stack([grad(ref)(x[b], t[b]) for b in range(2)])),
+        ]:
+            ok, detail = close(got, want, torch.float64, scale_floor=0.1)
+            assert ok, f"{name}, label_smoothing={ls}: {detail}"
+        ops = fused_nll._ops.triton_family() if fused_nll._backend.select(
+            torch.device(target)) == "triton" else fused_nll._ops.CPP
+        op = lambda x, t: ops.fwd(x, t, w, -100, ls, 1, False, True)  # noqa: E731
+        got = vmap(op)(x, t)
+        want = [torch.stack(o) for o in zip(*(op(x[b], t[b]) for b in range(2)))]
+        for name, a, b in zip(["op loss", "op lse", "op grad"], got, want):
+            ok, detail = close(a, b, torch.float64, scale_floor=0.1)
+            assert ok, f"{name}, label_smoothing={ls}: {detail}"
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32], ids=str)
+def test_vmap_small_integer_targets_with_weight(target, dtype):
+    # the per-sample mean's weight sum indexes the weight with the targets
+    x, t, w = _case("ce", (6, C), torch.float64, target, seed=8)
+    t = t.clamp_min(0).to(dtype)
+    f, ref = _fused("ce", weight=w), _torch64("ce", weight=w)
+    ok, detail = close(vmap(f)(x, t), _per_sample(ref, x, t.long()), torch.float64)
+    assert ok, detail
+
+
+def test_forward_ad_and_linearize(target):
+    # plain forward AD (dual tensors) and torch.func.linearize must carry the tangent
+    import torch.autograd.forward_ad as fwAD
+
+    x, t, w = _case("ce", (5, C), torch.float64, target, seed=9)
+    x, t = x[0], t[0]
+    tangent = torch.randn_like(x)
+    for reduction in REDUCTIONS:
+        f = _fused("ce", weight=w, reduction=reduction, label_smoothing=0.1)
+        ref = _torch64("ce", weight=w, reduction=reduction, label_smoothing=0.1)
+        want = jvp(lambda x: ref(x, t), (x,), (tangent,))[1]
+        with fwAD.dual_level():
+            got = fwAD.unpack_dual(f(fwAD.make_dual(x, tangent), t)).tangent
+        assert got is not None, reduction
+        ok, detail = close(got, want, torch.float64, scale_floor=0.1)
+        assert ok, f"forward AD, {reduction}: {detail}"
+        _, linear = torch.func.linearize(lambda x: f(x, t), x)
+        ok, detail = close(linear(tangent), want, torch.float64, scale_floor=0.1)
+        assert ok, f"linearize, {reduction}: {detail}"
+
+
+def test_vmap_inside_grad_and_jacfwd(target):
+    x, t, _ = _case("ce", (4, C), torch.float64, target, seed=10)
+    t = t[0].clamp_min(0)
+    f = vmap(lambda xb: fused_nll.cross_entropy(xb, t, reduction="none"))
+    ref = vmap(lambda xb: F.cross_entropy(xb, t, reduction="none"))
+    for name, got, want in [
+        ("grad(vmap)", grad(lambda x: f(x).sum())(x), grad(lambda x: ref(x).sum())(x)),
+        ("jacfwd(vmap)", jacfwd(f)(x), jacfwd(ref)(x)),
+        ("jacrev(vmap)", jacrev(f)(x), jacrev(ref)(x)),
+    ]:
+        ok, detail = close(got, want, torch.float64, scale_floor=0.1)
+        assert ok, f"{name}: {detail}"
+
+
+def test_jvp_of_a_nan_mean_is_nan(target):
+    # every row ignored: the mean is 0/0 = nan, and so is its derivative (torch's too)
+    x = torch.randn(3, C, dtype=torch.float64, device=target)
+    t = torch.full((3,), -100, device=target)
+    got = jvp(lambda x: fused_nll.cross_entropy(x, t), (x,), (torch.randn_like(x),))[1]
+    assert got.isnan()
+
+
+def test_torch_func_grad_of_recorded_parameters_warns(target):
+    # parameters that plain autograd records too (not detached): the gradient that
+    # torch.func.grad returns has no history through the loss; say so
+    lin = torch.nn.Linear(4, C).double().to(target)
+    h = torch.randn(3, 4, dtype=torch.float64, device=target)
+    t = torch.randint(0, C, (3,), device=target)
+
+    def loss(p):
+        return fused_nll.cross_entropy(torch.func.functional_call(lin, p, (h,)), t)
+
+    params = dict(lin.named_parameters())
+    with pytest.warns(UserWarning, match="gradient penalty"):
+        grad(loss)(params)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*gradient penalty")
+        got = grad(loss)({k: v.detach() for k, v in params.items()})
+    want = grad(lambda p: F.cross_entropy(torch.func.functional_call(lin, p, (h,)), t))(
+        {k: v.detach() for k, v in params.items()})
+    for k in want:
+        ok, detail = close(got[k], want[k], torch.float64)
+        assert ok, f"{k}: {detail}"
+
+
+def test_derivatives_wrt_targets_or_weight_are_refused(target):
+    x = torch.randn(3, C, dtype=torch.float64, device=target)
+    y = torch.softmax(torch.randn(3, C, dtype=torch.float64, device=target), 1)
+    t = torch.randint(0, C, (3,), device=target)
+    w = torch.rand(C, dtype=torch.float64, device=target)
+    with pytest.raises(RuntimeError, match="probability targets are not supported"):
+        jvp(lambda y: fused_nll.cross_entropy(x, y), (y,), (torch.randn_like(y),))
+    with pytest.raises(RuntimeError, match="with respect to argument 'weight'"):
+        grad(lambda w: fused_nll.cross_entropy(x, t, weight=w))(w)
+    with pytest.raises(RuntimeError, match="with respect to argument 'weight'"):
+        fused_nll.cross_entropy(x, t, weight=w.clone().requires_grad_(True))

@@ -22,6 +22,8 @@ derivative of its own.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 _NONE, _MEAN, _SUM = 0, 1, 2  # reduction codes (docs/ops.md)
@@ -63,26 +65,34 @@ def _loop(op, info, in_dims, args, kwargs):
 
 def _denominator(reduction: int, prob: bool, target, weight, ignore_index, size: int, rows: int,
                  dtype):
-    """Per-sample divisor of the rows' summed loss: 1 for sum; for mean the rows'
-    count (probability targets) or the weight of the rows not ignored (class
-    indices), as torch's mean (0 for a sample with no row left: nan, like torch)."""
+    """(per-sample divisor of the rows' summed loss, shape (B, 1), or None for sum;
+    the rows that count, shape (B, rows), or None when all do). Mean: the rows'
+    count (probability targets) or the total weight of the rows not ignored (class
+    indices), as torch's mean."""
     if reduction == _SUM:
-        return None
+        return None, None
     if prob:
-        return torch.full((size, 1), float(rows), dtype=dtype, device=target.device)
-    valid = target != ignore_index
+        return torch.full((size, 1), float(rows), dtype=dtype, device=target.device), None
+    valid = (target != ignore_index).reshape(size, rows)
     if weight is None:
         w = valid.to(dtype)
-    else:
-        safe = torch.where(valid, target, 0).clamp(0, weight.shape[0] - 1)
+    else:  # (any integer dtype of targets; out-of-range ones are the kernels' to report)
+        safe = torch.where(valid, target.reshape(size, rows), 0).long().clamp(0, weight.shape[0] - 1)
         w = weight.to(dtype)[safe] * valid
-    return w.reshape(size, rows).sum(1, keepdim=True)
+    return w.sum(1, keepdim=True), valid
 
 
-def _nonzero(den: torch.Tensor) -> torch.Tensor:
-    """The divisor for gradients: a sample with zero total weight (all rows ignored)
-    has a zero gradient in torch, not 0/0."""
-    return torch.where(den == 0, 1, den)
+def _row_divisor(den: torch.Tensor, valid: torch.Tensor | None, rows: int) -> torch.Tensor:
+    """(B, rows) divisor of each row's gradient: its sample's divisor; 1 for an ignored
+    row, whose gradient is 0 (torch: 0 even when the sample has no row left, nan for
+    the counted rows of a sample whose total weight is 0)."""
+    den = den.expand(den.shape[0], rows)
+    return den if valid is None else torch.where(valid, den, 1)
+
+
+def _divide(num: torch.Tensor, div: torch.Tensor) -> torch.Tensor:
+    """num / div, nan where div is 0 (as torch's mean over zero total weight)."""
+    return torch.where(div == 0, float("nan"), num / div)
 
 
 def _fwd_rule(op, prob: bool):
@@ -116,13 +126,14 @@ def _fwd_rule(op, prob: bool):
         if reduction == _NONE:
             return (loss.reshape(rows_shape), lse, grad), (0, 0, 0 if compute_grad else None)
         n_rows = loss.numel() // size if size else 0
-        den = _denominator(reduction, prob, t2, weight, ignore_index, size, n_rows, acc)
+        den, valid = _denominator(reduction, prob, t2, weight, ignore_index, size, n_rows, acc)
         total = loss.reshape(size, n_rows).sum(1, keepdim=True)
         if den is not None:
-            total = total / den
-            if compute_grad:  # (a sample with no row left has a zero gradient, as torch)
-                den = _nonzero(den).reshape([size] + [1] * (grad.dim() - 1))
-                grad = grad / den.to(grad.dtype)
+            total = _divide(total, den)  # (nan: no row left, or zero weight)
+            if compute_grad:  # (rows shape with the class dimension at 2)
+                div = _row_divisor(den, valid, n_rows).reshape(rows_shape).unsqueeze(
+                    2 if per_sample_rows else 1)
+                grad = _divide(grad, div).to(grad.dtype)
         return ((total.reshape(size).to(out_dtype), lse, grad),
                 (0, 0, 0 if compute_grad else None))
 
@@ -149,11 +160,11 @@ def _bwd_rule(op, prob: bool):
             # the per-sample upstream gradient, over each sample's rows (in acc dtype)
             acc = _acc(x.dtype)
             n_rows = (x2.numel() // x2.shape[1] // size) if size and x2.numel() else 0
-            g = g.to(acc).reshape(size, 1)
-            den = _denominator(reduction, prob, t2, weight, ignore_index, size, n_rows, acc)
+            g = g.to(acc).reshape(size, 1).expand(size, n_rows)
+            den, valid = _denominator(reduction, prob, t2, weight, ignore_index, size, n_rows,
+                                      acc)
             if den is not None:
-                g = g / _nonzero(den)
-            g = g.expand(size, n_rows)
+                g = _divide(g, _row_divisor(den, valid, n_rows))
         run_args = list(args)
         run_args[-2 if not prob else -1] = _NONE
         grad = op(g.reshape(rows2), x2, t2, weight, lse.reshape(rows2), *run_args)
@@ -171,42 +182,62 @@ def register_batching_rules(fwd: str, bwd: str, prob_fwd: str, prob_bwd: str) ->
         torch.library.register_vmap(name, rule(op, name in (prob_fwd, prob_bwd)))
 
 
+_SECOND_ORDER = (
+    "fused_nll: second-order derivatives (torch.func.hessian, jacfwd(jacrev(...)), "
+    "grad(grad(...)), create_graph=True) through the fused loss are not supported: its "
+    "gradient comes from a fused kernel that has no derivative of its own. Use "
+    "torch.nn.functional.cross_entropy (or nll_loss) for the loss whose higher-order "
+    "derivatives you need.")
+
+
 def _refuse_second_order(transform: str, tensor: torch.Tensor) -> None:
     """Raises when this backward (transform "grad") or jvp ("jvp") is itself being
     differentiated: a second-order derivative (hessian, jacfwd(jacrev), grad(grad)),
-    which the fused kernels cannot give. First order means: the only
-    differentiating transform on functorch's stack is the one running this call,
-    of that kind, at the level of the tensors it passes (a vjp_fn called after its
-    own transform has exited, under another one, fails this). Outside torch.func
-    (plain autograd, e.g. after a vmap of the forward only) it is
-    create_graph=True, as on the public path."""
+    which the fused kernels cannot give. `tensor`: the saved logits.
+
+    - Their wrapper is dead (a vjp_fn called after its vjp exited, as jacrev does):
+      first order unless some differentiating transform is still live around it.
+    - No differentiating transform live (plain autograd after a vmap of the
+      forward, or plain forward AD): a backward with create_graph=True is second
+      order, as on the public path.
+    - Otherwise the innermost live differentiating transform runs this call; any
+      other one around it differentiates it.
+    A plain-autograd graph around torch.func.grad (parameters that require grad
+    outside it) cannot get the loss's second-order term either: warned."""
     from torch._functorch.pyfunctorch import TransformType, retrieve_all_functorch_interpreters
 
+    functorch = torch._C._functorch
     kind = {"grad": TransformType.Grad, "jvp": TransformType.Jvp}[transform]
     diffs = [i for i in retrieve_all_functorch_interpreters()
              if i.key() in (TransformType.Grad, TransformType.Jvp)]
-    if not diffs:
-        # a vjp_fn called after its transform exited (jacrev): its tensors are still
-        # functorch's (dead) wrappers, and functorch always asks for create_graph
-        first_order = (transform == "jvp" or not torch.is_grad_enabled()
-                       or torch._C._functorch.is_functorch_wrapped_tensor(tensor))
+    levels, base = [], tensor  # the levels of its wrappers, outermost first
+    while functorch.is_functorch_wrapped_tensor(base):
+        levels.append(functorch.maybe_get_level(base))
+        base = functorch.get_unwrapped(base)
+    dead = -2 in levels  # (inside vmap's generated rule, under a batched wrapper)
+    if dead:
+        first_order = not diffs
+    elif not diffs:
+        first_order = transform == "jvp" or not torch.is_grad_enabled()
     else:
-        first_order = (len(diffs) == 1 and diffs[0].key() == kind
-                       and torch._C._functorch.maybe_get_level(tensor) == diffs[0].level())
+        first_order = len(diffs) == 1 and diffs[0].key() == kind
     if not first_order:
-        raise RuntimeError(
-            "fused_nll: second-order derivatives (torch.func.hessian, jacfwd(jacrev(...)), "
-            "grad(grad(...)), create_graph=True) through the fused loss are not supported: its "
-            "gradient comes from a fused kernel that has no derivative of its own. Use "
-            "torch.nn.functional.cross_entropy (or nll_loss) for the loss whose higher-order "
-            "derivatives you need.")
+        raise RuntimeError(_SECOND_ORDER)
+    if diffs and transform == "grad" and base.requires_grad:
+        warnings.warn(
+            "fused_nll: torch.func.grad through the fused loss, on tensors that plain autograd "
+            "records too (e.g. parameters that require grad, not detached): the gradient "
+            "it returns has no autograd history through the loss, so a loss built from it "
+            "(a gradient penalty) misses that second-order term. Pass detached parameters "
+            "to torch.func (its usual idiom), or use torch.nn.functional.cross_entropy if "
+            "you differentiate the gradient.", stacklevel=3)
 
 
 class FuncLoss(torch.autograd.Function):
     """The public functions' path inside torch.func transforms (see the module
     docstring). Inputs: (family, prob, loss_dtype, input, target, weight, *args),
     args = the forward op's arguments after `weight`, without compute_grad.
-    Returns (loss, lse); lse is not differentiable."""
+    Returns (loss, lse); the public functions drop the lse (its gradient is ignored)."""
 
     generate_vmap_rule = True
 
@@ -221,23 +252,34 @@ class FuncLoss(torch.autograd.Function):
         family, prob, _, input, target, weight, *args = inputs
         ctx.bwd, ctx.args = (family.prob_bwd if prob else family.bwd), args
         ctx.reduction = args[-1] if prob else args[-2]
+        # no zeros for the inputs without a tangent (jvp tells a probability target's or
+        # the weight's real tangent from none), nor for an unused loss in backward
+        ctx.set_materialize_grads(False)
         ctx.loss_dtype = output[0].dtype
-        ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(input, target, weight, output[1])
-        ctx.save_for_forward(input, target, weight, output[1])
+        # the same tensors for both: vmap's generated rule keeps one record of them
+        saved = (input, target, weight, output[1], output[0])
+        ctx.save_for_backward(*saved)
+        ctx.save_for_forward(*saved)
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_lse):
-        input, target, weight, lse = ctx.saved_tensors
+        input, target, weight, lse, _ = ctx.saved_tensors
+        if grad_loss is None:
+            return (None,) * (6 + len(ctx.args))
         _refuse_second_order("grad", input)
         with torch.no_grad():  # first order only (above): nothing to record
             grad = ctx.bwd(grad_loss, input, target, weight, lse, *ctx.args)
         return (None, None, None, grad, None, None) + (None,) * len(ctx.args)
 
     @staticmethod
-    def jvp(ctx, _family, _prob, _loss_dtype, input_t, _target_t, _weight_t, *_args_t):
-        input, target, weight, lse = ctx.saved_tensors
+    def jvp(ctx, _family, _prob, _loss_dtype, input_t, target_t, weight_t, *_args_t):
+        input, target, weight, lse, loss = ctx.saved_tensors
         _refuse_second_order("jvp", input)
+        if target_t is not None or weight_t is not None:
+            raise RuntimeError(
+                "fused_nll.cross_entropy: derivatives with respect to the "
+                f"{'probability targets' if target_t is not None else 'class weight'} are not "
+                "supported (torch raises too); pass them detached, with no tangent.")
         # d loss = <gradient of the loss, tangent>, summed over the classes of each
         # row (reduction none) or over everything (mean, sum)
         if ctx.reduction == _NONE:
@@ -254,4 +296,9 @@ class FuncLoss(torch.autograd.Function):
             tangent = prod.sum()
         else:
             tangent = prod.sum(0 if input.dim() == 1 else 1)
-        return tangent.to(ctx.loss_dtype), None
+        # a nan loss (mean over no row or zero weight) has a nan derivative, as torch's
+        tangent = torch.where(loss.isnan(), float("nan"), tangent)
+        # (zeros for the lse, which is not marked non-differentiable: vmap's generated
+        # jvp rule fails on a None tangent, jacfwd(vmap(...)), while plain forward AD
+        # wants None for a non-differentiable output; torch 2.13)
+        return tangent.to(ctx.loss_dtype), torch.zeros_like(lse)

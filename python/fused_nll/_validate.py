@@ -171,6 +171,12 @@ def weight(weight, input: torch.Tensor, fn: str):
             "Fix: weight.float()."
         )
     check_same_device(input, weight, "weight", fn)
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(
+            f"fused_nll.{fn} is not differentiable with respect to argument 'weight' (nor is "
+            "torch's nll_loss_forward), but the weight passed requires grad. Fix: pass "
+            "weight.detach()."
+        )
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
     return weight.to(acc).contiguous()
 

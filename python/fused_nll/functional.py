@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.autograd.forward_ad as _fwad
 from torch.nn import _reduction
 
 from . import _backend, _debug, _func, _ops, _validate
@@ -13,6 +14,15 @@ from . import _backend, _debug, _func, _ops, _validate
 def _in_torch_func() -> bool:
     """Inside a torch.func transform (vmap, grad, jvp, ...), eager."""
     return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
+def _forward_ad(*tensors) -> bool:
+    """Whether a tensor carries a forward-mode tangent (torch.autograd.forward_ad dual
+    tensors, as torch.func.linearize makes), eager: the ops' torch.library autograd has
+    no forward derivative, so such calls take _func.FuncLoss, which has one."""
+    if torch.compiler.is_compiling() or _fwad._current_level < 0:
+        return False
+    return any(t is not None and _fwad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def _checks_on() -> tuple[bool, bool]:
@@ -33,12 +43,12 @@ def _host_targets(input: torch.Tensor, target: torch.Tensor) -> bool:
     It stays for CPU tensors on the Triton interpreter (whose kernels, like the
     GPU ones, give a nan row) and on GPU builds of torch or of the extension,
     where an IndexError thrown inside the C++ kernel once crashed the process
-    (README, Known issues). Not for targets batched by torch.vmap (their values
-    cannot be read there)."""
+    (README, Known issues). Not for targets batched by torch.vmap, nor under forward
+    AD (their values cannot be read there)."""
     if input.device.type != "cpu" or torch.compiler.is_compiling():
         return False
-    if torch._C._functorch.is_functorch_wrapped_tensor(target):
-        return False
+    if torch._C._functorch.is_functorch_wrapped_tensor(target) or _forward_ad(input):
+        return False  # (nor under forward AD: torch.func.linearize traces with make_fx)
     return (_backend.select(input.device) != "cpp" or torch.version.cuda is not None
             or torch.version.hip is not None or _backend.cuda_cpp_built())
 
@@ -111,7 +121,8 @@ def _run(prob: bool, inplace: bool, loss_dtype, input, target, weight, *args) ->
     always writes the gradient in the forward pass, over the logits, for every
     reduction: that is its point (no gradient-sized buffer).
     """
-    if _in_torch_func():  # (inplace is refused there: _validate.inplace_backward)
+    if _in_torch_func() or _forward_ad(input, target, weight):
+        # (inplace is refused in torch.func: _validate.inplace_backward)
         family = _ops.triton_family() if _backend.select(input.device) == "triton" else _ops.CPP
         return _func.FuncLoss.apply(family, prob, loss_dtype, input, target, weight, *args)[0]
     reduction = args[-1] if prob else args[-2]
