@@ -45,6 +45,7 @@ BAD_INPUTS = [
     ("ce-weight-length", ce, (x, idx), {"weight": torch.ones(4)}, RuntimeError, ["all 5 classes", "[4]"]),
     ("nll-weight-2d", nll, (x, idx), {"weight": torch.ones(1, C)}, RuntimeError, ["all 5 classes", "[1, 5]"]),
     ("ce-weight-int", ce, (x, idx), {"weight": torch.ones(C, dtype=torch.long)}, RuntimeError, ["weight must be floating point", "weight.float()"]),
+    ("ce-weight-requires-grad", ce, (x, idx), {"weight": torch.ones(C, requires_grad=True)}, RuntimeError, ["with respect to argument 'weight'", "weight.detach()"]),
     ("ce-weight-not-tensor", ce, (x, idx), {"weight": [1.0] * C}, TypeError, ["weight must be a torch.Tensor"]),
     ("ce-smoothing-above-1", ce, (x, idx), {"label_smoothing": 1.5}, RuntimeError, ["between 0.0 and 1.0", "1.5"]),
     ("ce-smoothing-negative", ce, (x, idx), {"label_smoothing": -0.1}, RuntimeError, ["between 0.0 and 1.0", "-0.1"]),
