@@ -322,6 +322,8 @@ def test_vmap_inside_grad_and_jacfwd(target):
         ("grad(vmap)", grad(lambda x: f(x).sum())(x), grad(lambda x: ref(x).sum())(x)),
         ("jacfwd(vmap)", jacfwd(f)(x), jacfwd(ref)(x)),
         ("jacrev(vmap)", jacrev(f)(x), jacrev(ref)(x)),
+        ("jvp(vmap)", jvp(f, (x,), (x.cos(),))[1], jvp(ref, (x,), (x.cos(),))[1]),
+        ("linearize(vmap)", torch.func.linearize(f, x)[1](x.cos()), jvp(ref, (x,), (x.cos(),))[1]),
     ]:
         ok, detail = close(got, want, torch.float64, scale_floor=0.1)
         assert ok, f"{name}: {detail}"
@@ -335,9 +337,9 @@ def test_jvp_of_a_nan_mean_is_nan(target):
     assert got.isnan()
 
 
-def test_torch_func_grad_of_recorded_parameters_warns(target):
-    # parameters that plain autograd records too (not detached): the gradient that
-    # torch.func.grad returns has no history through the loss; say so
+def test_torch_func_derivative_of_recorded_parameters_warns(target):
+    # parameters that plain autograd records too (not detached): the derivative that
+    # torch.func returns has no history through the loss; say so
     lin = torch.nn.Linear(4, C).double().to(target)
     h = torch.randn(3, 4, dtype=torch.float64, device=target)
     t = torch.randint(0, C, (3,), device=target)
@@ -346,8 +348,13 @@ def test_torch_func_grad_of_recorded_parameters_warns(target):
         return fused_nll.cross_entropy(torch.func.functional_call(lin, p, (h,)), t)
 
     params = dict(lin.named_parameters())
-    with pytest.warns(UserWarning, match="gradient penalty"):
-        grad(loss)(params)
+    for name, derivative in [("grad", lambda: grad(loss)(params)),
+                             ("jacrev", lambda: jacrev(loss)(params)),
+                             ("vjp", lambda: vjp(loss, params)[1](torch.ones((), dtype=torch.float64))),
+                             ("jvp", lambda: jvp(loss, (params,), (params,)))]:
+        with pytest.warns(UserWarning, match="gradient penalty"):
+            derivative()
+        assert name
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*gradient penalty")
         got = grad(loss)({k: v.detach() for k, v in params.items()})
@@ -369,3 +376,14 @@ def test_derivatives_wrt_targets_or_weight_are_refused(target):
         grad(lambda w: fused_nll.cross_entropy(x, t, weight=w))(w)
     with pytest.raises(RuntimeError, match="with respect to argument 'weight'"):
         fused_nll.cross_entropy(x, t, weight=w.clone().requires_grad_(True))
+
+
+def test_jvp_of_an_empty_mean_with_probability_targets(target):
+    # torch's mean over no row is a constant nan for probability targets (tangent 0),
+    # 0/0 for class indices (tangent nan, test above)
+    x = torch.randn(0, C, dtype=torch.float64, device=target)
+    y = torch.softmax(torch.randn(0, C, dtype=torch.float64, device=target), 1)
+    v = torch.randn_like(x)
+    loss, got = jvp(lambda x: fused_nll.cross_entropy(x, y), (x,), (v,))
+    _, want = jvp(lambda x: F.cross_entropy(x, y), (x,), (v,))
+    assert loss.isnan() and got == want == 0

@@ -202,8 +202,10 @@ def _refuse_second_order(transform: str, tensor: torch.Tensor) -> None:
       order, as on the public path.
     - Otherwise the innermost live differentiating transform runs this call; any
       other one around it differentiates it.
-    A plain-autograd graph around torch.func.grad (parameters that require grad
-    outside it) cannot get the loss's second-order term either: warned."""
+    A plain-autograd graph around a torch.func derivative (parameters that require
+    grad outside it) cannot get the loss's second-order term either: warned. (The
+    gradient of a vjp_fn with respect to its cotangent, first order, raises too:
+    its wrapper is dead.)"""
     from torch._functorch.pyfunctorch import TransformType, retrieve_all_functorch_interpreters
 
     functorch = torch._C._functorch
@@ -223,14 +225,20 @@ def _refuse_second_order(transform: str, tensor: torch.Tensor) -> None:
         first_order = len(diffs) == 1 and diffs[0].key() == kind
     if not first_order:
         raise RuntimeError(_SECOND_ORDER)
-    if diffs and transform == "grad" and base.requires_grad:
+    # a derivative computed here (under no_grad) that plain autograd would otherwise
+    # record: torch.func.grad / vjp / jacrev (a grad level, live or dead) or a jvp on
+    # tensors that require grad outside the transform
+    recorded = base.requires_grad and (transform == "jvp" and torch.is_grad_enabled()
+                                       or transform == "grad" and (bool(diffs) or dead))
+    if recorded:
         warnings.warn(
-            "fused_nll: torch.func.grad through the fused loss, on tensors that plain autograd "
-            "records too (e.g. parameters that require grad, not detached): the gradient "
-            "it returns has no autograd history through the loss, so a loss built from it "
-            "(a gradient penalty) misses that second-order term. Pass detached parameters "
-            "to torch.func (its usual idiom), or use torch.nn.functional.cross_entropy if "
-            "you differentiate the gradient.", stacklevel=3)
+            "fused_nll: a torch.func derivative (grad, vjp, jacrev, jvp, ...) through the fused "
+            "loss, on tensors that plain autograd records too (e.g. parameters that require "
+            "grad, not detached): the derivative it returns has no autograd history through "
+            "the loss, so a loss built from it (a gradient penalty) misses that second-order "
+            "term. Pass detached parameters to torch.func (its usual idiom), or use "
+            "torch.nn.functional.cross_entropy if you differentiate the derivative.",
+            stacklevel=3)
 
 
 class FuncLoss(torch.autograd.Function):
@@ -250,7 +258,7 @@ class FuncLoss(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         family, prob, _, input, target, weight, *args = inputs
-        ctx.bwd, ctx.args = (family.prob_bwd if prob else family.bwd), args
+        ctx.bwd, ctx.args, ctx.prob = (family.prob_bwd if prob else family.bwd), args, prob
         ctx.reduction = args[-1] if prob else args[-2]
         # no zeros for the inputs without a tangent (jvp tells a probability target's or
         # the weight's real tangent from none), nor for an unused loss in backward
@@ -279,7 +287,8 @@ class FuncLoss(torch.autograd.Function):
             raise RuntimeError(
                 "fused_nll.cross_entropy: derivatives with respect to the "
                 f"{'probability targets' if target_t is not None else 'class weight'} are not "
-                "supported (torch raises too); pass them detached, with no tangent.")
+                "supported; pass them with no tangent, or use "
+                "torch.nn.functional.cross_entropy for those derivatives.")
         # d loss = <gradient of the loss, tangent>, summed over the classes of each
         # row (reduction none) or over everything (mean, sum)
         if ctx.reduction == _NONE:
@@ -296,8 +305,10 @@ class FuncLoss(torch.autograd.Function):
             tangent = prod.sum()
         else:
             tangent = prod.sum(0 if input.dim() == 1 else 1)
-        # a nan loss (mean over no row or zero weight) has a nan derivative, as torch's
-        tangent = torch.where(loss.isnan(), float("nan"), tangent)
+        # a nan loss (a mean over no row or zero weight) has a nan derivative, as
+        # torch's for class indices (for probability targets torch's nan is a constant)
+        if not ctx.prob:
+            tangent = torch.where(loss.isnan(), float("nan"), tangent)
         # (zeros for the lse, which is not marked non-differentiable: vmap's generated
         # jvp rule fails on a None tangent, jacfwd(vmap(...)), while plain forward AD
         # wants None for a non-differentiable output; torch 2.13)

@@ -22,7 +22,9 @@ def _forward_ad(*tensors) -> bool:
     no forward derivative, so such calls take _func.FuncLoss, which has one."""
     if torch.compiler.is_compiling() or _fwad._current_level < 0:
         return False
-    return any(t is not None and _fwad.unpack_dual(t).tangent is not None for t in tensors)
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor  # (torch.func's: _in_torch_func;
+    return any(t is not None and not wrapped(t)                # unpack_dual has no vmap rule)
+               and _fwad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def _checks_on() -> tuple[bool, bool]:
@@ -47,7 +49,8 @@ def _host_targets(input: torch.Tensor, target: torch.Tensor) -> bool:
     AD (their values cannot be read there)."""
     if input.device.type != "cpu" or torch.compiler.is_compiling():
         return False
-    if torch._C._functorch.is_functorch_wrapped_tensor(target) or _forward_ad(input):
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    if wrapped(target) or wrapped(input) or _forward_ad(input):
         return False  # (nor under forward AD: torch.func.linearize traces with make_fx)
     return (_backend.select(input.device) != "cpp" or torch.version.cuda is not None
             or torch.version.hip is not None or _backend.cuda_cpp_built())
