@@ -241,23 +241,33 @@ def _refuse_second_order(transform: str, tensor: torch.Tensor) -> None:
             stacklevel=3)
 
 
+def _family(triton: bool):
+    """The op family (fused_nll._ops.CPP or the Triton one); a bool crosses
+    torch.compile's tracing of an autograd.Function, a namespace object does not."""
+    from . import _ops
+
+    return _ops.triton_family() if triton else _ops.CPP
+
+
 class FuncLoss(torch.autograd.Function):
     """The public functions' path inside torch.func transforms (see the module
-    docstring). Inputs: (family, prob, loss_dtype, input, target, weight, *args),
+    docstring). Inputs: (triton, prob, loss_dtype, input, target, weight, *args),
     args = the forward op's arguments after `weight`, without compute_grad.
     Returns (loss, lse); the public functions drop the lse (its gradient is ignored)."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(family, prob, loss_dtype, input, target, weight, *args):
+    def forward(triton, prob, loss_dtype, input, target, weight, *args):
+        family = _family(triton)
         fwd = family.prob_fwd if prob else family.fwd
         loss, lse, _ = fwd(input, target, weight, *args, False, loss_dtype=loss_dtype)
         return loss, lse
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        family, prob, _, input, target, weight, *args = inputs
+        triton, prob, _, input, target, weight, *args = inputs
+        family = _family(triton)
         ctx.bwd, ctx.args, ctx.prob = (family.prob_bwd if prob else family.bwd), args, prob
         ctx.reduction = args[-1] if prob else args[-2]
         # no zeros for the inputs without a tangent (jvp tells a probability target's or
@@ -280,7 +290,7 @@ class FuncLoss(torch.autograd.Function):
         return (None, None, None, grad, None, None) + (None,) * len(ctx.args)
 
     @staticmethod
-    def jvp(ctx, _family, _prob, _loss_dtype, input_t, target_t, weight_t, *_args_t):
+    def jvp(ctx, _triton, _prob, _loss_dtype, input_t, target_t, weight_t, *_args_t):
         input, target, weight, lse, loss = ctx.saved_tensors
         _refuse_second_order("jvp", input)
         if target_t is not None or weight_t is not None:

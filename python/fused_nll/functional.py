@@ -126,8 +126,8 @@ def _run(prob: bool, inplace: bool, loss_dtype, input, target, weight, *args) ->
     """
     if _in_torch_func() or _forward_ad(input, target, weight):
         # (inplace is refused in torch.func: _validate.inplace_backward)
-        family = _ops.triton_family() if _backend.select(input.device) == "triton" else _ops.CPP
-        return _func.FuncLoss.apply(family, prob, loss_dtype, input, target, weight, *args)[0]
+        triton = _backend.select(input.device) == "triton"
+        return _func.FuncLoss.apply(triton, prob, loss_dtype, input, target, weight, *args)[0]
     reduction = args[-1] if prob else args[-2]
     view = _classes_innermost(prob, inplace, input, target)
     if view is not None:
