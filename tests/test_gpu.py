@@ -1,6 +1,7 @@
 """Public-API checks that need a CUDA GPU (skipped elsewhere): every CUDA
 backend under torch.compile, opcheck on the Triton ops, CUDA-graph capture of
-forward + backward, no host sync, no device-side assert for bad targets.
+forward + backward, no host sync (also for per-sample gradients through torch.func),
+no device-side assert for bad targets.
 (The parity suite runs on the CUDA backends too, through conftest.TARGETS.)"""
 import pytest
 import torch
@@ -133,6 +134,27 @@ def test_no_host_sync(backend):
         fused_nll.nll_loss(x, t, reduction="sum").backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_per_sample_gradients_no_host_sync_and_parity(backend):
+    # torch.func on the GPU: vmap(grad) through the ops' batching rules, with no host
+    # synchronisation, equal to torch's per-sample gradients (fp64 reference)
+    x, t = _data(64, 1000)
+    xs, ts = x.unflatten(0, (8, -1)), t.unflatten(0, (8, -1))
+    per_sample = torch.func.vmap(torch.func.grad(
+        lambda x, t: fused_nll.cross_entropy(x, t, label_smoothing=0.1)))
+    per_sample(xs, ts)  # compile the kernels outside the sync check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = per_sample(xs, ts)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    want = torch.stack([reference("cross_entropy", xs[b], ts[b], label_smoothing=0.1,
+                                  grad_output=torch.tensor(1.0, device="cuda"))[1]
+                        for b in range(8)])
+    ok, detail = close(got, want, torch.bfloat16, scale_floor=1.0 / 8)
+    assert ok, detail
 
 
 def test_out_of_range_target_is_nan_not_device_assert(backend):
