@@ -22,6 +22,7 @@ derivative of its own.
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -30,7 +31,9 @@ _NONE, _MEAN, _SUM = 0, 1, 2  # reduction codes (docs/ops.md)
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    from ._ops import acc_dtype  # (lazy: _ops imports this module)
+
+    return acc_dtype(dtype)
 
 
 def _batch_first(t: torch.Tensor | None, dim: int | None, size: int):
@@ -159,7 +162,7 @@ def _bwd_rule(op, prob: bool):
         if reduction != _NONE:
             # the per-sample upstream gradient, over each sample's rows (in acc dtype)
             acc = _acc(x.dtype)
-            n_rows = (x2.numel() // x2.shape[1] // size) if size and x2.numel() else 0
+            n_rows = math.prod(rows2) // size if size else 0
             g = g.to(acc).reshape(size, 1).expand(size, n_rows)
             den, valid = _denominator(reduction, prob, t2, weight, ignore_index, size, n_rows,
                                       acc)
