@@ -5,7 +5,9 @@ kernels when torch has CUDA and nvcc is found. Install with
 import glob
 import os
 import platform
+import re
 import shutil
+import subprocess
 
 from setuptools import setup
 import torch
@@ -14,17 +16,60 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 DEBUG = os.environ.get("DEBUG", "0") == "1"
 
 
+def nvcc_release(nvcc):
+    """(major, minor) of `nvcc --version`, or None when it cannot be read."""
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
 def cuda_skip_reason():
     """Why the CUDA sources are not built, or None when they are."""
     if os.environ.get("FUSED_NLL_NO_CUDA", "0") == "1":
-        return "FUSED_NLL_NO_CUDA=1 is set"
+        return "FUSED_NLL_NO_CUDA=1 was set"
     if torch.version.cuda is None:
         return f"torch {torch.__version__} is a CPU-only build"
-    if CUDA_HOME is None or shutil.which("nvcc") is None and not os.path.exists(
-        os.path.join(CUDA_HOME, "bin", "nvcc")
-    ):
-        return "nvcc was not found (set CUDA_HOME)"
+    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None
+    if nvcc is None or not os.path.exists(nvcc):
+        return "nvcc was not found (set CUDA_HOME to a CUDA toolkit)"
+    if not os.path.exists(os.path.join(CUDA_HOME, "include", "cuda_runtime.h")):
+        # e.g. CUDA_HOME guessed from an nvcc wrapper in /usr/local/bin
+        return f"CUDA_HOME={CUDA_HOME} has no include/cuda_runtime.h (set CUDA_HOME to the toolkit's root)"
+    # torch's extension builder refuses an nvcc whose major version differs from
+    # the CUDA torch was built with; build the rest rather than fail the install.
+    release, torch_major = nvcc_release(nvcc), int(torch.version.cuda.split(".")[0])
+    if release is not None and release[0] != torch_major:
+        return (f"nvcc {release[0]}.{release[1]} ({nvcc}) differs in major version from "
+                f"torch's CUDA {torch.version.cuda} (set CUDA_HOME to a CUDA {torch_major}.x "
+                f"toolkit)")
     return None
+
+
+def default_cuda_arch_list():
+    """With no GPU visible (a build machine or container), torch derives no
+    architecture to compile for (torch 2.11 fails with an IndexError): build for
+    Ampere and Hopper, plus PTX that newer GPUs compile at load time.
+    TORCH_CUDA_ARCH_LIST, when set, wins."""
+    if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
+        print("fused_nll: no GPU visible; building the CUDA kernels for TORCH_CUDA_ARCH_LIST="
+              "'8.0;9.0+PTX' (set it to choose)")
+
+
+def write_build_info(cuda_skip):
+    """python/fused_nll/_build_info.py (not in git): what this build was made against,
+    so `python -m fused_nll info` can say why a backend is missing and a failed
+    load can name the torch the extension needs."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "python", "fused_nll",
+                        "_build_info.py")
+    with open(path, "w") as f:
+        f.write('"""Written by setup.py when fused_nll._C was built; not in git."""\n')
+        f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
+        f.write(f"CUDA_SKIP_REASON = {cuda_skip!r}\n")
+        f.write(f"CUDA_ARCH_LIST = {os.environ.get('TORCH_CUDA_ARCH_LIST')!r}\n")
 
 
 def extension():
@@ -39,6 +84,9 @@ def extension():
         cxx += ["-march=native"]
     sources = ["csrc/ops.cpp", "csrc/cross_entropy.cpp"]
     skip = cuda_skip_reason()
+    if skip is None:
+        default_cuda_arch_list()
+    write_build_info(skip)
     if skip is None:
         nvcc = (["-O0", "-g", "-G"] if DEBUG else ["-O3"]) + ["--expt-relaxed-constexpr"]
         return CUDAExtension(

@@ -871,7 +871,7 @@ void index_rows(const Layout& L, const scalar_t* x, const target_t* t, const acc
       if (lse_out) (a.log_probs ? zero : vm + vls).store(lse_of + h * VR::K);
       if (row_loss) {
         // nll = -w_t * lp_t; smooth = -sum_c w_c lp_c = wsum*log_sum - shifted_wx.
-        Vec loss = -vw * ((vx - vm) - vls);
+        Vec loss = (vw * ((vx - vm) - vls)).neg();  // neg(): torch < 2.7 has no unary minus on Vectorized
         if (eps != 0)
           loss = keep_nll * loss + v_eps_c * (v_wsum * vls - Vec::loadu(wx + h * VR::K));
         loss.store(loss_of + h * VR::K);
@@ -885,7 +885,7 @@ void index_rows(const Layout& L, const scalar_t* x, const target_t* t, const acc
         const Vec va = a.log_probs ? zero : vs * (keep_nll * vw + v_eps_c * v_wsum);
         // e is 0, not s*0, without smoothing (s = 1/W is inf for a zero total weight)
         const Vec ve = eps != 0 ? vs * v_eps_c : zero;
-        Vec vt = -(ve * vw) - (vs * keep_nll) * vw;
+        Vec vt = (ve * vw).neg() - (vs * keep_nll) * vw;
         // the target's p exactly (Sleef exp, 1 ulp): g_t = a_p p_t - b cancels when p_t ~ 1
         if (!a.log_probs) vt = vt + va * ((vx - vm) - vls).exp();
         va.store(ap + h * VR::K);
@@ -913,7 +913,7 @@ void index_rows(const Layout& L, const scalar_t* x, const target_t* t, const acc
       Vec lo, hi;
       for (int64_t c = 0; c < C; ++c) {
         const Vec wc(w ? w[c] : acc_t(1));
-        Vec g0 = -(ve0 * wc), g1 = -(ve1 * wc);
+        Vec g0 = (ve0 * wc).neg(), g1 = (ve1 * wc).neg();
         if (!a.log_probs) {
           column(c, lo, hi);
           g0 = at::vec::fmadd(va0, VR::exp((lo - vm0) - vl0), g0);

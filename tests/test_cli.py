@@ -18,6 +18,39 @@ def test_info_lists_every_backend():
     assert "torch" in out.stdout and "default:" in out.stdout
 
 
+def test_info_gives_the_recorded_reason_the_cuda_kernels_were_skipped(monkeypatch):
+    # setup.py records why it skipped the CUDA sources (fused_nll/_build_info.py, written
+    # at build time); info must say that reason, not guess one.
+    import types
+
+    import torch
+
+    from fused_nll import __main__ as cli
+
+    info = types.SimpleNamespace(TORCH_VERSION=torch.__version__, CUDA_ARCH_LIST=None,
+                                 CUDA_SKIP_REASON="nvcc 13.0 differs in major version from torch's CUDA 12.4")
+    monkeypatch.setitem(sys.modules, "fused_nll._build_info", info)
+    assert cli._cuda_skip_reason() == info.CUDA_SKIP_REASON
+    info.TORCH_VERSION = "1.0.0"  # the extension was built against another torch
+    assert cli._cuda_skip_reason() == f"fused_nll was built against torch 1.0.0, this is torch {torch.__version__}"
+    if torch.version.cuda is not None and not cli._backend.cuda_cpp_built():
+        (cuda,) = [why for name, _, why in cli.backend_report() if name == "cuda"]
+        assert "built against torch 1.0.0" in cuda
+
+
+def test_a_failed_extension_load_says_how_to_rebuild(monkeypatch):
+    import types
+
+    import torch
+
+    from fused_nll import _ops
+
+    monkeypatch.setitem(sys.modules, "fused_nll._build_info", types.SimpleNamespace(TORCH_VERSION="2.6.0"))
+    msg = _ops._load_failure(ImportError("undefined symbol: _ZN3c10"))
+    assert "undefined symbol" in msg and "built against torch 2.6.0" in msg and torch.__version__ in msg
+    assert "pip install --no-build-isolation" in msg
+
+
 def test_verify_passes_and_prints_a_table():
     out = run("verify", "--quick", "--device", "cpu", "--backend", "cpp")
     assert out.returncode == 0, out.stdout + out.stderr

@@ -42,7 +42,8 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
+from torch.library import wrap_triton as _torch_wrap_triton
+from triton.runtime.jit import JITFunction
 
 __all__ = [
     "cross_entropy_fwd",
@@ -56,6 +57,13 @@ __all__ = [
 
 # torch's Reduction enum, as used by the op schemas.
 REDUCTION_NONE, REDUCTION_MEAN, REDUCTION_SUM = 0, 1, 2
+
+
+def wrap_triton(kernel):
+    """torch.library.wrap_triton, but a kernel under Triton's interpreter
+    (TRITON_INTERPRET=1 makes @triton.jit return an InterpretedFunction) is launched
+    as it is: newer torch does that itself, torch < 2.8 raises instead."""
+    return _torch_wrap_triton(kernel) if isinstance(kernel, JITFunction) else kernel
 
 # ---------------------------------------------------------------------------------------
 # Launch configuration.

@@ -37,9 +37,21 @@ def backend_report() -> list[tuple[str, bool, str]]:
     elif torch.version.cuda is None:
         rows.append(("cuda", False, f"not built: torch {torch.__version__} is a CPU-only build"))
     else:
-        rows.append(("cuda", False, "not built: nvcc was not found when fused_nll was installed "
-                                    "(reinstall with CUDA_HOME set: pip install --no-build-isolation .)"))
+        rows.append(("cuda", False, f"not built: {_cuda_skip_reason()}; fix that and reinstall "
+                                    "(pip install --no-build-isolation .)"))
     return rows
+
+
+def _cuda_skip_reason() -> str:
+    """Why setup.py skipped the CUDA sources, as it recorded it in _build_info.py."""
+    try:
+        from fused_nll import _build_info
+    except ImportError:  # built before setup.py recorded it
+        return "setup.py found no usable nvcc when fused_nll was installed"
+    if _build_info.TORCH_VERSION != torch.__version__:
+        return (f"fused_nll was built against torch {_build_info.TORCH_VERSION}, "
+                f"this is torch {torch.__version__}")
+    return _build_info.CUDA_SKIP_REASON or "unknown (setup.py recorded no reason)"
 
 
 def cmd_info(_args) -> int:

@@ -11,7 +11,28 @@ from types import SimpleNamespace
 
 import torch
 
-from . import _C  # noqa: F401  (loads the schemas and the C++ kernels)
+
+def _load_failure(exc: ImportError) -> str:
+    """What to tell a user whose compiled extension does not load."""
+    try:
+        from ._build_info import TORCH_VERSION as built
+    except ImportError:
+        built = None
+    if built is None:
+        why = "it may not be built"
+    elif built != torch.__version__:
+        why = f"it was built against torch {built}, and this is torch {torch.__version__}"
+    else:
+        why = f"it was built against this torch ({built})"
+    return (f"fused_nll's compiled extension (fused_nll._C) failed to load ({exc}): {why}. "
+            "Rebuild it against the installed torch, from fused_nll's source directory: "
+            "pip install --no-build-isolation --no-deps --force-reinstall .")
+
+
+try:
+    from . import _C  # noqa: F401  (loads the schemas and the C++ kernels)
+except ImportError as _exc:
+    raise ImportError(_load_failure(_exc)) from _exc
 
 ops = torch.ops.fused_nll
 
