@@ -1,5 +1,6 @@
 """Shared test helpers: which (device, backend) pairs can run here, and a
 parity check of loss and gradient against torch in fp64."""
+import functools
 import os
 
 import pytest
@@ -94,3 +95,21 @@ def check_parity(fn, input, target, weight=None, ignore_index=-100, reduction="m
     ok, detail = close(grad, ref_grad, dtype, scale_floor=grad_scale.abs().max().item() / rows)
     assert ok, f"grad: {detail}"
     return loss, grad
+
+
+@functools.lru_cache(maxsize=None)
+def dynamo_keeps_user_messages() -> bool:
+    """Whether this torch's Dynamo, under fullgraph=True, puts the text of an exception
+    raised in the compiled code into its error. Older ones (seen: torch 2.6, 2.7, 2.8; 2.9 keeps them)
+    say only "Observed exception" (README, Known issues)."""
+    def f(x):
+        if x.shape[0] == 2:
+            raise ValueError("".join(["probe", "-text"]))  # (not a literal in the source line)
+        return x
+
+    torch._dynamo.reset()
+    try:
+        torch.compile(f, fullgraph=True, backend="eager")(torch.zeros(2))
+    except Exception as exc:  # noqa: BLE001 (whatever Dynamo raises)
+        return "probe-text" in str(exc)
+    raise AssertionError("the probe did not raise")

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_nll
-from conftest import check_parity
+from conftest import check_parity, dynamo_keeps_user_messages
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 REDUCTIONS = ["none", "mean", "sum"]
@@ -173,6 +173,8 @@ def test_view_of_a_leaf_is_refused_also_when_compiled():
     f = torch.compile(lambda p, t: fused_nll.cross_entropy(p.view(4, 10), t, inplace_backward=True),
                       fullgraph=True)
     before = p.detach().clone()
-    with pytest.raises(Exception, match="or a view of one"):
+    # (older Dynamo says only "Observed exception" under fullgraph: README, Known issues)
+    with pytest.raises(Exception, match="or a view of one" if dynamo_keeps_user_messages()
+                       else "Observed exception"):
         f(p, t)
     assert torch.equal(p.detach(), before)

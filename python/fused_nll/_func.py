@@ -193,6 +193,39 @@ _SECOND_ORDER = (
     "derivatives you need.")
 
 
+# torch 2.6's generated vmap rule for an autograd.Function cannot run its backward
+# when an output's gradient is None (it batches the None: a TypeError from
+# _add_batch_dim), and FuncLoss's lse output never has one; torch 2.7 fixed that.
+_VMAP_BACKWARD_TAKES_NONE = torch.torch_version.TorchVersion(torch.__version__) >= (2, 7)
+
+
+def refuse_reverse_mode_through_vmap(input: torch.Tensor) -> None:
+    """On torch < 2.7, raises a clear error up front for a vmap of the loss that
+    reverse mode will differentiate (grad(vmap(f)), jacrev(vmap(f)), or plain autograd
+    after vmap(f), e.g. an ensemble's loss.backward()), which would otherwise fail
+    inside torch's backward. vmap(grad(f)), jvp and jacfwd work there."""
+    if _VMAP_BACKWARD_TAKES_NONE:
+        return
+    from torch._functorch.pyfunctorch import TransformType, retrieve_all_functorch_interpreters
+
+    interpreters = retrieve_all_functorch_interpreters()
+    vmaps = [i.level() for i in interpreters if i.key() == TransformType.Vmap]
+    if not vmaps:
+        return
+    base = input
+    while torch._C._functorch.is_functorch_wrapped_tensor(base):
+        base = torch._C._functorch.get_unwrapped(base)
+    outer_grad = any(i.key() == TransformType.Grad and i.level() < max(vmaps) for i in interpreters)
+    if outer_grad or (base.requires_grad and torch.is_grad_enabled()):
+        raise RuntimeError(
+            f"fused_nll: on torch {torch.__version__}, reverse-mode derivatives through a "
+            "torch.func.vmap of the loss (grad(vmap(f)), jacrev(vmap(f)), or backward() "
+            "after vmap(f)) fail inside torch: its generated vmap backward rule cannot "
+            "take the loss's unused second output (fixed in torch 2.7). Upgrade torch, or "
+            "put vmap outside the derivative: vmap(grad(f)) (per-sample gradients), jvp "
+            "and jacfwd work here.")
+
+
 def _refuse_second_order(transform: str, tensor: torch.Tensor) -> None:
     """Raises when this backward (transform "grad") or jvp ("jvp") is itself being
     differentiated: a second-order derivative (hessian, jacfwd(jacrev), grad(grad)),

@@ -127,6 +127,7 @@ def _run(prob: bool, inplace: bool, loss_dtype, input, target, weight, *args) ->
     if _in_torch_func() or _forward_ad(input, target, weight):
         # (inplace is refused in torch.func: _validate.inplace_backward)
         triton = _backend.select(input.device) == "triton"
+        _func.refuse_reverse_mode_through_vmap(input)
         return _func.FuncLoss.apply(triton, prob, loss_dtype, input, target, weight, *args)[0]
     reduction = args[-1] if prob else args[-2]
     view = _classes_innermost(prob, inplace, input, target)
