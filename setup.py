@@ -6,7 +6,6 @@ import glob
 import os
 import platform
 import re
-import shutil
 import subprocess
 
 from setuptools import setup

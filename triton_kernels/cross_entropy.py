@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton as _torch_wrap_triton
-from triton.runtime.jit import JITFunction
+from triton.runtime.interpreter import InterpretedFunction
 
 __all__ = [
     "cross_entropy_fwd",
@@ -60,10 +60,11 @@ REDUCTION_NONE, REDUCTION_MEAN, REDUCTION_SUM = 0, 1, 2
 
 
 def wrap_triton(kernel):
-    """torch.library.wrap_triton, but a kernel under Triton's interpreter
-    (TRITON_INTERPRET=1 makes @triton.jit return an InterpretedFunction) is launched
-    as it is: newer torch does that itself, torch < 2.8 raises instead."""
-    return _torch_wrap_triton(kernel) if isinstance(kernel, JITFunction) else kernel
+    """torch.library.wrap_triton, except for a kernel under Triton's interpreter
+    (TRITON_INTERPRET=1 makes @triton.jit return an InterpretedFunction), launched as
+    it is: torch 2.13 does that itself, torch 2.6 to 2.11 raise."""
+    return kernel if isinstance(kernel, InterpretedFunction) else _torch_wrap_triton(kernel)
+
 
 # ---------------------------------------------------------------------------------------
 # Launch configuration.
