@@ -37,8 +37,8 @@ def backend_report() -> list[tuple[str, bool, str]]:
     elif torch.version.cuda is None:
         rows.append(("cuda", False, f"not built: torch {torch.__version__} is a CPU-only build"))
     else:
-        rows.append(("cuda", False, f"not built: {_cuda_skip_reason()}; fix that and reinstall "
-                                    "(pip install --no-build-isolation .)"))
+        rows.append(("cuda", False, f"not built: {_cuda_skip_reason()}; once that is addressed, "
+                                    "reinstall to build them (pip install --no-build-isolation .)"))
     return rows
 
 
