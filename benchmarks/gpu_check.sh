@@ -35,6 +35,8 @@ if [[ $STAGES == *build* ]]; then
   $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 \
     || { tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1; }
   echo "build: $(( $(date +%s) - start )) s"; $PY -m fused_nll info | tee -a "$OUT/versions.txt"
+  grep -q "^  cuda    yes" "$OUT/versions.txt" \
+    || echo "WARNING: the CUDA C++ kernels are not usable here (the reason is in info above)"
 fi
 
 # tests: first the code that has never run on a GPU: the one-launch Triton split rows on
