@@ -100,9 +100,10 @@ def extension():
     )
 
 
-setup(
-    packages=["fused_nll", "fused_nll.triton_kernels"],
-    package_dir={"fused_nll": "python/fused_nll", "fused_nll.triton_kernels": "triton_kernels"},
-    ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-)
+if __name__ == "__main__":  # (pip's build backend runs it as __main__; tests import it)
+    setup(
+        packages=["fused_nll", "fused_nll.triton_kernels"],
+        package_dir={"fused_nll": "python/fused_nll", "fused_nll.triton_kernels": "triton_kernels"},
+        ext_modules=[extension()],
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    )
