@@ -17,7 +17,7 @@ venv="${OLDEST_VENV:-$repo/.venv-oldest}"
 # The oldest Python too (pyproject.toml: >=3.10) where one is installed (pyenv here).
 python="${OLDEST_PYTHON:-}"
 if [ -z "$python" ]; then
-  for candidate in "$(command -v python3.10 || true)" /root/.pyenv/versions/3.10*/bin/python3.10 \
+  for candidate in "$(command -v python3.10 || true)" \
                    "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.10*/bin/python3.10; do
     if [ -n "$candidate" ] && "$candidate" -c 'import venv' 2>/dev/null; then python="$candidate"; break; fi
   done

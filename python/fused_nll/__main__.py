@@ -44,14 +44,15 @@ def backend_report() -> list[tuple[str, bool, str]]:
 
 def _cuda_skip_reason() -> str:
     """Why setup.py skipped the CUDA sources, as it recorded it in _build_info.py."""
-    try:
-        from fused_nll import _build_info
-    except ImportError:  # built before setup.py recorded it
+    from fused_nll import _ops
+
+    info = _ops.build_info()
+    if info is None:  # built before setup.py recorded it
         return "setup.py found no usable nvcc when fused_nll was installed"
-    if _build_info.TORCH_VERSION != torch.__version__:
-        return (f"fused_nll was built against torch {_build_info.TORCH_VERSION}, "
-                f"this is torch {torch.__version__}")
-    return _build_info.CUDA_SKIP_REASON or "unknown (setup.py recorded no reason)"
+    other = _ops.other_torch_build()
+    if other is not None:
+        return f"fused_nll was built against torch {other}, this is torch {torch.__version__}"
+    return info.CUDA_SKIP_REASON or "unknown (setup.py recorded no reason)"
 
 
 def cmd_info(_args) -> int:

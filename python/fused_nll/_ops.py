@@ -7,23 +7,36 @@ recomputes the gradient from the saved log-sum-exp.
 """
 from __future__ import annotations
 
+import importlib
 from types import SimpleNamespace
 
 import torch
 
 
+def build_info():
+    """What setup.py recorded when it built fused_nll._C (fused_nll/_build_info.py), or
+    None for a build from before it did."""
+    try:
+        return importlib.import_module(f"{__package__}._build_info")
+    except ImportError:
+        return None
+
+
+def other_torch_build() -> str | None:
+    """The torch version fused_nll._C was built against, when it is not this torch's."""
+    info = build_info()
+    return None if info is None or info.TORCH_VERSION == torch.__version__ else info.TORCH_VERSION
+
+
 def _load_failure(exc: ImportError) -> str:
     """What to tell a user whose compiled extension does not load."""
-    try:
-        from ._build_info import TORCH_VERSION as built
-    except ImportError:
-        built = None
-    if built is None:
+    info, other = build_info(), other_torch_build()
+    if info is None:
         why = "it may not be built"
-    elif built != torch.__version__:
-        why = f"it was built against torch {built}, and this is torch {torch.__version__}"
+    elif other is not None:
+        why = f"it was built against torch {other}, and this is torch {torch.__version__}"
     else:
-        why = f"it was built against this torch ({built})"
+        why = f"it was built against this torch ({info.TORCH_VERSION})"
     return (f"fused_nll's compiled extension (fused_nll._C) failed to load ({exc}): {why}. "
             "Rebuild it against the installed torch, from fused_nll's source directory: "
             "pip install --no-build-isolation --no-deps --force-reinstall .")
