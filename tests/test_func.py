@@ -215,6 +215,16 @@ def test_vmapped_forward_then_plain_backward(target):
     assert ok, detail
 
 
+def _grad_of_dual(f, x):
+    """Forward-over-reverse with plain forward AD: the gradient's tangent would be a
+    Hessian-vector product (torch gives one)."""
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        xd = fwAD.make_dual(x.clone().requires_grad_(True), torch.ones_like(x))
+        return torch.autograd.grad(f(xd), xd)
+
+
 def test_second_order_is_refused(target):
     x = torch.randn(4, C, dtype=torch.float64, device=target)
     xs = torch.randn(2, 4, C, dtype=torch.float64, device=target, requires_grad=True)
@@ -230,9 +240,12 @@ def test_second_order_is_refused(target):
         ("vjp(grad)", lambda: vjp(grad(f), x)[1](x)),
         ("create_graph after a vmapped forward",
          lambda: torch.autograd.grad(vmap(f)(xs).sum(), xs, create_graph=True)),
+        ("backward of logits with a forward-mode tangent", lambda: _grad_of_dual(f, x)),
     ]:
         refused = REVERSE_THROUGH_VMAP if OLD_TORCH_VMAP_BACKWARD and "vmapped" in name else None
-        with pytest.raises(RuntimeError, match=refused or "second-order derivatives"):
+        # (plain autograd's create_graph=True: the public path's "double backward" message)
+        with pytest.raises(RuntimeError, match=refused or "second-order derivatives|double "
+                                                          "backward .* not supported"):
             call()
         assert name
 
@@ -255,16 +268,119 @@ def test_out_of_range_target_under_vmap():
         vmap(lambda x, t: fused_nll.cross_entropy(x, t))(x, t)
 
 
+def _transforms(f, x, t, v):
+    """torch.func transforms of the loss f(x, t): batched over dim 0 (vmap), or on
+    sample 0."""
+    def total(a, b):
+        return f(a, b).sum()
+
+    x0, t0, v0 = x[0], t[0], v[0]
+    return {
+        "vmap": lambda: vmap(f)(x, t),
+        "vmap(grad)": lambda: vmap(grad(total))(x, t),
+        "grad(vmap)": lambda: grad(lambda a: vmap(f)(a, t).sum())(x),
+        "grad": lambda: grad(total)(x0, t0),
+        "vjp": lambda: vjp(lambda a: f(a, t0), x0)[1](torch.ones_like(f(x0, t0)) * 1.5)[0],
+        "jacrev": lambda: jacrev(f)(x0, t0),
+        "jvp": lambda: jvp(lambda a: f(a, t0), (x0,), (v0,))[1],
+        "jacfwd": lambda: jacfwd(f)(x0, t0),
+    }
+
+
 @cpu_kernel_only
-def test_vmap_compiled_fullgraph():
-    # torch.compile of a vmap goes through the same batching rules (the
-    # differentiating transforms are eager only: README, Known issues)
-    x, t, w = _case("ce", (5, C), torch.float32, "cpu", seed=6)
-    f = torch.func.vmap(lambda x, t: fused_nll.cross_entropy(x, t, weight=w, reduction="sum"))
-    torch._dynamo.reset()
-    got = torch.compile(f, fullgraph=True)(x, t)
-    ok, detail = close(got, _per_sample(_torch64("ce", weight=w, reduction="sum"), x, t),
-                       torch.float32)
+@pytest.mark.parametrize("kind,reduction", [("ce", "mean"), ("nll", "none"), ("prob", "sum")])
+def test_transforms_compiled_fullgraph(kind, reduction):
+    # torch.compile(fullgraph=True) of every torch.func transform: the op's own autograd
+    # (a single-level autograd.Function) and its batching rules, traced by Dynamo
+    x, t, w = _case(kind, (5, C), torch.float64, "cpu", seed=11)
+    v = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    kw = _options(kind, True, 0.1, w)
+    fused = _transforms(_fused(kind, reduction=reduction, **kw), x, t, v)
+    ref = _torch64(kind, reduction=reduction, **kw)
+    sample_grads = torch.stack([grad(lambda a: ref(a, t[b]).sum())(x[b]) for b in range(B)])
+    wants = {"vmap": _per_sample(ref, x, t), "vmap(grad)": sample_grads,
+             "grad(vmap)": sample_grads}
+    wants.update({name: call() for name, call in _transforms(ref, x, t, v).items()
+                  if "vmap" not in name})
+    for name, call in fused.items():
+        torch._dynamo.reset()
+        got = torch.compile(call, fullgraph=True)()
+        ok, detail = close(got, wants[name], torch.float64, scale_floor=0.1)
+        assert ok, f"{name}: {detail}"
+
+
+@cpu_kernel_only
+def test_refusals_compiled_fullgraph():
+    # second order, and derivatives with respect to probability targets or the weight:
+    # raised while torch.compile traces (never a silent 0)
+    x = torch.randn(4, C, dtype=torch.float64)
+    y = torch.softmax(torch.randn(4, C, dtype=torch.float64), 1)
+    t = torch.randint(0, C, (4,))
+    w = torch.rand(C, dtype=torch.float64)
+    f = lambda x: fused_nll.cross_entropy(x, t)  # noqa: E731
+    for name, call, message in [
+        ("hessian", lambda: torch.func.hessian(f)(x), "second-order derivatives"),
+        ("grad(grad)", lambda: grad(lambda x: grad(f)(x).sum())(x), "second-order derivatives"),
+        ("grad wrt targets", lambda: grad(lambda y: fused_nll.cross_entropy(x, y))(y),
+         "probability targets are not supported"),
+        ("jvp wrt targets", lambda: jvp(lambda y: fused_nll.cross_entropy(x, y), (y,), (y,)),
+         "probability targets are not supported"),
+        ("grad wrt weight", lambda: grad(lambda w: fused_nll.cross_entropy(x, t, weight=w))(w),
+         "weight"),
+    ]:
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match=message):
+            torch.compile(call, fullgraph=True)()
+        assert name
+
+
+def test_transforms_of_the_ops_called_directly(target):
+    # direct op users (and opcheck): the ops' autograd gives the same derivatives,
+    # also when the forward op computed the gradient itself (compute_grad=True)
+    x, t, w = _case("ce", (5, C), torch.float64, target, seed=13)
+    v = torch.randn_like(x)
+    ops = fused_nll._ops.triton_family() if fused_nll._backend.select(
+        torch.device(target)) == "triton" else fused_nll._ops.CPP
+    ref = _torch64("ce", weight=w, label_smoothing=0.1)
+    for compute_grad in (False, True):
+        fused = _transforms(lambda a, b: ops.fwd(a, b, w, -100, 0.1, 1, False, compute_grad)[0],
+                            x, t, v)
+        for name in ("vmap(grad)", "grad", "jacrev", "jvp", "jacfwd"):
+            want = _transforms(ref, x, t, v)[name] if "vmap" not in name else (
+                lambda: torch.stack([grad(ref)(x[b], t[b]) for b in range(B)]))
+            ok, detail = close(fused[name](), want(), torch.float64, scale_floor=0.1)
+            assert ok, f"{name}, compute_grad={compute_grad}: {detail}"
+
+
+@cpu_kernel_only
+def test_compiled_transforms_that_need_more_than_one_level_raise():
+    # under torch.compile the op's autograd records at the innermost differentiating
+    # level only: a transform over tensors plain autograd records too, or a derivative
+    # of a transform's primal output, raises instead of silently losing that level
+    x = torch.randn(4, C, dtype=torch.float64)
+    t = torch.randint(0, C, (4,))
+    f = lambda x: fused_nll.cross_entropy(x, t)  # noqa: E731
+    for name, call, message in [
+        ("jvp primal, x requires grad",
+         lambda: jvp(f, (x.clone().requires_grad_(),), (x,))[0], "plain autograd would not"),
+        ("vjp primal, x requires grad",
+         lambda: vjp(f, x.clone().requires_grad_())[0], "plain autograd would not"),
+        ("grad of a vjp primal", lambda: grad(lambda x: vjp(f, x)[0])(x),
+         "second-order derivatives"),
+    ]:
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match=message):
+            torch.compile(call, fullgraph=True)()
+        assert name
+    # eager, the public functions record every level (FuncLoss): torch's results
+    xp = x.clone().requires_grad_()
+    loss = jvp(f, (xp,), (x,))[0]
+    loss.backward()
+    want = x.clone().requires_grad_()
+    F.cross_entropy(want, t).backward()
+    ok, detail = close(xp.grad, want.grad, torch.float64)
+    assert ok, detail
+    ok, detail = close(grad(lambda x: vjp(f, x)[0])(x), want.grad, torch.float64)
     assert ok, detail
 
 

@@ -11,14 +11,20 @@ rows is a view when the vmapped dimension sits just outside the rows (e.g. dim 0
 of a contiguous (B, N, C) tensor), otherwise a copy; a per-sample weight (a
 batched ``weight``) runs one call per sample.
 
-Differentiating transforms (grad, vjp, jacrev, jvp, jacfwd): the autograd that
-torch.library generates for custom ops follows the torch.autograd protocol only,
-so inside torch.func the public functions go through `FuncLoss` instead, an
-autograd.Function with ``setup_context`` (which functorch requires) whose
-backward is the backward op, whose jvp contracts the same gradient with the
-tangent, and whose vmap rule is generated from the ops' batching rules above.
-Second-order transforms (hessian, jacfwd(jacrev)) raise: the backward op has no
-derivative of its own.
+Differentiating transforms (grad, vjp, jacrev, jvp, jacfwd, linearize):
+- eager, the public functions go through `FuncLoss`, an autograd.Function with
+  ``setup_context`` (which functorch requires), applied from Python, so functorch
+  records it at every level (plain autograd included); its backward is the backward
+  op, its jvp (`loss_jvp`) contracts the same gradient with the tangent, and its vmap
+  rule is generated from the ops' batching rules above;
+- under torch.compile, where Dynamo cannot trace `FuncLoss`, and for direct op
+  calls: the ops' own autograd (_ops.register_autograd), a single-level
+  autograd.Function with the same backward and jvp, which records the op at the
+  innermost differentiating level only; so there a transform nested in another
+  differentiating one, or over tensors that plain autograd records too, raises
+  (`refuse_unrecorded_levels`) instead of losing those levels' derivatives.
+Second-order transforms (hessian, jacfwd(jacrev)) raise (`refuse_second_order`):
+the backward op has no derivative of its own.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ import math
 import warnings
 
 import torch
+import torch.autograd.forward_ad as _fwad
 
 _NONE, _MEAN, _SUM = 0, 1, 2  # reduction codes (docs/ops.md)
 
@@ -187,7 +194,8 @@ def register_batching_rules(fwd: str, bwd: str, prob_fwd: str, prob_bwd: str) ->
 
 _SECOND_ORDER = (
     "fused_nll: second-order derivatives (torch.func.hessian, jacfwd(jacrev(...)), "
-    "grad(grad(...)), create_graph=True) through the fused loss are not supported: its "
+    "grad(grad(...)), create_graph=True, a backward of logits that carry a forward-mode "
+    "tangent) through the fused loss are not supported: its "
     "gradient comes from a fused kernel that has no derivative of its own. Use "
     "torch.nn.functional.cross_entropy (or nll_loss) for the loss whose higher-order "
     "derivatives you need.")
@@ -226,7 +234,7 @@ def refuse_reverse_mode_through_vmap(input: torch.Tensor) -> None:
             "and jacfwd work here.")
 
 
-def _refuse_second_order(transform: str, tensor: torch.Tensor) -> None:
+def refuse_second_order(transform: str, tensor: torch.Tensor) -> None:
     """Raises when this backward (transform "grad") or jvp ("jvp") is itself being
     differentiated: a second-order derivative (hessian, jacfwd(jacrev), grad(grad)),
     which the fused kernels cannot give. `tensor`: the saved logits.
@@ -253,10 +261,19 @@ def _refuse_second_order(transform: str, tensor: torch.Tensor) -> None:
         levels.append(functorch.maybe_get_level(base))
         base = functorch.get_unwrapped(base)
     dead = -2 in levels  # (inside vmap's generated rule, under a batched wrapper)
+    if (transform == "grad" and _fwad._current_level >= 0
+            and _fwad.unpack_dual(base).tangent is not None):
+        # a backward whose logits carry a plain forward-mode tangent (forward-over-reverse:
+        # torch.func.linearize(grad(f)), or forward_ad dual logits then autograd.grad)
+        raise RuntimeError(_SECOND_ORDER)
     if dead:
         first_order = not diffs
     elif not diffs:
-        first_order = transform == "jvp" or not torch.is_grad_enabled()
+        if transform == "grad":  # plain autograd: create_graph=True, as the public path
+            from ._ops import refuse_double_backward  # (lazy: _ops imports this module)
+
+            refuse_double_backward()
+        first_order = True
     else:
         first_order = len(diffs) == 1 and diffs[0].key() == kind
     if not first_order:
@@ -275,6 +292,88 @@ def _refuse_second_order(transform: str, tensor: torch.Tensor) -> None:
             "term. Pass detached parameters to torch.func (its usual idiom), or use "
             "torch.nn.functional.cross_entropy if you differentiate the derivative.",
             stacklevel=3)
+
+
+def refuse_unrecorded_levels(input: torch.Tensor) -> None:
+    """For the ops' own autograd (_ops.register_autograd), which records the op at the
+    innermost live differentiating torch.func level only: raises when another level
+    would need to record it too, i.e. another differentiating transform around that
+    one (second order, or a derivative of a primal or aux output), or plain autograd
+    (the logits, unwrapped, require grad: e.g. parameters that require grad passed to
+    torch.func undetached). Eager, the public functions take `FuncLoss` instead, which
+    functorch records at every level."""
+    from torch._functorch.pyfunctorch import TransformType, retrieve_all_functorch_interpreters
+
+    diffs = [i for i in retrieve_all_functorch_interpreters()
+             if i.key() in (TransformType.Grad, TransformType.Jvp)]
+    if not diffs:
+        return
+    if len(diffs) > 1:
+        raise RuntimeError(_SECOND_ORDER)
+    base = input
+    while torch._C._functorch.is_functorch_wrapped_tensor(base):
+        base = torch._C._functorch.get_unwrapped(base)
+    if base.requires_grad:
+        raise RuntimeError(
+            "fused_nll: under torch.compile (or calling the op itself), a torch.func "
+            "transform (grad, vjp, jacrev, jvp, ...) of the loss over tensors that plain "
+            "autograd records too (e.g. parameters that require grad, not detached) is not "
+            "supported: plain autograd would not see the loss. Pass detached tensors to the "
+            "transform (torch.func's usual idiom: {k: v.detach() for k, v in "
+            "model.named_parameters()}), or call it eagerly.")
+
+
+def refuse_target_or_weight_derivative(target: bool, weight: bool) -> None:
+    """Raises when a derivative is asked with respect to the probability targets or
+    the class weight (a tangent, or a gradient in backward). The public functions
+    refuse tensors that require grad up front; this catches the rest (torch.func
+    transforms under torch.compile, direct op calls)."""
+    if target or weight:
+        what, fix = (("probability targets", "target.detach()") if target
+                     else ("class weight", "weight.detach()"))
+        raise RuntimeError(
+            f"fused_nll: derivatives with respect to the {what} are not "
+            f"supported; pass {fix} (no tangent, no requires_grad), or use "
+            "torch.nn.functional.cross_entropy for those derivatives.")
+
+
+def loss_jvp(bwd_op, prob: bool, args, precomputed: bool, loss_dtype, saved, input_t,
+             target_t, weight_t):
+    """The forward op's jvp (its loss's tangent; _ops._register_op_autograd): the
+    gradient of the loss (upstream 1) contracted with the logits' tangent, over the
+    classes of each row (reduction none) or over everything (mean, sum). `saved`:
+    (input, target, weight, lse), or (grad, target, weight) when the op computed
+    its gradient."""
+    refuse_second_order("jvp", saved[0])
+    refuse_target_or_weight_derivative(target_t is not None, weight_t is not None)
+    if input_t is None:
+        return None
+    reduction = args[-1] if prob else args[-2]
+    with torch.no_grad():
+        if precomputed:
+            grad, target, weight = saved
+            acc = _acc(grad.dtype)
+            grad = grad.to(acc)
+        else:
+            # the gradient at the same (rounded) logits, in the accumulation dtype: a
+            # half-precision gradient would round each term of the contraction (a copy
+            # of the logits in fp32; jvp is not a training path)
+            input, target, weight, lse = saved
+            acc = lse.dtype
+            upstream = (torch.ones_like(lse) if reduction == _NONE
+                        else torch.ones((), dtype=acc, device=lse.device))
+            grad = bwd_op(upstream, input.to(acc), target, weight, lse, *args)
+    prod = grad * input_t.to(acc)
+    if reduction != _NONE:
+        tangent = prod.sum()
+    else:
+        tangent = prod.sum(0 if prod.dim() == 1 else 1)
+    if reduction == _MEAN and not prob:
+        # a mean over no row (or zero total weight) is nan, and so is its derivative,
+        # as torch's (for probability targets torch's nan is a constant)
+        den, _ = _denominator(_MEAN, False, target, weight, args[0], 1, target.numel(), acc)
+        tangent = torch.where(den.reshape(()) == 0, float("nan"), tangent)
+    return tangent.to(loss_dtype)
 
 
 def _family(triton: bool):
@@ -320,42 +419,17 @@ class FuncLoss(torch.autograd.Function):
         input, target, weight, lse, _ = ctx.saved_tensors
         if grad_loss is None:
             return (None,) * (6 + len(ctx.args))
-        _refuse_second_order("grad", input)
+        refuse_second_order("grad", input)
         with torch.no_grad():  # first order only (above): nothing to record
             grad = ctx.bwd(grad_loss, input, target, weight, lse, *ctx.args)
         return (None, None, None, grad, None, None) + (None,) * len(ctx.args)
 
     @staticmethod
     def jvp(ctx, _triton, _prob, _loss_dtype, input_t, target_t, weight_t, *_args_t):
-        input, target, weight, lse, loss = ctx.saved_tensors
-        _refuse_second_order("jvp", input)
-        if target_t is not None or weight_t is not None:
-            raise RuntimeError(
-                "fused_nll.cross_entropy: derivatives with respect to the "
-                f"{'probability targets' if target_t is not None else 'class weight'} are not "
-                "supported; pass them with no tangent, or use "
-                "torch.nn.functional.cross_entropy for those derivatives.")
-        # d loss = <gradient of the loss, tangent>, summed over the classes of each
-        # row (reduction none) or over everything (mean, sum)
-        if ctx.reduction == _NONE:
-            upstream = torch.ones_like(lse)
-        else:
-            upstream = torch.ones((), dtype=lse.dtype, device=lse.device)
-        # the gradient at the same (rounded) logits, in the accumulation dtype: a
-        # half-precision gradient would round each term of the contraction (a copy
-        # of the logits in fp32; jvp is not a training path)
-        with torch.no_grad():
-            grad = ctx.bwd(upstream, input.to(lse.dtype), target, weight, lse, *ctx.args)
-        prod = grad * input_t.to(lse.dtype)
-        if ctx.reduction != _NONE:
-            tangent = prod.sum()
-        else:
-            tangent = prod.sum(0 if input.dim() == 1 else 1)
-        # a nan loss (a mean over no row or zero weight) has a nan derivative, as
-        # torch's for class indices (for probability targets torch's nan is a constant)
-        if not ctx.prob:
-            tangent = torch.where(loss.isnan(), float("nan"), tangent)
+        input, target, weight, lse, _ = ctx.saved_tensors
+        tangent = loss_jvp(ctx.bwd, ctx.prob, ctx.args, False, ctx.loss_dtype,
+                           (input, target, weight, lse), input_t, target_t, weight_t)
         # (zeros for the lse, which is not marked non-differentiable: vmap's generated
         # jvp rule fails on a None tangent, jacfwd(vmap(...)), while plain forward AD
         # wants None for a non-differentiable output; torch 2.13)
-        return tangent.to(ctx.loss_dtype), torch.zeros_like(lse)
+        return tangent, torch.zeros_like(lse)

@@ -11,6 +11,9 @@ import importlib
 from types import SimpleNamespace
 
 import torch
+import torch.autograd.forward_ad as _fwad
+from torch._functorch.utils import enable_single_level_autograd_function
+from torch.autograd.function import _SingleLevelFunction
 
 
 def build_info():
@@ -145,13 +148,15 @@ def _times_upstream(grad, grad_loss):
     return grad * (grad_loss if grad_loss.dim() == 0 else grad_loss.unsqueeze(1))
 
 
-def _refuse_double_backward():
+def refuse_double_backward():
     """Raises under create_graph=True (grad mode on inside backward). The
     gradient comes from a fused kernel (written in the forward pass, or
     recomputed from the saved log-sum-exp by a backward op that has no
     derivative itself), so every second-order term through the loss would be
     silently 0 or an obscure autograd error: gradient penalties, MAML,
-    Hessian-vector products need torch's own cross_entropy."""
+    Hessian-vector products need torch's own cross_entropy. (Compiled, AOTAutograd
+    traces backward with grad mode on; it refuses a double backward through a compiled
+    graph itself.)"""
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
         raise RuntimeError(
             "fused_nll: double backward (create_graph=True) through the fused loss is "
@@ -160,44 +165,99 @@ def _refuse_double_backward():
             "whose higher-order gradients you need.")
 
 
+# The keys of the autograd kernels below: the devices fused_nll has kernels for (and
+# meta), each named, so that they take precedence over the "Autograd" kernel that
+# torch.library.triton_op registers for the Triton family.
+_AUTOGRAD_KEYS = ("AutogradCPU", "AutogradCUDA", "AutogradMeta")
+
+
 def register_autograd(fwd_name, bwd, prob_fwd_name, prob_bwd):
     """Autograd for a family's two forward ops (by name), with the backward ops
     they call. A gradient the forward op computed (compute_grad=True) is one of
     its outputs, which the caller may hold, so it is scaled out of place here;
-    the public API avoids that copy with `FusedLoss` below."""
+    the public API avoids that copy with `FusedLoss` below.
 
-    def setup(ctx, inputs, output, args, compute_grad):
-        input, target, weight = inputs[:3]
-        ctx.args, ctx.precomputed = args, compute_grad
-        ctx.mark_non_differentiable(output[1], output[2])
-        if ctx.precomputed:
-            ctx.save_for_backward(output[2])
-        else:
-            ctx.save_for_backward(input, target, weight, output[1])
+    Why not torch.library.register_autograd: the autograd.Function it generates
+    has no ``setup_context``, which torch.func requires, so every torch.func transform
+    that differentiates (grad, vjp, jacrev, jvp) through the op fails, eagerly and
+    under torch.compile (pytorch/pytorch#170834, #179652; open in torch 2.13), and it
+    has no jvp. The kernel here applies a single-level autograd.Function instead, as
+    functorch does for the autograd nodes of a transform's own level
+    (torch._functorch.autograd_function): plain autograd sees the same node, and
+    the innermost differentiating torch.func level records the op. That is the
+    public functions' path under torch.compile, where Dynamo cannot trace their eager
+    torch.func path (`_func.FuncLoss`, recorded at every level); a transform that
+    needs more than that level raises (`_func.refuse_unrecorded_levels`)."""
+    # n_args: the op's arguments between weight and compute_grad
+    _register_op_autograd(fwd_name, bwd, n_args=4)  # ignore_index, smoothing, reduction, log_probs
+    _register_op_autograd(prob_fwd_name, prob_bwd, n_args=2)  # label_smoothing, reduction
 
-    def backward(ctx, grad_loss, bwd_op, n_inputs):
-        _refuse_double_backward()
-        if ctx.precomputed:
-            (grad,) = ctx.saved_tensors
-            grad = _times_upstream(grad, grad_loss).to(grad.dtype)
-        else:
-            input, target, weight, lse = ctx.saved_tensors
-            grad = bwd_op(grad_loss, input, target, weight, lse, *ctx.args)
-        return (grad,) + (None,) * (n_inputs - 1)
 
-    # inputs: (input, target, weight, *args, compute_grad, loss_dtype)
-    torch.library.register_autograd(
-        fwd_name,
-        lambda ctx, grad_loss, _lse, _grad: backward(ctx, grad_loss, bwd, 9),
-        setup_context=lambda ctx, inputs, output: setup(ctx, inputs, output, inputs[3:7],
-                                                        inputs[7]),
-    )
-    torch.library.register_autograd(
-        prob_fwd_name,
-        lambda ctx, grad_loss, _lse, _grad: backward(ctx, grad_loss, prob_bwd, 7),
-        setup_context=lambda ctx, inputs, output: setup(ctx, inputs, output, inputs[3:5],
-                                                        inputs[5]),
-    )
+def _register_op_autograd(name: str, bwd_op, n_args: int) -> None:
+    """The autograd kernel of one forward op: backward recomputes the gradient from
+    the saved lse with `bwd_op` (or scales the one the op computed), jvp contracts
+    that gradient with the logits' tangent (`_func.loss_jvp`), and both raise when
+    they are themselves differentiated (`_func.refuse_second_order`)."""
+    op = getattr(ops, name.split("::")[1]).default
+    prob = n_args == 2
+
+    class OpAutograd(_SingleLevelFunction):
+        @staticmethod
+        def forward(ctx, input, target, weight, *rest):  # rest: args, compute_grad, loss_dtype
+            _func.refuse_unrecorded_levels(input)
+            with torch._C._AutoDispatchBelowAutograd():
+                loss, lse, grad = op(input, target, weight, *rest)
+            ctx.args, ctx.precomputed, ctx.loss_dtype = rest[:n_args], rest[n_args], loss.dtype
+            ctx.mark_non_differentiable(lse, grad)
+            # no zeros for an unused loss gradient, nor for the inputs without a tangent
+            ctx.set_materialize_grads(False)
+            if ctx.precomputed:
+                ctx.save_for_backward(grad)
+                ctx.save_for_forward(grad, target, weight)
+            else:
+                ctx.save_for_backward(input, target, weight, lse)
+                ctx.save_for_forward(input, target, weight, lse)
+            return loss, lse, grad
+
+        @staticmethod
+        def backward(ctx, grad_loss, _lse, _grad):
+            none = (None,) * (n_args + 4)  # target, weight, args, compute_grad, loss_dtype
+            if grad_loss is None:
+                return (None,) + none
+            _func.refuse_target_or_weight_derivative(ctx.needs_input_grad[1],
+                                                     ctx.needs_input_grad[2])
+            saved = ctx.saved_tensors
+            _func.refuse_second_order("grad", saved[0])
+            with torch.no_grad():  # first order only: nothing to record
+                if ctx.precomputed:
+                    (grad,) = saved
+                    grad = _times_upstream(grad, grad_loss).to(grad.dtype)
+                else:
+                    input, target, weight, lse = saved
+                    grad = bwd_op(grad_loss, input, target, weight, lse, *ctx.args)
+            return (grad,) + none
+
+        @staticmethod
+        def jvp(ctx, input_t, target_t, weight_t, *_rest_t):
+            tangent = _func.loss_jvp(bwd_op, prob, ctx.args, ctx.precomputed, ctx.loss_dtype,
+                                     ctx.saved_for_forward, input_t, target_t, weight_t)
+            return tangent, None, None
+
+    OpAutograd.__name__ = OpAutograd.__qualname__ = f"{op._opname}_autograd"
+
+    def kernel(*args):
+        # a gradient to record, or possibly a forward-mode tangent (torch.func's
+        # transforms, torch.autograd.forward_ad), which requires_grad does not show
+        if (torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad
+                                            for a in args)
+                or torch._C._are_functorch_transforms_active() or _fwad._current_level >= 0):
+            with enable_single_level_autograd_function():
+                return OpAutograd.apply(*args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+
+    for key in _AUTOGRAD_KEYS:
+        _IMPL.impl(name, kernel, key)
 
 
 class FusedLoss(torch.autograd.Function):
@@ -213,7 +273,7 @@ class FusedLoss(torch.autograd.Function):
     must not touch the tensor the first one handed out: it returns a new one,
     rescaled by new/first upstream gradient (one extra rounding; an error if the
     first upstream gradient was 0 somewhere). Double backward raises, as on
-    the log-sum-exp path (`_refuse_double_backward`).
+    the log-sum-exp path (`refuse_double_backward`).
     """
 
     @staticmethod
@@ -233,7 +293,7 @@ class FusedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        _refuse_double_backward()
+        refuse_double_backward()
         # detach: in place, the saved tensor is the caller's logits tensor itself (with
         # their grad_fn); the gradient handed on is its storage, not that tensor
         (grad,) = (t.detach() for t in ctx.saved_tensors)
