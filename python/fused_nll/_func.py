@@ -309,7 +309,13 @@ def refuse_unrecorded_levels(input: torch.Tensor) -> None:
     if not diffs:
         return
     if len(diffs) > 1:
-        raise RuntimeError(_SECOND_ORDER)
+        raise RuntimeError(
+            "fused_nll: nested differentiating torch.func transforms through the loss "
+            "(second-order derivatives such as hessian or grad(grad(...)), or a derivative of "
+            "an inner transform's loss output, e.g. grad of vjp(f, x)[0]) are not supported "
+            "under torch.compile (or calling the op itself): there the loss is recorded at "
+            "the innermost transform only. Call it eagerly (first-order combinations work "
+            "there), or use torch.nn.functional.cross_entropy for higher-order derivatives.")
     base = input
     while torch._C._functorch.is_functorch_wrapped_tensor(base):
         base = torch._C._functorch.get_unwrapped(base)
