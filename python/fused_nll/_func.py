@@ -201,6 +201,13 @@ _SECOND_ORDER = (
     "derivatives you need.")
 
 
+def _unwrapped(t: torch.Tensor) -> torch.Tensor:
+    """The plain tensor under all of `t`'s torch.func wrappers."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
+
+
 # torch 2.6's generated vmap rule for an autograd.Function cannot run its backward
 # when an output's gradient is None (it batches the None: a TypeError from
 # _add_batch_dim), and FuncLoss's lse output never has one; torch 2.7 fixed that.
@@ -220,9 +227,7 @@ def refuse_reverse_mode_through_vmap(input: torch.Tensor) -> None:
     vmaps = [i.level() for i in interpreters if i.key() == TransformType.Vmap]
     if not vmaps:
         return
-    base = input
-    while torch._C._functorch.is_functorch_wrapped_tensor(base):
-        base = torch._C._functorch.get_unwrapped(base)
+    base = _unwrapped(input)
     outer_grad = any(i.key() == TransformType.Grad and i.level() < max(vmaps) for i in interpreters)
     if outer_grad or (base.requires_grad and torch.is_grad_enabled()):
         raise RuntimeError(
@@ -302,6 +307,8 @@ def refuse_unrecorded_levels(input: torch.Tensor) -> None:
     (the logits, unwrapped, require grad: e.g. parameters that require grad passed to
     torch.func undetached). Eager, the public functions take `FuncLoss` instead, which
     functorch records at every level."""
+    if not torch._C._are_functorch_transforms_active():
+        return
     from torch._functorch.pyfunctorch import TransformType, retrieve_all_functorch_interpreters
 
     diffs = [i for i in retrieve_all_functorch_interpreters()
@@ -316,9 +323,7 @@ def refuse_unrecorded_levels(input: torch.Tensor) -> None:
             "under torch.compile (or calling the op itself): there the loss is recorded at "
             "the innermost transform only. Call it eagerly (first-order combinations work "
             "there), or use torch.nn.functional.cross_entropy for higher-order derivatives.")
-    base = input
-    while torch._C._functorch.is_functorch_wrapped_tensor(base):
-        base = torch._C._functorch.get_unwrapped(base)
+    base = _unwrapped(input)
     if base.requires_grad:
         raise RuntimeError(
             "fused_nll: under torch.compile (or calling the op itself), a torch.func "
@@ -410,7 +415,6 @@ class FuncLoss(torch.autograd.Function):
         triton, prob, _, input, target, weight, *args = inputs
         family = _family(triton)
         ctx.bwd, ctx.args, ctx.prob = (family.prob_bwd if prob else family.bwd), args, prob
-        ctx.reduction = args[-1] if prob else args[-2]
         # no zeros for the inputs without a tangent (jvp tells a probability target's or
         # the weight's real tangent from none), nor for an unused loss in backward
         ctx.set_materialize_grads(False)
