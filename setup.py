@@ -1,5 +1,6 @@
 """Builds fused_nll._C: the op schemas and CPU kernels, plus the CUDA C++
-kernels when torch has CUDA and nvcc is found. Install with
+kernels when torch has CUDA and nvcc is found. It is a plain shared library (no
+Python module init), loaded with torch.ops.load_library (docs/deployment.md). Install with
 `pip install --no-build-isolation .` into an environment that already has torch
 (an isolated build would download another torch)."""
 import glob

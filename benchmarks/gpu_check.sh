@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU round on a lent GPU (shared/GPU.md): versions, build, GPU tests, Triton
-# config sweep, benchmark, parity suite, torch.func suite; the short table is printed last.
+# config sweep, benchmark, parity suite, torch.func suite, AOTInductor deployment; the
+# short table is printed last.
 # Full logs go to $OUT (the device tool brings them back).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +15,7 @@ PY=${PY:-python3}
 # parity also runs in CI on the CPU emulator) and each gets at most its own timeout and
 # what is left of DEADLINE seconds from the start; a stage with < 20 s left is skipped
 # and says so. STAGES picks stages, e.g. STAGES=sweep,bench on a warm machine later.
-STAGES=${STAGES:-build,tests,sweep,bench,parity,func}
+STAGES=${STAGES:-build,tests,sweep,bench,parity,func,deploy}
 DEADLINE=${DEADLINE:-470}
 T0=$(date +%s)
 left() {  # left <stage timeout>: seconds this stage may take, 0 to skip it
@@ -91,7 +92,7 @@ if [[ $STAGES == *bench* ]] && t=$(left ${BENCH_TIMEOUT:-150}) && [ "$t" -gt 0 ]
 elif [[ $STAGES == *bench* ]]; then skip bench
 fi
 
-# The last two stages: a test file on the GPU backends, within its own timeout.
+# The last stages: a test file on the GPU backends, within its own timeout.
 gpu_suite() {  # gpu_suite <stage> <timeout> <test file>
   local t start
   if [[ $STAGES != *$1* ]]; then return; fi
@@ -105,6 +106,8 @@ gpu_suite() {  # gpu_suite <stage> <timeout> <test file>
 gpu_suite parity "${PARITY_TIMEOUT:-240}" tests/test_parity.py
 # torch.func (vmap batching rules, per-sample gradients), if time is left
 gpu_suite func "${FUNC_TIMEOUT:-90}" tests/test_func.py
+# AOTInductor packages on the GPU, from Python and C++ (docs/deployment.md), if time is left
+gpu_suite deploy "${DEPLOY_TIMEOUT:-120}" tests/test_deployment.py
 
 # The short table last (the bench's, when it ran).
 if grep -q "^impl " "$OUT/bench.log" 2>/dev/null; then echo "== table =="; grep -A100 "^impl " "$OUT/bench.log"; fi

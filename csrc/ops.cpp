@@ -1,18 +1,13 @@
 // The op library of fused_nll: its schemas (csrc/schemas.h, see docs/ops.md).
 // CPU kernels live in cross_entropy.cpp, CUDA C++ kernels in cuda/cross_entropy.cu;
 // the Triton kernels are registered from Python as separate triton_ops.
-#include <Python.h>
+//
+// A plain shared library, not a Python module: Python loads it with
+// torch.ops.load_library (python/fused_nll/_ops.py), and a C++ program can dlopen
+// it to run an AOTInductor package that calls these ops (docs/deployment.md).
+// So nothing here (or in the kernels) may use the Python C API.
 #include <torch/library.h>
 
 #include "schemas.h"
-
-extern "C" {
-// `import fused_nll._C` loads this shared library, which runs the static
-// registrations below; the module itself has no Python functions.
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}
 
 TORCH_LIBRARY(fused_nll, m) { fused_nll::define_ops(m); }

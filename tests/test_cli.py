@@ -51,6 +51,21 @@ def test_a_failed_extension_load_says_how_to_rebuild(monkeypatch):
     assert "pip install --no-build-isolation" in msg
 
 
+def test_a_missing_or_broken_op_library_raises_import_error(monkeypatch, tmp_path):
+    # The op library is loaded with torch.ops.load_library (a plain shared library, see
+    # docs/deployment.md): its OSError, or no library at all, becomes the ImportError above.
+    from fused_nll import _ops
+
+    broken = tmp_path / "_C.so"
+    broken.write_text("not a shared library")
+    monkeypatch.setattr(_ops, "library_path", lambda: str(broken))
+    with pytest.raises(ImportError, match="failed to load .*Rebuild it against the installed torch"):
+        _ops._load_library()
+    monkeypatch.setattr(_ops, "library_path", lambda: None)
+    with pytest.raises(ImportError, match="was not found: it is not built.*pip install"):
+        _ops._load_library()
+
+
 def test_verify_passes_and_prints_a_table():
     out = run("verify", "--quick", "--device", "cpu", "--backend", "cpp")
     assert out.returncode == 0, out.stdout + out.stderr

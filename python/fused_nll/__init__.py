@@ -10,9 +10,10 @@ that explain the usual NLLLoss mistakes.
 from . import _ops  # noqa: F401  (loads the compiled op library, registers fake/autograd)
 from ._backend import set_debug, use_backend
 from ._debug import NotLogProbabilitiesWarning
+from ._ops import library_path
 from .functional import cross_entropy, nll_loss
 from .modules import CrossEntropyLoss, NLLLoss
 
 __version__ = "0.1.0"
 __all__ = ["cross_entropy", "nll_loss", "CrossEntropyLoss", "NLLLoss", "use_backend", "set_debug",
-           "NotLogProbabilitiesWarning"]
+           "NotLogProbabilitiesWarning", "library_path"]

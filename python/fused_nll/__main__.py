@@ -66,6 +66,8 @@ def cmd_info(_args) -> int:
     print(f"python    {platform.python_version()}  torch {torch.__version__}  triton {triton_version}")
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     print(f"GPU       {gpu}  (torch CUDA {torch.version.cuda})")
+    print(f"library   {fused_nll.library_path()}  (the op library; C++ programs dlopen it, "
+          "docs/deployment.md)")
     print("backends:")
     for name, ok, why in backend_report():
         print(f"  {name:7s} {'yes' if ok else 'no ':3s}  {why}")

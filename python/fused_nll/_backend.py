@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from . import _C  # noqa: F401  (the op library must be loaded before the check below)
+from . import _ops  # noqa: F401  (loads the op library, needed by the check below)
 
 BACKENDS = ("cpp", "triton", "cuda")
 

@@ -8,6 +8,7 @@ recomputes the gradient from the saved log-sum-exp.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from types import SimpleNamespace
 
 import torch
@@ -31,25 +32,43 @@ def other_torch_build() -> str | None:
     return None if info is None or info.TORCH_VERSION == torch.__version__ else info.TORCH_VERSION
 
 
-def _load_failure(exc: ImportError) -> str:
+def library_path() -> str | None:
+    """The compiled op library (fused_nll._C: schemas, C++ CPU and CUDA kernels), or None
+    when it is not built. A plain shared library, so a C++ program can dlopen it too."""
+    spec = importlib.util.find_spec(f"{__package__}._C")
+    return None if spec is None else spec.origin
+
+
+def _load_failure(exc: Exception | None) -> str:
     """What to tell a user whose compiled extension does not load."""
     info, other = build_info(), other_torch_build()
-    if info is None:
-        why = "it may not be built"
-    elif other is not None:
-        why = f"it was built against torch {other}, and this is torch {torch.__version__}"
+    if exc is None:
+        what, why = "was not found", "it is not built"
     else:
-        why = f"it was built against this torch ({info.TORCH_VERSION})"
-    return (f"fused_nll's compiled extension (fused_nll._C) failed to load ({exc}): {why}. "
+        what = f"failed to load ({exc})"
+        if info is None:
+            why = "it may not be built"
+        elif other is not None:
+            why = f"it was built against torch {other}, and this is torch {torch.__version__}"
+        else:
+            why = f"it was built against this torch ({info.TORCH_VERSION})"
+    return (f"fused_nll's compiled extension (fused_nll._C) {what}: {why}. "
             "Rebuild it against the installed torch, from fused_nll's source directory: "
             "pip install --no-build-isolation --no-deps --force-reinstall .")
 
 
-try:
-    from . import _C  # noqa: F401  (loads the schemas and the C++ kernels)
-except ImportError as _exc:
-    raise ImportError(_load_failure(_exc)) from _exc
+def _load_library() -> None:
+    """Loads the op library once (its static registrations define the ops)."""
+    path = library_path()
+    if path is None:
+        raise ImportError(_load_failure(None))
+    try:
+        torch.ops.load_library(path)  # a no-op when this path is loaded already
+    except OSError as exc:
+        raise ImportError(_load_failure(exc)) from exc
 
+
+_load_library()
 ops = torch.ops.fused_nll
 
 
