@@ -72,20 +72,37 @@ def assert_matches_torch(outputs, refs):
 
 
 @pytest.fixture(scope="module", params=DEPLOY_TARGETS, ids=["/".join(t) for t in DEPLOY_TARGETS])
-def package(request, tmp_path_factory):
-    """(model, package path, device): the AOTInductor package of EvalLosses, exported
-    with a dynamic batch dimension, on the device, with the backend forced."""
+def exported(request):
+    """(model, exported program, device): EvalLosses exported with a dynamic batch
+    dimension, on the device, with the backend forced."""
     device, backend = request.param
     torch.manual_seed(0)
     model = EvalLosses().eval().to(device)
     rows = torch.export.Dim("rows", min=2, max=1 << 20)
     with fused_nll.use_backend(backend):
-        exported = torch.export.export(model, inputs(8, seed=1, device=device),
-                                       dynamic_shapes=({0: rows}, {0: rows}, {0: rows}))
-    assert any("fused_nll" in str(n.target) for n in exported.graph.nodes)
+        program = torch.export.export(model, inputs(8, seed=1, device=device),
+                                      dynamic_shapes=({0: rows}, {0: rows}, {0: rows}))
+    assert any("fused_nll" in str(n.target) for n in program.graph.nodes)
+    return model, program, device
+
+
+@pytest.fixture(scope="module")
+def package(exported, tmp_path_factory):
+    """(model, package path, device): the AOTInductor package of the exported program."""
+    model, program, device = exported
     path = tmp_path_factory.mktemp("aoti") / "eval_losses.pt2"
-    torch._inductor.aoti_compile_and_package(exported, package_path=str(path))
+    torch._inductor.aoti_compile_and_package(program, package_path=str(path))
     return model, str(path), device
+
+
+def test_exported_program_saves_and_loads(exported, tmp_path):
+    # torch.export.save / load (the .pt2 of an ExportedProgram, not compiled): the
+    # loading process needs fused_nll imported, as for any custom op.
+    model, program, device = exported
+    torch.export.save(program, tmp_path / "eval_losses_ep.pt2")
+    loaded = torch.export.load(tmp_path / "eval_losses_ep.pt2")
+    x, t, y = inputs(13, seed=4, device=device)
+    assert_matches_torch(loaded.module()(x, t, y), references(model, x, t, y))
 
 
 def test_aoti_package_runs_from_python(package):
