@@ -41,11 +41,13 @@ if [[ $STAGES == *build* ]]; then
 fi
 
 # tests: first the code that has never run on a GPU: the one-launch Triton split rows on
-# their own, then the Hopper cluster kernel, inplace_backward and test_gpu.py; then the
+# their own, then the Hopper cluster kernel, the probe for session 1's segfault (an
+# IndexError from the C++ CPU kernel), inplace_backward and test_gpu.py; then the
 # rest of the GPU test files. Three pytest runs in one TEST_TIMEOUT, so a slow or hung
 # one cannot hide the others.
 FIRST_TESTS=${FIRST_TESTS:-tests/test_cuda_backend.py::test_cluster_kernel \
 tests/test_cuda_backend.py::test_cluster_kernel_bad_targets_and_fallbacks \
+tests/test_errors.py::test_index_error_from_the_cpp_kernel_reaches_python \
 tests/test_inplace_backward.py tests/test_gpu.py}
 REST_TESTS=${REST_TESTS:-tests/test_cuda_backend.py tests/test_triton_kernels.py}
 # The ~500 tile-kernel cases of test_triton_kernels.py (each a new compile on a fresh
