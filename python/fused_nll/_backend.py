@@ -39,7 +39,9 @@ _check_name(_forced[0])
 
 @contextlib.contextmanager
 def use_backend(name: str | None):
-    """Force a backend inside a `with` block: "cpp", "triton" or "cuda" (None: automatic)."""
+    """Force a backend inside a `with` block: "cpp", "triton" or "cuda" (None: automatic).
+    Process-wide, not per thread (like torch's backend flags): do not enter it from
+    threads that run fused_nll concurrently with different choices."""
     _check_name(name)
     _forced.append(name)
     try:
