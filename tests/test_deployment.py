@@ -112,6 +112,33 @@ def test_aoti_package_runs_from_python(package):
     assert_matches_torch(runner(x, t, y), references(model, x, t, y))
 
 
+def test_exported_module_trains():
+    # The exported graph is torch.export's training IR: backward through ep.module()
+    # runs fused_nll's autograd, and the parameter gradients are torch's.
+    torch.manual_seed(5)
+    head = torch.nn.Linear(8, CLASSES).double()
+    h, t = torch.randn(6, 8, dtype=torch.float64), torch.randint(0, CLASSES, (6,))
+    t[2] = IGNORE
+
+    class Step(torch.nn.Module):
+        def __init__(self, loss):
+            super().__init__()
+            self.head, self.loss = head, loss
+
+        def forward(self, h, t):
+            return self.loss(self.head(h), t, ignore_index=IGNORE, label_smoothing=0.1)
+
+    module = torch.export.export(Step(fused_nll.cross_entropy), (h, t)).module()
+    module(h, t).backward()
+    grads = [p.grad.clone() for p in module.parameters()]
+    assert len(grads) == 2 and all(g is not None for g in grads)
+    head.zero_grad()
+    Step(torch.nn.functional.cross_entropy)(h, t).backward()
+    for got, want in zip(grads, [head.weight.grad, head.bias.grad]):
+        ok, detail = close(got, want, torch.float64)
+        assert ok, detail
+
+
 @pytest.fixture(scope="module")
 def cpp_runner(tmp_path_factory):
     """tests/cpp/aoti_runner.cpp built against this torch's libtorch (no Python)."""
