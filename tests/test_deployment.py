@@ -2,8 +2,9 @@
 torch.export and compiled ahead of time by AOTInductor into a package, runs from Python
 (`aoti_load_package`) and from a C++ program with no Python (tests/cpp/aoti_runner.cpp,
 which dlopens fused_nll's op library). Both are compared with torch in fp64 at a batch
-size other than the one exported (the batch dimension is dynamic). On the CPU with the C++ kernels; on a GPU (benchmarks/gpu_check.sh)
-with the Triton kernels (compiled into the package) and with the CUDA C++ kernels."""
+size other than the one exported (the batch dimension is dynamic). On the CPU with the
+C++ kernels; on a GPU (benchmarks/gpu_check.sh) with the Triton kernels (compiled into
+the package) and with the CUDA C++ kernels."""
 import shutil
 import subprocess
 from pathlib import Path
@@ -182,7 +183,7 @@ def test_aoti_package_runs_from_cpp_without_python(package, cpp_runner, tmp_path
     assert_matches_torch(outputs, references(model, x, t, y))
 
 
-def test_the_op_library_needs_no_python(tmp_path):
+def test_the_op_library_needs_no_python():
     # The runner above dlopens it with RTLD_NOW; this says why when that would fail.
     if shutil.which("nm") is None:
         pytest.skip("needs nm")

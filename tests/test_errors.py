@@ -2,13 +2,15 @@
 same exception class as torch (or a subclass), a message that names the
 argument, what was received, what was expected and the fix. Also under
 torch.compile, and the debug-mode checks."""
+import subprocess
+import sys
 import warnings
 
 import pytest
 import torch
 
 import fused_nll
-from conftest import CUDA_EMU, dynamo_keeps_user_messages
+from conftest import CUDA_EMU, cpu_kernel_only, dynamo_keeps_user_messages
 from fused_nll._debug import NotLogProbabilitiesWarning
 
 N, C = 4, 5
@@ -199,7 +201,7 @@ for grad in (False, True):
 """
 
 
-@pytest.mark.skipif(CUDA_EMU, reason="the emulated CUDA kernels replaced the C++ CPU kernel")
+@cpu_kernel_only
 @pytest.mark.parametrize("context", ["cpu", "cuda"])
 def test_index_error_from_the_cpp_kernel_reaches_python(context):
     # On the H200 of session 1 (torch 2.11+cu130, the extension built there with its CUDA
@@ -207,9 +209,6 @@ def test_index_error_from_the_cpp_kernel_reaches_python(context):
     # crashed the process (segfault); so on GPU builds the public functions check CPU
     # targets in Python first (functional._host_targets, README Known issues). This is the
     # probe for that crash: benchmarks/gpu_check.sh runs it on the GPU.
-    import subprocess
-    import sys
-
     if context == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     run = subprocess.run([sys.executable, "-c", _CPP_KERNEL_INDEX_ERROR, context],
