@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU round on a lent GPU (shared/GPU.md): versions, build, GPU tests, Triton
-# config sweep, benchmark, parity suite, torch.func suite, AOTInductor deployment; the
-# short table is printed last.
+# config sweep, benchmark, AOTInductor deployment, the C++-exception crash diagnosis,
+# parity suite, torch.func suite; the short table is printed last.
 # Full logs go to $OUT (the device tool brings them back).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -11,11 +11,12 @@ PY=${PY:-python3}
 # The whole round stays under 8 minutes (DEADLINE, default 470 s): one device call may
 # run 600 s at most, and a session has ~15 min of device time in all, start-up
 # included. So the stages run in order of value (the build, the GPU-only
-# tests, the Triton sweep, the benchmark, the parity suite last: the CUDA C++ kernels'
-# parity also runs in CI on the CPU emulator) and each gets at most its own timeout and
+# tests, the Triton sweep, the benchmark, deployment, the crash diagnosis, the parity
+# suite last: it passed on the H200 (2026-11-26) and in part on the H100 (2026-11-27),
+# and the CUDA C++ kernels' parity also runs in CI on the CPU emulator) and each gets at most its own timeout and
 # what is left of DEADLINE seconds from the start; a stage with < 20 s left is skipped
 # and says so. STAGES picks stages, e.g. STAGES=sweep,bench on a warm machine later.
-STAGES=${STAGES:-build,tests,sweep,bench,parity,func,deploy}
+STAGES=${STAGES:-build,tests,sweep,bench,deploy,diag,parity,func}
 DEADLINE=${DEADLINE:-470}
 T0=$(date +%s)
 left() {  # left <stage timeout>: seconds this stage may take, 0 to skip it
@@ -40,20 +41,18 @@ if [[ $STAGES == *build* ]]; then
     || echo "WARNING: the CUDA C++ kernels are not usable here (the reason is in info above)"
 fi
 
-# tests: first the code that has never run on a GPU: the one-launch Triton split rows on
-# their own, then the Hopper cluster kernel, the probe for session 1's segfault (an
-# IndexError from the C++ CPU kernel), inplace_backward and test_gpu.py; then the
-# rest of the GPU test files. Three pytest runs in one TEST_TIMEOUT, so a slow or hung
-# one cannot hide the others.
-FIRST_TESTS=${FIRST_TESTS:-tests/test_cuda_backend.py::test_cluster_kernel \
-tests/test_cuda_backend.py::test_cluster_kernel_bad_targets_and_fallbacks \
-tests/test_errors.py::test_index_error_from_the_cpp_kernel_reaches_python \
-tests/test_inplace_backward.py tests/test_gpu.py}
-REST_TESTS=${REST_TESTS:-tests/test_cuda_backend.py tests/test_triton_kernels.py}
+# tests: the one-launch Triton split rows on their own first, then the probe for the
+# C++-exception crash and test_gpu.py (on the H100, 2026-11-27, the first group's time
+# ran out before most of test_gpu.py); then the rest of the GPU test files. Three
+# pytest runs in one TEST_TIMEOUT, so a slow or hung one cannot hide the others.
+FIRST_TESTS=${FIRST_TESTS:-tests/test_errors.py::test_index_error_from_the_cpp_kernel_reaches_python \
+tests/test_gpu.py}
+REST_TESTS=${REST_TESTS:-tests/test_inplace_backward.py tests/test_cuda_backend.py tests/test_triton_kernels.py}
 # The ~500 tile-kernel cases of test_triton_kernels.py (each a new compile on a fresh
 # machine) run in CI through the interpreter; on the GPU, test_gpu.py's segmentation
-# tests and the parity stage run the tile kernels. REST_K="" runs them all.
-REST_K=${REST_K-not tile}
+# tests and the parity stage run the tile kernels. The cluster-kernel cases (37, slow
+# to compile) passed on the H100 (2026-11-27). REST_K="" runs them all.
+REST_K=${REST_K-not tile and not cluster_kernel}
 SPLIT_TEST=tests/test_triton_kernels.py::test_split_rows_one_launch_on_gpu
 if [[ $STAGES == *tests* ]] && budget=$(left ${TEST_TIMEOUT:-170}) && [ "$budget" -gt 0 ]; then
   start=$(date +%s)
@@ -105,11 +104,19 @@ gpu_suite() {  # gpu_suite <stage> <timeout> <test file>
   echo "$1 rc=$? in $(( $(date +%s) - start )) s: $(tail -1 "$OUT/$1.log")"
   grep -E "^(FAILED|ERROR)" "$OUT/$1.log" | head -20
 }
+# AOTInductor packages on the GPU, from Python and C++ (docs/deployment.md): never run
+# on a GPU; the first package's compile took more than 74 s on the H100
+gpu_suite deploy "${DEPLOY_TIMEOUT:-150}" tests/test_deployment.py
+# Why a C++ exception from the op library crashed the process on the H100
+# (benchmarks/diag_cpp_errors.py: minimal throwing ops built with our flag sets)
+if [[ $STAGES == *diag* ]] && t=$(left ${DIAG_TIMEOUT:-100}) && [ "$t" -gt 0 ]; then
+  timeout "$t" $PY benchmarks/diag_cpp_errors.py > "$OUT/diag.log" 2>&1
+  echo "diag rc=$?"; grep "^== " "$OUT/diag.log" | grep -v "ldd\|version\|runtimes" | cut -c1-150
+elif [[ $STAGES == *diag* ]]; then skip diag
+fi
 gpu_suite parity "${PARITY_TIMEOUT:-240}" tests/test_parity.py
 # torch.func (vmap batching rules, per-sample gradients), if time is left
 gpu_suite func "${FUNC_TIMEOUT:-90}" tests/test_func.py
-# AOTInductor packages on the GPU, from Python and C++ (docs/deployment.md), if time is left
-gpu_suite deploy "${DEPLOY_TIMEOUT:-120}" tests/test_deployment.py
 
 # The short table last (the bench's, when it ran).
 if grep -q "^impl " "$OUT/bench.log" 2>/dev/null; then echo "== table =="; grep -A100 "^impl " "$OUT/bench.log"; fi

@@ -3,8 +3,9 @@ fwd+bwd time per configuration at the reference shapes (bf16, mean, every 17th
 target ignored), to choose the module-level knobs of
 triton_kernels/cross_entropy.py: _MAX_BLOCK / _ELEMS_PER_THREAD (block and warps),
 _PROGRAMS_PER_SM (persistent grid of the index forward kernel), _PREFETCH (software
-prefetch in its first sweep) and the split-row
-gradient path (_SPLIT_PARTS, _SPLIT_PROGRAMS_PER_SM, _SPLIT_NUM_WARPS).
+prefetch in its first sweep), _GRAD_LAUNCH (another launch shape for the forward with
+gradient), the split-row gradient path (_SPLIT_PARTS, _SPLIT_PROGRAMS_PER_SM) and, at a
+segmentation shape, the tile kernels' size (_TILE_ELEMS) against the row kernels.
 
 Before timing, every configuration's loss and gradient are compared with the
 default configuration's (the split path exchanges partial sums between programs
@@ -21,33 +22,42 @@ from triton.testing import do_bench
 import fused_nll
 from fused_nll.triton_kernels import cross_entropy as ck
 
-# (label, knob overrides); "max_block" sets _MAX_BLOCK[2] (bf16).
-CONFIGS = [  # in order of interest: a sweep cut short by its timeout keeps the first
+# (label, knob overrides); "max_block" sets _MAX_BLOCK[2] (bf16). H100 2026-11-27
+# (h100_2026-11-27_triton_sweep.txt): split rows lost at every setting (2.3-3.7 ms vs
+# 1.99 fwd+bwd at 128256) and are left out here; "prefetch 1/SM 16k" won fwd+bwd (1.87)
+# but lost forward (0.79 vs 0.725), hence the gradient-launch-only sets (_GRAD_LAUNCH).
+def grad_launch(max_block, per_thread, per_sm, prefetch):
+    return {"_GRAD_LAUNCH": {"max_block": max_block, "elems_per_thread": per_thread,
+                             "programs_per_sm": per_sm, "prefetch": prefetch}}
+
+
+ROW_CONFIGS = [  # in order of interest: a sweep cut short by its timeout keeps the first
     ("default", {}),
-    # split rows: parts x programs per SM (a chunk of C/parts classes per work item; up
-    # to 8192 classes it is one block kept in registers: 16, 32, 64 parts at 128256)
-    ("split 8 x4/SM", {"_SPLIT_PARTS": 8, "_SPLIT_PROGRAMS_PER_SM": 4}),
-    ("split 16 x2/SM", {"_SPLIT_PARTS": 16, "_SPLIT_PROGRAMS_PER_SM": 2}),
-    ("split 16 x4/SM", {"_SPLIT_PARTS": 16, "_SPLIT_PROGRAMS_PER_SM": 4}),
-    ("split 32 x4/SM", {"_SPLIT_PARTS": 32, "_SPLIT_PROGRAMS_PER_SM": 4}),
-    ("split 32 x8/SM", {"_SPLIT_PARTS": 32, "_SPLIT_PROGRAMS_PER_SM": 8}),
-    ("split 64 x8/SM", {"_SPLIT_PARTS": 64, "_SPLIT_PROGRAMS_PER_SM": 8}),
-    ("split 64 x16/SM", {"_SPLIT_PARTS": 64, "_SPLIT_PROGRAMS_PER_SM": 16}),
-    # software prefetch in sweep 1 (a block in flight while the previous one is reduced)
+    ("grad: prefetch 1/SM 16k", grad_launch(16384, 16, 1, True)),
+    ("grad: prefetch 2/SM 16k", grad_launch(16384, 16, 2, True)),
+    ("grad: 1/SM 16k", grad_launch(16384, 16, 1, False)),
+    ("grad: prefetch 2/SM 8k", grad_launch(8192, 16, 2, True)),
+    ("grad: prefetch 4/SM 8k", grad_launch(8192, 16, 4, True)),
+    ("grad: prefetch 1/SM 32k", grad_launch(32768, 32, 1, True)),
+    ("grad: prefetch", grad_launch(None, None, None, True)),
     ("prefetch", {"_PREFETCH": True}),
-    # one row per SM (132 x 256 KB in flight, within L2, for the gradient sweep's
-    # re-read) with 32 warps, without and with prefetch (64 registers, no spills)
-    ("persist 1/SM 16k", {"max_block": 16384, "_ELEMS_PER_THREAD": 16, "_PROGRAMS_PER_SM": 1}),
-    ("prefetch 1/SM 16k", {"max_block": 16384, "_ELEMS_PER_THREAD": 16, "_PROGRAMS_PER_SM": 1,
-                           "_PREFETCH": True}),
-    ("persist 2/SM 16k", {"max_block": 16384, "_ELEMS_PER_THREAD": 16, "_PROGRAMS_PER_SM": 2}),
     ("persist 8/SM", {"_PROGRAMS_PER_SM": 8}),
-    ("block16k/16", {"max_block": 16384, "_ELEMS_PER_THREAD": 16}),
-    ("block4k/16", {"max_block": 4096, "_ELEMS_PER_THREAD": 16}),
+    ("split 32 x8/SM", {"_SPLIT_PARTS": 32, "_SPLIT_PROGRAMS_PER_SM": 8}),
 ]
-SHAPES = [(8192, 128256), (8192, 32000)]
+# Tile kernels at a segmentation shape (16 x 21 x 512 x 512: 12% of the floor on the
+# H100, 2026-11-27): elements per tile (a 32-class x BLOCK_S-pixel tile, 4 warps).
+TILE_CONFIGS = [
+    ("default", {}),
+    ("tile 2k", {"_TILE_ELEMS": 2048}),
+    ("tile 8k", {"_TILE_ELEMS": 8192}),
+    ("tile 16k", {"_TILE_ELEMS": 16384}),
+    ("row kernels", {"_TILE": False}),
+]
+ROW_SHAPES = [(8192, 128256), (4096, 256000), (8192, 32000)]
+TILE_SHAPES = [(16, 21, 512, 512)]
 KNOBS = ["_ELEMS_PER_THREAD", "_PROGRAMS_PER_SM", "_PREFETCH", "_SPLIT_PARTS", "_SPLIT_PROGRAMS_PER_SM",
-         "_SPLIT_NUM_WARPS", "_SPLIT_MIN_CLASSES", "_SPLIT_MAX_BLOCK", "_SPLIT_ELEMS_PER_THREAD"]
+         "_SPLIT_NUM_WARPS", "_SPLIT_MIN_CLASSES", "_SPLIT_MAX_BLOCK", "_SPLIT_ELEMS_PER_THREAD",
+         "_GRAD_LAUNCH", "_TILE", "_TILE_ELEMS"]
 
 
 def apply(overrides, saved):
@@ -65,11 +75,15 @@ def main():
     quick = "--quick" in sys.argv
     saved = {"_MAX_BLOCK": dict(ck._MAX_BLOCK), **{k: getattr(ck, k) for k in KNOBS}}
     print(f"defaults: {saved}")
-    print(f"{'N':>6s} {'V':>7s} {'config':<18s} {'fwd ms':>8s} {'fwd+bwd ms':>10s}  check")
-    for n, v in SHAPES[:1] if quick else SHAPES:
-        x = torch.randn(n, v, device="cuda", dtype=torch.bfloat16)
-        t = torch.randint(0, v, (n,), device="cuda")
-        t[::17] = -100
+    print(f"{'shape':>16s} {'config':<24s} {'fwd ms':>8s} {'fwd+bwd ms':>10s}  check")
+    cases = [(shape, ROW_CONFIGS) for shape in ROW_SHAPES] + \
+            [(shape, TILE_CONFIGS) for shape in TILE_SHAPES]
+    for shape, configs in cases[:1] if quick else cases:
+        name = "x".join(map(str, shape))
+        classes = shape[1]
+        x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+        t = torch.randint(0, classes, (shape[0], *shape[2:]), device="cuda")
+        t.view(-1)[::17] = -100
         xg = x.clone().requires_grad_(True)
 
         def fwdbwd():
@@ -77,7 +91,7 @@ def main():
             fused_nll.cross_entropy(xg, t).backward()
 
         ref = None
-        for label, overrides in CONFIGS:
+        for label, overrides in configs:
             apply(overrides, saved)
             with fused_nll.use_backend("triton"):
                 fwdbwd()
@@ -92,14 +106,15 @@ def main():
                            and torch.allclose(got[1], ref[1], rtol=1e-3))
                 if bad:
                     err = (got[0] - ref[0]).abs().max().item()
-                    print(f"{n:6d} {v:7d} {label:<18s} {'-':>8s} {'-':>10s}  BAD (grad max err "
+                    print(f"{name:>16s} {label:<24s} {'-':>8s} {'-':>10s}  BAD (grad max err "
                           f"{err:.2e}, L1 {l1:.2e})", flush=True)
                     continue
                 with torch.no_grad():
                     fwd = do_bench(lambda: fused_nll.cross_entropy(x, t), warmup=25, rep=100,
                                    return_mode="median")
                 both = do_bench(fwdbwd, warmup=25, rep=100, return_mode="median")
-            print(f"{n:6d} {v:7d} {label:<18s} {fwd:8.3f} {both:10.3f}  ok", flush=True)
+            print(f"{name:>16s} {label:<24s} {fwd:8.3f} {both:10.3f}  ok", flush=True)
+        del x, xg, t, ref
     apply({}, saved)
 
 

@@ -682,6 +682,42 @@ def test_prefetch_bad_targets_give_nan_rows(monkeypatch):
     assert grad[1].isnan().all() and (grad[2] == 0).all() and grad[3].isnan().all()
 
 
+@pytest.mark.parametrize("option", OPTIONS)
+def test_grad_launch_knobs_apply_to_the_gradient_launch_only(monkeypatch, option):
+    # _GRAD_LAUNCH: another block, elements per thread, grid and prefetch for the
+    # forward with gradient (the candidate from the H100 sweep, scaled down so that
+    # 1000 classes are several blocks); the forward alone keeps the defaults.
+    seen = []
+    real = ce._row_config
+
+    def spy(*args, **kwargs):
+        seen.append(real(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(ce, "_row_config", spy)
+    monkeypatch.setattr(ce, "_MAX_BLOCK", {k: 256 for k in ce._MAX_BLOCK})
+    torch.manual_seed(3)
+    weighted, eps = OPTIONS[option]
+    x = logits(6, 1000)
+    x[1, :700] = float("-inf")
+    x[2, 999] = 1e4
+    t = targets((6,), 1000)
+    w = class_weight(1000, x.dtype) if weighted else None
+    heavy = eps != 0.0
+    default = ce.cross_entropy_fwd(x, t, w, -100, eps, MEAN, False, True)
+    assert seen[-1] == (256 // (2 if heavy else 1), 4)
+    monkeypatch.setattr(ce, "_GRAD_LAUNCH", {"max_block": 128, "elems_per_thread": 2,
+                                             "programs_per_sm": 1, "prefetch": True})
+    loss, lse, grad = check_index(x, t, w, eps=eps, reduction=MEAN)
+    # 128 classes per block (64 for the heavier kernel), 4 warps
+    assert seen[-1] == ((64, 4) if heavy else (128, 4))
+    for got, want in zip((loss, lse, grad), default):
+        torch.testing.assert_close(got, want, equal_nan=True)
+    forward_only = ce.cross_entropy_fwd(x, t, w, -100, eps, MEAN, False, False)
+    assert seen[-1] == (256 // (2 if heavy else 1), 4)
+    torch.testing.assert_close(forward_only[0], default[0], rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------
 # Split rows (_SPLIT_PARTS): the gradient path that cuts each row into column chunks
 # ---------------------------------------------------------------------------------------

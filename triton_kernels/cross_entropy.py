@@ -86,23 +86,37 @@ _SCALE_MAX_PROGRAMS = 4096  # grid cap of that kernel (it loops over the tensor)
 
 
 # Persistent grid for the index forward kernel: None launches one program per
-# row; k launches k programs per SM, each looping over rows. Untuned: a knob for
+# row; k launches k programs per SM, each looping over rows. A knob for
 # benchmarks/triton_sweep.py (fewer rows in flight may let the gradient sweep
-# re-read its row from L2 instead of HBM).
+# re-read its row from L2 instead of HBM); on the H100 (2026-11-27) 8 per SM lost to
+# the default forward (0.78 vs 0.725 ms at 8192 x 128256 bf16), see _GRAD_LAUNCH.
 _PROGRAMS_PER_SM = None
 
 # Software prefetch in sweep 1 of the index forward kernel (logits): block k+1's loads
 # are issued before block k's reductions, and a row's first block before its target is
-# read. Off until timed on a GPU (benchmarks/triton_sweep.py). Costs 16 registers per
+# read. Off: on the H100 (2026-11-27) about even with the default (0.736 vs 0.725 ms
+# forward at 8192 x 128256 bf16; benchmarks/triton_sweep.py). Costs 16 registers per
 # thread for bf16 (ptxas, sm_90: tests/test_triton_compile.py) and, for an ignored row,
 # one block read for nothing.
 _PREFETCH = False
+
+# The forward with gradient (row kernel, class indices) may want another launch shape
+# than the forward alone: the forward wants many loads in flight, the gradient sweep
+# wants its row still in L2 when it re-reads it. None: the forward's knobs. A dict
+# overrides some of them for that launch only: "max_block" (every element size),
+# "elems_per_thread", "programs_per_sm", "prefetch". On the H100 (2026-11-27, 8192 x
+# 128256 bf16, benchmarks/results/NOTES.md) the set {"max_block": 16384,
+# "elems_per_thread": 16, "programs_per_sm": 1, "prefetch": True} gave 1.871 ms
+# forward+backward against 1.990 ms, but 0.790 ms forward against 0.725 ms: off until
+# a second run (and other shapes and cards) confirm it.
+_GRAD_LAUNCH = None
 
 
 # Split rows (forward with gradient, index targets, logits not log-probs): each row is
 # cut into _SPLIT_PARTS column chunks, one program per chunk, so that a row's second
 # sweep (the gradient) re-reads a chunk 1/parts the size while it is still in L2.
-# None: off (the default until timed on a GPU: benchmarks/triton_sweep.py). Used only
+# None: off (on the H100, 2026-11-27, correct but slower at every setting: 2.3 to 3.7 ms
+# forward+backward at 8192 x 128256 bf16 against 1.99; benchmarks/triton_sweep.py). Used only
 # for rows of at least _SPLIT_MIN_CLASSES classes. On CUDA the parts of a row exchange
 # their partial sums inside one launch (_SPLIT_PROGRAMS_PER_SM programs per SM take
 # (row, part) items from a ticket counter and spin on a per-row counter); when a chunk
@@ -133,7 +147,9 @@ _SPLIT_FUSED = os.environ.get("FUSED_NLL_SPLIT_ONE_LAUNCH", "1") != "0"
 # 512 elements (56 registers, 9 programs and 144 rows per SM; a program per row keeps
 # 16 rows of an SM busy; 1024-element tiles spill with triton 3.6). _TILE = False sends
 # everything to the row kernels (tests). Compiled and checked here with triton 3.9 and
-# 3.6 (tests/test_triton_compile.py); not yet timed on a GPU.
+# 3.6 (tests/test_triton_compile.py). On the H100 (2026-11-27) 16 x 21 x 512 x 512 bf16
+# took 0.479 ms forward against 4.578 ms with the row kernels, but that is only 12% of
+# the bandwidth floor: the tile size is the next sweep (benchmarks/triton_sweep.py).
 _TILE = True
 _TILE_MAX_CLASSES = 256
 _TILE_ELEMS = 4096  # class-strided rows
@@ -141,18 +157,23 @@ _TILE_ELEMS_UNIT = 512  # short rows of unit class stride
 _TILE_STRIDED_PIXELS = 64  # class-strided rows longer than _TILE_MAX_CLASSES: 128 B of bf16
 
 
-def _programs(rows: int, device: torch.device) -> int:
-    if _PROGRAMS_PER_SM is None or device.type != "cuda":
+def _programs(rows: int, device: torch.device, per_sm: int | None = None) -> int:
+    """Grid of the index row kernel: one program per row, or ``per_sm`` (default
+    _PROGRAMS_PER_SM) programs per SM looping over the rows."""
+    per_sm = _PROGRAMS_PER_SM if per_sm is None else per_sm
+    if per_sm is None or device.type != "cuda":
         return rows
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(rows, _PROGRAMS_PER_SM * sms))
+    return max(1, min(rows, per_sm * sms))
 
 
-def _row_config(num_classes: int, element_size: int, heavy: bool = False) -> tuple[int, int]:
+def _row_config(num_classes: int, element_size: int, heavy: bool = False,
+                max_block: int | None = None, per_thread: int | None = None) -> tuple[int, int]:
     """(BLOCK, num_warps) for a row kernel over ``num_classes`` classes; ``heavy``
-    halves the block for kernels with more per-lane state."""
-    max_block = _MAX_BLOCK.get(element_size, 4096) // (2 if heavy else 1)
-    per_thread = _ELEMS_PER_THREAD // (2 if heavy else 1)
+    halves the block for kernels with more per-lane state. ``max_block`` and
+    ``per_thread`` override _MAX_BLOCK and _ELEMS_PER_THREAD (_GRAD_LAUNCH)."""
+    max_block = (max_block or _MAX_BLOCK.get(element_size, 4096)) // (2 if heavy else 1)
+    per_thread = (per_thread or _ELEMS_PER_THREAD) // (2 if heavy else 1)
     block = min(max(triton.next_power_of_2(max(num_classes, 1)), _MIN_BLOCK), max_block)
     num_warps = min(32, max(4, block // (32 * per_thread)))
     return block, num_warps
@@ -1317,15 +1338,19 @@ def _index_fwd(input, target, weight, ignore_index, label_smoothing, reduction, 
         _launch_split(x, t, weight, loss_rows, lse, grad, den, wsum, ignore_index,
                       label_smoothing, mean, parts)
     elif R > 0:
-        block, num_warps = _row_config(C, input.element_size(), heavy=smooth and not log_probs)
+        knobs = (_GRAD_LAUNCH or {}) if compute_grad else {}
+        block, num_warps = _row_config(C, input.element_size(), heavy=smooth and not log_probs,
+                                       max_block=knobs.get("max_block"),
+                                       per_thread=knobs.get("elems_per_thread"))
+        prefetch = knobs.get("prefetch", _PREFETCH) and not log_probs
         eps_hi, eps_lo = _split_float(label_smoothing)
-        wrap_triton(_ce_fwd_kernel)[(_programs(R, device),)](
+        wrap_triton(_ce_fwd_kernel)[(_programs(R, device, knobs.get("programs_per_sm")),)](
             x, t, weight if weight is not None else lse, loss_rows, lse,
             grad if compute_grad else lse, den if den is not None else lse, wsum if wsum is not None else lse,
             R, C, S, x.stride(0), x.stride(1), x.stride(2), ignore_index, eps_hi, eps_lo,
             HAS_WEIGHT=weight is not None, SMOOTH=smooth, LOG_PROBS=log_probs,
             COMPUTE_GRAD=compute_grad, MEAN=mean and compute_grad,
-            PREFETCH=_PREFETCH and not log_probs, BLOCK=block, num_warps=num_warps)
+            PREFETCH=prefetch, BLOCK=block, num_warps=num_warps)
     out_dtype = _checked_loss_dtype(loss_dtype, input.dtype)
     loss = _reduce_loss(loss_rows, reduction, den, rows_shape, out_dtype)
     return loss, lse

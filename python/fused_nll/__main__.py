@@ -79,7 +79,7 @@ def cmd_info(_args) -> int:
     print(f"debug:    {'on' if _backend.debug_enabled() else 'off'} (fused_nll.set_debug / FUSED_NLL_DEBUG=1)")
     cluster = os.environ.get("FUSED_NLL_CUDA_CLUSTER", "")
     print(f"opt-in:   CUDA cluster kernel {'on (' + cluster + ')' if cluster in ('1', 'require') else 'off'}"
-          " (FUSED_NLL_CUDA_CLUSTER=1, sm_90+, not yet run on a GPU; docs/ops.md)")
+          " (FUSED_NLL_CUDA_CLUSTER=1, sm_90+; correct but slower on an H100; docs/ops.md)")
     return 0
 
 

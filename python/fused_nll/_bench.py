@@ -4,7 +4,9 @@ Liger-Kernel, measured in the same run.
 
 Reported per case: median time, GB/s and % of the memory-bandwidth floor, and
 peak extra memory (GPU only: torch.cuda.max_memory_allocated; torch keeps no
-allocator statistics for CPU tensors, so the CPU column stays empty). Bytes counted (the floor):
+allocator statistics for CPU tensors, so the CPU column stays empty), and on the GPU the
+host time of one call (CPU time to issue it, the GPU not waited for: when it exceeds the
+GPU time, the measured time is the host's). Bytes counted (the floor):
   forward:            read the logits once                  N*V*elt
   forward + backward: read the logits once, write the
                       gradient once                         2*N*V*elt
@@ -266,7 +268,21 @@ def bench_case(fn, shape, dtype, mode, device, reps, targets="index", layout="co
             grad_bytes = x.numel() * x.element_size() if new_grad else 0
             peak = max(0, torch.cuda.max_memory_allocated() - base - grad_bytes) / 2**20
         ms = time_ms(step, device, reps)
-    return ms, peak
+        host = host_us(step) if device == "cuda" else None
+    return ms, peak, host
+
+
+def host_us(fn, calls=20):
+    """CPU time of one fn() call in microseconds, GPU not waited for: Python, dispatch,
+    autograd and launch overhead. When it exceeds the GPU time, `ms` measures it rather
+    than the kernels (do_bench's events then wait for the launches)."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - start) / calls * 1e6
+    torch.cuda.synchronize()
+    return host
 
 
 def main(argv=None) -> int:
@@ -363,7 +379,7 @@ def run_cases(cases, impls, device, reps, bw, card, triton_version, today, rows,
         n = math.prod(shape) // v  # rows: N (x d1 x ... for K-dim input)
         nbytes = n * v * elt * ((1 if mode == "fwd" else 2) + (targets == "prob"))
         try:
-            ms, peak = bench_case(impls[impl], shape, dtype, mode, device, reps, targets, layout)
+            ms, peak, host = bench_case(impls[impl], shape, dtype, mode, device, reps, targets, layout)
         except Exception as exc:  # e.g. out of memory: report and go on
             print(f"\n  {impl} {name} {dname} {mode} failed: {type(exc).__name__}: {str(exc)[:200]}")
             continue
@@ -373,15 +389,17 @@ def run_cases(cases, impls, device, reps, bw, card, triton_version, today, rows,
                          ms=round(ms, 4), GBps=round(nbytes / (ms * 1e-3) / 1e9, 1),
                          floor_ms=round(floor_ms, 4), pct_floor=round(100 * floor_ms / ms, 1),
                          peak_extra_MiB="" if peak is None else round(peak),
+                         host_us="" if host is None else round(host, 1),
                          copy_GBps=round(bw), torch=torch.__version__, triton=triton_version, date=today))
 
 
 def print_table(rows):
     print(f"{'impl':34s} {'shape':>16s} {'dtype':5s} {'mode':6s} {'ms':>9s} {'GB/s':>8s} "
-          f"{'floor ms':>9s} {'% floor':>7s} {'extra MiB':>9s}")
+          f"{'floor ms':>9s} {'% floor':>7s} {'extra MiB':>9s} {'host us':>8s}")
     for r in rows:
         print(f"{r['impl']:34s} {r['shape']:>16s} {r['dtype']:5s} {r['mode']:6s} {r['ms']:9.3f} "
-              f"{r['GBps']:8.1f} {r['floor_ms']:9.3f} {r['pct_floor']:7.1f} {str(r['peak_extra_MiB']):>9s}")
+              f"{r['GBps']:8.1f} {r['floor_ms']:9.3f} {r['pct_floor']:7.1f} {str(r['peak_extra_MiB']):>9s} "
+              f"{str(r.get('host_us', '')):>8s}")
 
 
 def plot(csv_path: str) -> str | None:
