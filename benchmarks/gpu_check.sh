@@ -32,10 +32,32 @@ fi
   $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   nvcc --version | tail -1; date -u; } 2>&1 | tee "$OUT/versions.txt"
 
+# build: a library built elsewhere for this machine's torch (benchmarks/gpu_prebuild.sh,
+# carried as .gpu_prebuilt) is used as is when it was built from these very sources and
+# loads with its CUDA kernels (fused_nll from the tree, triton_kernels linked in, as the
+# editable install maps them); otherwise (or if that fails) the extension is built here.
+use_prebuilt() {
+  [ -f .gpu_prebuilt/SOURCE_HASH ] || return 1
+  [ "$(cat .gpu_prebuilt/SOURCE_HASH)" = "$(benchmarks/gpu_prebuild.sh --hash)" ] \
+    || { echo "prebuilt library: built from other sources, not used"; return 1; }
+  cp .gpu_prebuilt/_C.*.so .gpu_prebuilt/_build_info.py python/fused_nll/ \
+    && ln -sfn ../../triton_kernels python/fused_nll/triton_kernels \
+    && PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}" $PY -m fused_nll info \
+       > "$OUT/prebuilt_info.txt" 2>&1 \
+    && grep -q "CUDA C++ kernels built" "$OUT/prebuilt_info.txt" && return 0
+  echo "prebuilt library: not usable here, building"; tail -3 "$OUT/prebuilt_info.txt"
+  rm -f python/fused_nll/_C.*.so python/fused_nll/_build_info.py python/fused_nll/triton_kernels
+  return 1
+}
 if [[ $STAGES == *build* ]]; then
   start=$(date +%s)
-  $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 \
-    || { tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1; }
+  if use_prebuilt; then
+    export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
+    echo "build: prebuilt library used (benchmarks/gpu_prebuild.sh, $(cat .gpu_prebuilt/SOURCE_HASH))"
+  else
+    $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 \
+      || { tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1; }
+  fi
   echo "build: $(( $(date +%s) - start )) s"; $PY -m fused_nll info | tee -a "$OUT/versions.txt"
   grep -q "^  cuda    yes" "$OUT/versions.txt" \
     || echo "WARNING: the CUDA C++ kernels are not usable here (the reason is in info above)"
