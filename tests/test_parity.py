@@ -264,6 +264,31 @@ def test_non_contiguous(target, layout, dtype):
     check_parity("cross_entropy", x, t, weight=torch.rand(37, device=target), label_smoothing=0.1)
 
 
+@pytest.mark.parametrize("layout", ["every_other", "column", "expanded", "k_dim_strided"])
+@pytest.mark.parametrize("fn", ["cross_entropy", "nll_loss"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_non_contiguous_targets(target, layout, fn, reduction):
+    # class indices whose flat view is strided (a column of a (N, k) label table, every
+    # other label, one label broadcast to the batch, a strided K-dim label map): the
+    # kernels must read them by their strides (or a contiguous copy), not as if packed
+    torch.manual_seed(2)
+    if layout == "k_dim_strided":
+        x = logits(2, 9, 3, device=target)
+        t = index_targets(0, 9, target, shape=(2, 6))[:, ::2]
+    else:
+        x = logits(6, 9, device=target)
+        if layout == "every_other":
+            t = index_targets(0, 9, target, shape=(12,))[::2]
+        elif layout == "column":
+            t = index_targets(0, 9, target, shape=(6, 3))[:, 1]
+        else:
+            t = torch.tensor(4, device=target).expand(6)
+    assert not t.is_contiguous()
+    if fn == "nll_loss":
+        x = torch.log_softmax(x, 1)
+    check_parity(fn, x, t, weight=torch.rand(9, device=target), reduction=reduction)
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_ignore_index_is_a_valid_class(target, reduction):
     x = logits(8, 5, device=target)

@@ -64,6 +64,8 @@ KERNELS = [  # (kernel, constexprs, num_warps)
     (ce._ce_prob_fwd_kernel, dict(HAS_WEIGHT=True, COMPUTE_GRAD=True, MEAN=True, BLOCK=4096), 8),
     (ce._ce_prob_bwd_kernel, dict(HAS_WEIGHT=False, MEAN=False, BLOCK=4096), 8),
     (ce._scale_grad_kernel, dict(BLOCK=4096), 8),
+    (ce._total_weight_kernel, dict(HAS_WEIGHT=True, BLOCK=1024), 4),
+    (ce._total_weight_kernel, dict(HAS_WEIGHT=False, BLOCK=1024), 4),
     (ce._scale_grad_rows_kernel, dict(BLOCK=8192), 8),
     (ce._ce_tile_fwd_kernel, dict(HAS_WEIGHT=True, SMOOTH=True, LOG_PROBS=False,
                                   COMPUTE_GRAD=True, MEAN=True, ONE_BLOCK=True, BLOCK_C=32,

@@ -621,7 +621,7 @@ def test_cuda_graph_capture():
 def test_persistent_grid_loops_over_rows(monkeypatch):
     # Fewer programs than rows (the _PROGRAMS_PER_SM knob on a GPU): each program
     # loops over rows r, r + programs, ...; results must not change.
-    monkeypatch.setattr(ce, "_programs", lambda rows, device: max(1, rows // 3))
+    monkeypatch.setattr(ce, "_programs", lambda rows, device, per_sm=None: max(1, rows // 3))
     torch.manual_seed(5)
     x = torch.randn(10, 300, device=DEVICE)
     t = torch.randint(0, 300, (10,), device=DEVICE)
@@ -680,6 +680,27 @@ def test_prefetch_bad_targets_give_nan_rows(monkeypatch):
     loss, _, grad = ce.cross_entropy_fwd(x, t, None, -100, 0.0, NONE, False, True)
     assert torch.isfinite(loss[0]) and loss[1].isnan() and loss[2] == 0 and loss[3].isnan()
     assert grad[1].isnan().all() and (grad[2] == 0).all() and grad[3].isnan().all()
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["count", "weight"])
+@pytest.mark.parametrize("rows", [0, 1, 37, 1000])
+@pytest.mark.parametrize("span", [4, 65536])
+def test_total_weight(monkeypatch, weighted, rows, span):
+    # the mean's denominator from one read of the targets: ignored and out-of-range
+    # rows count 0; several programs (span 4, blocks of 16: partial spans and blocks)
+    # or one (an LM batch); int32 targets; the weight's own dtype is summed in acc
+    monkeypatch.setattr(ce, "_TOTAL_WEIGHT_SPAN", span)
+    monkeypatch.setattr(ce, "_TOTAL_WEIGHT_BLOCK", 16)
+    torch.manual_seed(rows)
+    t = targets((rows,), 9, dtype=torch.int32)
+    if rows > 2:
+        t[1], t[2] = 9, -5  # out of range: not counted
+    w = torch.rand(9, device=DEVICE) if weighted else None
+    got = ce._total_weight(t, w, -100, 9, torch.float32)
+    counted = (t != -100) & (t >= 0) & (t < 9)
+    want = (w.double()[t.clamp(0, 8).long()] * counted).sum() if weighted else counted.sum()
+    assert got.dtype == torch.float32 and got.shape == ()
+    torch.testing.assert_close(got.double(), want.double().to(got.device), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("option", OPTIONS)

@@ -83,6 +83,9 @@ _MAX_BLOCK = {1: 8192, 2: 8192, 4: 8192, 8: 4096}
 _ELEMS_PER_THREAD = 32
 _SCALE_BLOCK = 4096  # elements per step of the flat scale_grad_ kernel
 _SCALE_MAX_PROGRAMS = 4096  # grid cap of that kernel (it loops over the tensor)
+_TOTAL_WEIGHT_BLOCK = 1024  # targets per step of _total_weight_kernel
+_TOTAL_WEIGHT_SPAN = 65536  # rows per program (at least)
+_TOTAL_WEIGHT_MAX_PROGRAMS = 1024  # so at most 1024 partial sums
 
 
 # Persistent grid for the index forward kernel: None launches one program per
@@ -738,6 +741,31 @@ def _ce_prob_bwd_kernel(gl_ptr, stride_gl, x_ptr, y_ptr, w_ptr, lse_ptr, g_ptr,
 
 
 @triton.jit
+def _total_weight_kernel(t_ptr, w_ptr, out_ptr, R, C, ignore_index, span,
+                         HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+    """out[pid] = the weight of the counted rows (not ignored, class in range) among
+    rows [pid*span, (pid+1)*span) of the flat targets: sum of w[t_r], or their count
+    (int64, exact) without weights. One read of the targets."""
+    start = tl.program_id(0).to(tl.int64) * span
+    stop = tl.minimum(start + span, R)
+    if HAS_WEIGHT:
+        total = tl.zeros([], out_ptr.dtype.element_ty)
+    else:
+        total = tl.zeros([], tl.int64)
+    for first in range(start, stop, BLOCK):
+        offs = first + tl.arange(0, BLOCK)
+        mask = offs < stop
+        t = tl.load(t_ptr + offs, mask=mask, other=ignore_index).to(tl.int64)
+        counted = mask & (t != ignore_index) & (t >= 0) & (t < C)
+        if HAS_WEIGHT:
+            w = tl.load(w_ptr + t, mask=counted, other=0.0).to(out_ptr.dtype.element_ty)
+            total += tl.sum(w, 0)
+        else:
+            total += tl.sum(counted.to(tl.int32), 0).to(tl.int64)
+    tl.store(out_ptr + tl.program_id(0), total)
+
+
+@triton.jit
 def _scale_grad_kernel(g_ptr, gl_ptr, numel, BLOCK: tl.constexpr):
     """g *= gl[0] over a contiguous g; a grid-stride loop over a capped grid.
     With gl[0] == 1 every program returns after one scalar load: no traffic on g."""
@@ -1218,16 +1246,35 @@ def _grad_loss_arg(grad_loss: torch.Tensor) -> tuple[torch.Tensor, int]:
     return flat, flat.stride(0)
 
 
+def _flat_targets(target: torch.Tensor) -> torch.Tensor:
+    """The class indices as the kernels read them: packed, 1-D (row r at offset r). A
+    copy only when the flat view is strided (a column of a label table, every other
+    label, one label expanded to the batch); reshape alone would keep such a stride."""
+    t = target.reshape(-1)
+    return t if t.is_contiguous() else t.contiguous()
+
+
 def _total_weight(target: torch.Tensor, weight, ignore_index: int, C: int,
                   acc: torch.dtype) -> torch.Tensor:
-    """W = sum_r k_r*w_{t_r} (0-d, acc dtype); out-of-range targets count 0."""
-    t = target.reshape(-1).to(torch.int64)
-    counted = (t != ignore_index) & (t >= 0) & (t < C)
-    if weight is None:
-        return counted.sum(dtype=acc)
-    w_t = weight[t.clamp(0, max(C - 1, 0))]
-    return torch.where(counted, w_t, torch.zeros((), dtype=w_t.dtype, device=w_t.device)).sum(
-        dtype=acc)
+    """W = sum_r k_r*w_{t_r} (0-d, acc dtype); out-of-range targets count 0.
+
+    One kernel reads the (contiguous, flat) targets once, each program summing a span
+    of rows (a count in int64 without weights: exact past 2^24 rows); one program up to
+    _TOTAL_WEIGHT_SPAN rows, so an LM batch costs one launch; otherwise a deterministic
+    torch.sum over the programs' partial sums."""
+    R = target.numel()
+    # (sym_min/sym_max: no guard on a dynamic batch size under torch.compile)
+    programs = torch.sym_max(1, torch.sym_min(triton.cdiv(R, _TOTAL_WEIGHT_SPAN),
+                                              _TOTAL_WEIGHT_MAX_PROGRAMS))
+    span = torch.sym_max(triton.cdiv(R, programs), 1)
+    partial = torch.empty(programs, dtype=torch.int64 if weight is None else acc,
+                          device=target.device)
+    wrap_triton(_total_weight_kernel)[(programs,)](
+        target, weight if weight is not None else partial, partial, R, C, ignore_index, span,
+        HAS_WEIGHT=weight is not None, BLOCK=_TOTAL_WEIGHT_BLOCK)
+    single = isinstance(programs, int) and programs == 1  # (a SymInt: always sum)
+    total = partial.reshape(()) if single else partial.sum()
+    return total.to(acc)
 
 
 def _checked_loss_dtype(loss_dtype, default: torch.dtype) -> torch.dtype:
@@ -1312,7 +1359,7 @@ def _index_fwd(input, target, weight, ignore_index, label_smoothing, reduction, 
     acc = _acc_dtype(input.dtype)
     device = input.device
     rows_shape = _rows_shape(input)
-    t = target.reshape(-1)
+    t = _flat_targets(target)
     loss_rows = torch.empty(R, dtype=acc, device=device)
     lse = torch.empty(rows_shape, dtype=acc, device=device)
     smooth = label_smoothing != 0.0
@@ -1408,7 +1455,7 @@ def cross_entropy_bwd(grad_loss: torch.Tensor, input: torch.Tensor, target: torc
     R = N * S
     acc = _acc_dtype(input.dtype)
     device = input.device
-    t = target.reshape(-1)
+    t = _flat_targets(target)
     grad = torch.empty(input.shape, dtype=input.dtype, device=device)
     lse_flat = lse.reshape(-1).to(acc).contiguous()
     gl, stride_gl = _grad_loss_arg(grad_loss)
