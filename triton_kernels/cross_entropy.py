@@ -897,7 +897,15 @@ def _ce_tile_fwd_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_ptr, 
         BLOCK_S)
     t_safe = tl.where(active, t, 0)
     eps = (tl.zeros([], ACC) + eps_hi) + eps_lo
-    x_t = tl.load(x_ptr + x_off + t_safe * stride_c, mask=active, other=0.0).to(ACC)
+    # x_t: with the pixel's classes in one block (logits, no smoothing) it is picked from
+    # that block after sweep 1 (registers: no gather of one element per pixel, no second
+    # dependent load after the target's); otherwise loaded here. (With smoothing the
+    # extra live values spill 16 bytes with triton 3.6, tests/test_triton_compile.py.)
+    X_T_FROM_TILE: tl.constexpr = ONE_BLOCK and not LOG_PROBS and not SMOOTH
+    if X_T_FROM_TILE:
+        x_t = tl.zeros([BLOCK_S], ACC)
+    else:
+        x_t = tl.load(x_ptr + x_off + t_safe * stride_c, mask=active, other=0.0).to(ACC)
     if HAS_WEIGHT:
         w_t = tl.load(w_ptr + t_safe, mask=active, other=0.0).to(ACC)
     else:
@@ -948,6 +956,9 @@ def _ce_tile_fwd_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_ptr, 
         m = tl.where(m == NEG_INF, 0.0, m)
         log_se = tl.log(se)
         lse = m + log_se
+        if X_T_FROM_TILE:  # exact: the one matching class, plus zeros
+            is_t = tl.arange(0, BLOCK_C)[:, None] == t_safe[None, :]
+            x_t = tl.where(active, tl.sum(tl.where(is_t, x_kept, 0.0), 0), 0.0)
         loss = _index_loss(x_t, w_t, m, log_se, wsum, wxs, eps, C, SMOOTH)
     loss = tl.where(active, loss, tl.where(ignored, 0.0, float("nan")))
     tl.store(loss_ptr + rows, loss, mask=s_ok)
