@@ -40,7 +40,7 @@ def _source(kernel, signature, constexprs, attrs=None):
 # Pointer and scalar types by argument name (bf16 logits, int64 targets).
 POINTERS = {"x_ptr": "*bf16", "g_ptr": "*bf16", "y_ptr": "*bf16", "t_ptr": "*i64",
             "cnt_ptr": "*i32"}  # any other *_ptr: fp32
-SCALARS = {"eps_hi": "fp32", "eps_lo": "fp32", "ignore_index": "i64"}  # others: i32
+SCALARS = {"eps_hi": "fp32", "eps_lo": "fp32", "ignore_index": "i64", "den_value": "fp32"}  # others: i32
 
 KERNELS = [  # (kernel, constexprs, num_warps)
     (ce._ce_fwd_kernel, dict(HAS_WEIGHT=True, SMOOTH=True, LOG_PROBS=False, COMPUTE_GRAD=True,
@@ -65,6 +65,8 @@ KERNELS = [  # (kernel, constexprs, num_warps)
     (ce._ce_prob_bwd_kernel, dict(HAS_WEIGHT=False, MEAN=False, BLOCK=4096), 8),
     (ce._scale_grad_kernel, dict(BLOCK=4096), 8),
     (ce._total_weight_kernel, dict(HAS_WEIGHT=True, BLOCK=1024), 4),
+    (ce._finish_loss_kernel, dict(MEAN=True, DEN_TENSOR=True, BLOCK=4096), 8),
+    (ce._finish_loss_kernel, dict(MEAN=True, DEN_TENSOR=False, BLOCK=4096), 8),
     (ce._total_weight_kernel, dict(HAS_WEIGHT=False, BLOCK=1024), 4),
     (ce._scale_grad_rows_kernel, dict(BLOCK=8192), 8),
     (ce._ce_tile_fwd_kernel, dict(HAS_WEIGHT=True, SMOOTH=True, LOG_PROBS=False,

@@ -703,6 +703,64 @@ def test_total_weight(monkeypatch, weighted, rows, span):
     torch.testing.assert_close(got.double(), want.double().to(got.device), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS, ids=RED_NAME.get)
+def test_strided_weight_and_targets_in_direct_calls(reduction):
+    # the ops called directly (not through the public API, which packs them) with every
+    # other class weight of a table and every other target: the same as packed copies
+    torch.manual_seed(4)
+    x = logits(7, 11)
+    w_table, t_table = class_weight(22, x.dtype), targets((14,), 11)
+    w, t = w_table[::2], t_table[::2]
+    assert not w.is_contiguous() and not t.is_contiguous()
+    packed = (w.contiguous(), t.contiguous())
+    for log_probs in (False, True):
+        got = ce.cross_entropy_fwd(x, t, w, -100, 0.1, reduction, log_probs, True)
+        want = ce.cross_entropy_fwd(x, packed[1], packed[0], -100, 0.1, reduction, log_probs, True)
+        for g, e in zip(got, want):
+            torch.testing.assert_close(g, e, equal_nan=True)
+        gl = torch.rand(got[0].shape, device=DEVICE)
+        torch.testing.assert_close(
+            ce.cross_entropy_bwd(gl, x, t, w, got[1], -100, 0.1, reduction, log_probs),
+            ce.cross_entropy_bwd(gl, x, packed[1], packed[0], got[1], -100, 0.1, reduction,
+                                 log_probs))
+    y = torch.softmax(logits(7, 11), 1)
+    got = ce.cross_entropy_prob_fwd(x, y, w, 0.1, reduction, True)
+    want = ce.cross_entropy_prob_fwd(x, y, packed[0], 0.1, reduction, True)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e)
+    gl = torch.rand(got[0].shape, device=DEVICE)
+    torch.testing.assert_close(ce.cross_entropy_prob_bwd(gl, x, y, w, got[1], 0.1, reduction),
+                               ce.cross_entropy_prob_bwd(gl, x, y, packed[0], got[1], 0.1,
+                                                         reduction))
+
+
+@pytest.mark.parametrize("rows", [0, 1, 5000, 9000])
+@pytest.mark.parametrize("reduction", [MEAN, SUM], ids=RED_NAME.get)
+@pytest.mark.parametrize("den", ["tensor", "zero", "int"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_finishing_the_reduced_loss(monkeypatch, rows, reduction, den, dtype):
+    # the mean / sum of the row losses in one program (_finish_loss_kernel, several
+    # 4096-row steps at 9000 rows) against the tensor-op path it replaces up to
+    # _FINISH_MAX_ROWS rows: the sum in acc, / W (nan for W = 0) or / R, cast
+    torch.manual_seed(rows)
+    loss_rows = torch.rand(rows, dtype=dtype, device=DEVICE) * 10
+    d = {"tensor": loss_rows.new_tensor(123.5), "zero": loss_rows.new_zeros(()),
+         "int": rows}[den]
+    for out_dtype in (dtype, torch.bfloat16):
+        got = ce._reduce_loss(loss_rows, reduction, d, (rows,), out_dtype)
+        monkeypatch.setattr(ce, "_FINISH_MAX_ROWS", -1)  # the tensor ops
+        want = ce._reduce_loss(loss_rows, reduction, d, (rows,), out_dtype)
+        monkeypatch.undo()
+        assert got.shape == () and got.dtype == out_dtype
+        torch.testing.assert_close(got, want, equal_nan=True)
+        if reduction == MEAN and (den == "zero" or rows == 0 and den == "int"):
+            assert got.isnan()
+    # a nan or inf row loss (an out-of-range target, an inf logit) carries through
+    loss_rows[rows // 2:] = float("nan") if rows else 0.0
+    got = ce._reduce_loss(loss_rows, reduction, d, (rows,), dtype)
+    assert got.isnan() or rows == 0 or (reduction == MEAN and den == "zero")
+
+
 @pytest.mark.parametrize("option", OPTIONS)
 def test_grad_launch_knobs_apply_to_the_gradient_launch_only(monkeypatch, option):
     # _GRAD_LAUNCH: another block, elements per thread, grid and prefetch for the

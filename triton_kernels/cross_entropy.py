@@ -83,6 +83,8 @@ _MAX_BLOCK = {1: 8192, 2: 8192, 4: 8192, 8: 4096}
 _ELEMS_PER_THREAD = 32
 _SCALE_BLOCK = 4096  # elements per step of the flat scale_grad_ kernel
 _SCALE_MAX_PROGRAMS = 4096  # grid cap of that kernel (it loops over the tensor)
+_FINISH_BLOCK = 4096  # row losses per step of _finish_loss_kernel (8 warps)
+_FINISH_MAX_ROWS = 32768  # up to this many rows the mean/sum is one program's loop
 _TOTAL_WEIGHT_BLOCK = 1024  # targets per step of _total_weight_kernel
 _TOTAL_WEIGHT_SPAN = 65536  # rows per program (at least)
 _TOTAL_WEIGHT_MAX_PROGRAMS = 1024  # so at most 1024 partial sums
@@ -741,6 +743,26 @@ def _ce_prob_bwd_kernel(gl_ptr, stride_gl, x_ptr, y_ptr, w_ptr, lse_ptr, g_ptr,
 
 
 @triton.jit
+def _finish_loss_kernel(loss_ptr, den_ptr, out_ptr, R, den_value, MEAN: tl.constexpr,
+                        DEN_TENSOR: tl.constexpr, BLOCK: tl.constexpr):
+    """out = the sum of the R row losses (acc dtype), over den for the mean (den_ptr[0],
+    or den_value; nan when it is 0, as torch), cast to out's dtype; one program."""
+    ACC: tl.constexpr = loss_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK], ACC)
+    for start in range(0, R, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        acc += tl.load(loss_ptr + offs, mask=offs < R, other=0.0)
+    total = tl.sum(acc, 0)
+    if MEAN:
+        if DEN_TENSOR:
+            den = tl.load(den_ptr).to(ACC)
+        else:
+            den = tl.zeros([], ACC) + den_value
+        total = tl.where(den == 0, float("nan"), total / den)
+    tl.store(out_ptr, total.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
 def _total_weight_kernel(t_ptr, w_ptr, out_ptr, R, C, ignore_index, span,
                          HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
     """out[pid] = the weight of the counted rows (not ignored, class in range) among
@@ -1265,6 +1287,12 @@ def _flat_targets(target: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
+def _packed_weight(weight):
+    """The class weights as the kernels read them (w[c] at offset c): a copy of C
+    values when they are strided (e.g. every other entry of a table), as for targets."""
+    return weight if weight is None or weight.is_contiguous() else weight.contiguous()
+
+
 def _total_weight(target: torch.Tensor, weight, ignore_index: int, C: int,
                   acc: torch.dtype) -> torch.Tensor:
     """W = sum_r k_r*w_{t_r} (0-d, acc dtype); out-of-range targets count 0.
@@ -1299,9 +1327,23 @@ def _checked_loss_dtype(loss_dtype, default: torch.dtype) -> torch.dtype:
 
 
 def _reduce_loss(loss_rows: torch.Tensor, reduction: int, den, rows_shape, out_dtype):
-    """none -> per-row losses; sum -> torch.sum in acc; mean -> sum / den; then cast."""
+    """none -> per-row losses; sum -> the sum in acc; mean -> sum / den (nan for den = 0);
+    then cast. Up to _FINISH_MAX_ROWS rows (an LM batch) one program does it all
+    (_finish_loss_kernel): one launch instead of four or five small tensor ops."""
     if reduction == REDUCTION_NONE:
         return loss_rows.reshape(rows_shape).to(out_dtype)
+    R = loss_rows.numel()
+    # (fp64 row losses into a half-precision loss: torch's rounding, not the kernel's)
+    exact_cast = loss_rows.dtype == torch.float32 or out_dtype == loss_rows.dtype
+    if isinstance(R, int) and R <= _FINISH_MAX_ROWS and exact_cast:
+        out = torch.empty((), dtype=out_dtype, device=loss_rows.device)
+        mean = reduction == REDUCTION_MEAN
+        den_tensor = isinstance(den, torch.Tensor)
+        wrap_triton(_finish_loss_kernel)[(1,)](
+            loss_rows, den if den_tensor else loss_rows, out, R,
+            float(den) if mean and not den_tensor else 0.0, MEAN=mean, DEN_TENSOR=den_tensor,
+            BLOCK=_FINISH_BLOCK, num_warps=8)
+        return out
     total = loss_rows.sum()
     if reduction == REDUCTION_MEAN:
         total = total / den
@@ -1364,6 +1406,7 @@ def _index_fwd(input, target, weight, ignore_index, label_smoothing, reduction, 
     """Loss and lse; the gradient (grad_loss = 1) into `grad`, a contiguous tensor of the
     input's shape (possibly the input itself), unless grad is None."""
     compute_grad = grad is not None
+    weight = _packed_weight(weight)
     x = _as_ncs(input)
     N, C, S = x.shape
     R = N * S
@@ -1461,6 +1504,7 @@ def cross_entropy_bwd(grad_loss: torch.Tensor, input: torch.Tensor, target: torc
     """Gradient of :func:`cross_entropy_fwd`'s loss times grad_loss (0-d for mean/sum,
     the rows' shape for none), from the saved lse. Returns a new contiguous tensor of
     input's shape and dtype."""
+    weight = _packed_weight(weight)
     x = _as_ncs(input)
     N, C, S = x.shape
     R = N * S
@@ -1522,6 +1566,7 @@ def cross_entropy_prob_fwd_inplace(input: torch.Tensor, target: torch.Tensor, we
 def _prob_fwd(input, target, weight, label_smoothing, reduction, grad, loss_dtype):
     """Loss and lse; the gradient into `grad` as in _index_fwd."""
     compute_grad = grad is not None
+    weight = _packed_weight(weight)
     x = _as_ncs(input)
     y = _as_ncs(target)
     N, C, S = x.shape
@@ -1562,6 +1607,7 @@ def cross_entropy_prob_bwd(grad_loss: torch.Tensor, input: torch.Tensor,
                            label_smoothing: float, reduction: int) -> torch.Tensor:
     """Gradient of :func:`cross_entropy_prob_fwd`'s loss times grad_loss, from the saved
     lse. Returns a new contiguous tensor of input's shape and dtype."""
+    weight = _packed_weight(weight)
     x = _as_ncs(input)
     y = _as_ncs(target)
     N, C, S = x.shape
