@@ -654,6 +654,30 @@ def test_many_rows_per_block(monkeypatch, dtype):
     check(grad, ref_grad, dtype, "prob grad")
 
 
+@pytest.mark.parametrize("row_threads", ["32", "256", "512"])
+def test_fewer_threads_per_row(monkeypatch, row_threads):
+    # FUSED_NLL_CUDA_ROW_THREADS caps a row's thread group (the benchmark's knob): long
+    # rows then take more packs per thread and several rows share an SM; the same
+    # results, index and probability targets, forward, backward and the rows' scaling
+    monkeypatch.setenv("FUSED_NLL_CUDA_ROW_THREADS", row_threads)
+    torch.manual_seed(int(row_threads))
+    for dtype in (torch.float32, torch.bfloat16):
+        x = logits((9, 32001), dtype)
+        t = targets(x, p_ignore=0.2)
+        w = class_weight(32001, dtype)
+        check_index(x, t, w, eps=0.1, reduction="mean")
+        check_index(x, t, reduction="none")
+        _, lse, fused = run_index(x, t, eps=0.1, reduction="mean")
+        gl = torch.tensor(1.0, device=DEV, dtype=dtype)
+        grad = ops.cross_entropy_bwd(gl, x, t, None, lse, -100, 0.1, 1, False)
+        check(grad, fused.double(), dtype, "bwd vs fused")
+        y = soft_targets(x.shape, dtype)
+        loss, lse, grad = ops.cross_entropy_prob_fwd(x, y, w, 0.1, 1, True)
+        ref_loss, ref_grad = ref_prob(x, y, w, 0.1, "mean")
+        check(loss, ref_loss, dtype, "prob loss")
+        check(grad, ref_grad, dtype, "prob grad")
+
+
 @gpu_only
 def test_int64_indexing():
     # N·V > 2^31 elements: offsets must be computed in 64 bits.

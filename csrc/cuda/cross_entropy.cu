@@ -49,6 +49,9 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <string>
+
 #ifdef FUSED_NLL_CUDA_EMU
 // tests/cuda_emu: this file compiled by a host compiler, on a CPU emulator of
 // the CUDA runtime that provides everything the real headers below would.
@@ -841,10 +844,25 @@ struct RowLaunch {
   dim3 grid, block;
 };
 
+// FUSED_NLL_CUDA_ROW_THREADS: the most threads of one row's group, a power of two from 32
+// to 1024 (the default; anything else is ignored). Long rows get 1024 threads, so an SM
+// holds 2 rows; 256 would hold 8, as the Triton kernel's 8 warps do, each thread
+// sweeping 4x the classes. On the H100 (2026-11-27) the 1024-thread forward read at 55%
+// of the bandwidth floor against Triton's 96%: a knob for the benchmark's
+// "fused_nll[cuda] 256 threads/row" rows until a GPU run picks the default. Read on
+// every call, like FUSED_NLL_CUDA_CLUSTER.
+int row_threads_cap() {
+  const char* e = std::getenv("FUSED_NLL_CUDA_ROW_THREADS");
+  if (e == nullptr) return kMaxThreads;
+  const int v = std::atoi(e);
+  return (v >= 32 && v <= kMaxThreads && (v & (v - 1)) == 0) ? v : kMaxThreads;
+}
+
 RowLaunch row_launch(const at::Tensor& like, int64_t R, int64_t C, int vec) {
   const int64_t work = ceil_div(C, 4 * static_cast<int64_t>(vec));
+  const int cap = row_threads_cap();
   int tpr = 4;
-  while (tpr < work && tpr < kMaxThreads) tpr <<= 1;
+  while (tpr < work && tpr < cap) tpr <<= 1;
   const int rpb = tpr < kSmallBlock ? kSmallBlock / tpr : 1;
   const int64_t max_blocks = static_cast<int64_t>(num_sms(like)) * (2048 / (tpr * rpb)) * 8;
   int64_t blocks = ceil_div(R, rpb);

@@ -112,6 +112,21 @@ def _triton_with(knob: str, value):
     return run
 
 
+def _cuda_with_env(name: str, value: str):
+    """fused_nll.cross_entropy on the CUDA C++ backend with the environment variable
+    `name` set to `value` during the call (the forward, which writes the gradient)."""
+
+    def run(x, t):
+        os.environ[name] = value
+        try:
+            with fused_nll.use_backend("cuda"):
+                return fused_nll.cross_entropy(x, t)
+        finally:
+            del os.environ[name]
+
+    return run
+
+
 def implementations(device, wanted):
     impls = {}
     for backend in _backend.BACKENDS:
@@ -153,18 +168,16 @@ def implementations(device, wanted):
     if device == "cuda" and "fused_nll[cuda]" in impls:
         # The Hopper cluster kernel of the CUDA backend (opt-in, csrc/cuda): only
         # the forward with gradient takes it, so fwd+bwd only.
-        def run_cluster(x, t):
-            os.environ["FUSED_NLL_CUDA_CLUSTER"] = "1"
-            try:
-                with fused_nll.use_backend("cuda"):
-                    return fused_nll.cross_entropy(x, t)
-            finally:
-                del os.environ["FUSED_NLL_CUDA_CLUSTER"]
-
+        run_cluster = _cuda_with_env("FUSED_NLL_CUDA_CLUSTER", "1")
         run_cluster.fwdbwd_only = True
         run_cluster.rows_only = True
         run_cluster.index_only = True
         impls["fused_nll[cuda] cluster"] = run_cluster
+        # 256 threads per long row instead of 1024 (FUSED_NLL_CUDA_ROW_THREADS): 8 rows
+        # in flight per SM, as the Triton kernel's 8 warps
+        run_rows256 = _cuda_with_env("FUSED_NLL_CUDA_ROW_THREADS", "256")
+        run_rows256.rows_only = True
+        impls["fused_nll[cuda] 256 threads/row"] = run_rows256
     def eager(x, t):
         return F.cross_entropy(x, t)
 
