@@ -923,7 +923,7 @@ def _ce_tile_fwd_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_ptr, 
     # that block after sweep 1 (registers: no gather of one element per pixel, no second
     # dependent load after the target's); otherwise loaded here. (With smoothing the
     # extra live values spill 16 bytes with triton 3.6, tests/test_triton_compile.py.)
-    X_T_FROM_TILE: tl.constexpr = ONE_BLOCK and not LOG_PROBS and not SMOOTH
+    X_T_FROM_TILE: tl.constexpr = ONE_BLOCK and (not LOG_PROBS and not SMOOTH)  # (triton 3.2: no chains)
     if X_T_FROM_TILE:
         x_t = tl.zeros([BLOCK_S], ACC)
     else:
