@@ -72,7 +72,8 @@ def call(code, load=None, env=None):
     run = subprocess.run([sys.executable, "-X", "faulthandler", "-c", program],
                          capture_output=True, text=True, timeout=120,
                          env={**os.environ, **(env or {})})
-    out = run.stdout.strip() or run.stderr.strip().splitlines()[0:1]
+    # (a crash prints nothing: the first line of its stderr)
+    out = run.stdout.strip() or (run.stderr.strip().splitlines() or [""])[0]
     return run.returncode, out
 
 

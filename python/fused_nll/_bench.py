@@ -178,6 +178,7 @@ def implementations(device, wanted):
         run_rows256 = _cuda_with_env("FUSED_NLL_CUDA_ROW_THREADS", "256")
         run_rows256.rows_only = True
         impls["fused_nll[cuda] 256 threads/row"] = run_rows256
+
     def eager(x, t):
         return F.cross_entropy(x, t)
 
