@@ -149,3 +149,20 @@ def test_bench_per_sample_gradients(tmp_path):
         ("fused_nll[cpp]", "16x5x3"), ("fused_nll[cpp]", "64x100"),
         ("torch eager", "16x5x3"), ("torch eager", "64x100")]
     assert all(r["mode"] == "vmapgrad" for r in rows) and "failed" not in out.stdout
+
+
+def test_bench_mode_filters():
+    # An implementation marked fwdbwd_only (the same as the plain call without a
+    # gradient) is timed in fwd+bwd only, one marked fwd_only in the forward only.
+    from fused_nll import _bench
+
+    def impl(x, t):
+        return x
+
+    plain, both, fwd = impl, lambda x, t: x, lambda x, t: x
+    both.fwdbwd_only = True
+    fwd.fwd_only = True
+    shape = (64, 100)
+    assert _bench.applies_to_mode(plain, shape, "fwd") and _bench.applies_to_mode(plain, shape, "fwdbwd")
+    assert not _bench.applies_to_mode(both, shape, "fwd") and _bench.applies_to_mode(both, shape, "fwdbwd")
+    assert _bench.applies_to_mode(fwd, shape, "fwd") and not _bench.applies_to_mode(fwd, shape, "fwdbwd")

@@ -654,7 +654,7 @@ def test_many_rows_per_block(monkeypatch, dtype):
     check(grad, ref_grad, dtype, "prob grad")
 
 
-@pytest.mark.parametrize("row_threads", ["32", "256", "512"])
+@pytest.mark.parametrize("row_threads", ["32", "256", "512", "1024"])
 def test_fewer_threads_per_row(monkeypatch, row_threads):
     # FUSED_NLL_CUDA_ROW_THREADS caps a row's thread group (the benchmark's knob): long
     # rows then take more packs per thread and several rows share an SM; the same
@@ -676,6 +676,57 @@ def test_fewer_threads_per_row(monkeypatch, row_threads):
         ref_loss, ref_grad = ref_prob(x, y, w, 0.1, "mean")
         check(loss, ref_loss, dtype, "prob loss")
         check(grad, ref_grad, dtype, "prob grad")
+
+
+# Class-strided rows ((N, C, H, W) logits) get as few threads per row as fill the
+# device, one when there are enough rows (row_launch): with the emulator's one SM,
+# 2048 rows. Shapes for 1, 2, 32 and 128 threads per row (a 300-class row would get
+# 128), all options, forward, backward and the rows' scaling.
+@pytest.mark.parametrize("shape", [(2, 40, 30, 40), (1, 300, 32, 40), (1, 300, 8, 8),
+                                   (2, 300, 1, 3)])
+def test_class_strided_rows_threads(monkeypatch, shape):
+    if EMULATED:
+        monkeypatch.setenv("FUSED_NLL_EMU_SMS", "1")
+    torch.manual_seed(sum(shape))
+    C = shape[1]
+    for dtype in (torch.float32, torch.bfloat16):
+        x = logits(shape, dtype)
+        t = targets(x, p_ignore=0.2)
+        w = class_weight(C, dtype)
+        check_index(x, t, w, eps=0.1, reduction="mean")
+        check_index(x, t, reduction="none", log_probs=True, eps=0.2)
+        loss, lse, _ = run_index(x, t, w, eps=0.1, reduction="none", compute_grad=False)
+        gl = torch.randn(rows_shape(x), device=DEV).to(dtype)
+        grad = ops.cross_entropy_bwd(gl, x, t, w, lse, -100, 0.1, 0, False)
+        _, ref_grad = ref_index(x, t, w, -100, 0.1, "none", False, grad_loss=gl)
+        check(grad, ref_grad, dtype, "bwd grad")
+        g = grad.clone()
+        ops.scale_grad_(g, gl)  # per-row scaling of a class-strided gradient
+        check(g, grad.double() * gl.double().unsqueeze(1), dtype, "scale_grad_")
+        y = soft_targets(shape, dtype)
+        ploss, plse, pgrad = ops.cross_entropy_prob_fwd(x, y, w, 0.1, 1, True)
+        ref_loss, ref_grad = ref_prob(x, y, w, 0.1, "mean")
+        check(ploss, ref_loss, dtype, "prob loss")
+        check(pgrad, ref_grad, dtype, "prob grad")
+
+
+# The mean's divisor W: one block up to 16384 rows, else partial sums of 4096-row spans
+# and a second kernel (total_weight in csrc/cuda/cross_entropy.cu), for token rows and
+# for pixels (a 64-bit division per row there).
+@pytest.mark.parametrize("shape", [(16385, 3), (16384 + 4096 * 2 + 7, 2), (2, 3, 101, 99)])
+def test_total_weight_in_parts(shape):
+    torch.manual_seed(5)
+    x = logits(shape, torch.float32)
+    t = targets(x, p_ignore=0.3)
+    w = class_weight(shape[1], torch.float32)
+    check_index(x, t, w, reduction="mean", compute_grad=False)
+    t[..., 7] = 5  # out-of-range: nan loss, no part of W
+    loss, _, _ = run_index(x, t, w, reduction="mean", compute_grad=False)
+    assert torch.isnan(loss)
+    keep = (t.long() != -100) & (t.long() != 5)
+    loss, _, _ = run_index(x, torch.where(keep, t, torch.full_like(t, -100)), w,
+                           reduction="mean", compute_grad=False)
+    assert torch.isfinite(loss)
 
 
 @gpu_only

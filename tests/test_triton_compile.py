@@ -44,13 +44,16 @@ SCALARS = {"eps_hi": "fp32", "eps_lo": "fp32", "ignore_index": "i64", "den_value
 
 KERNELS = [  # (kernel, constexprs, num_warps)
     (ce._ce_fwd_kernel, dict(HAS_WEIGHT=True, SMOOTH=True, LOG_PROBS=False, COMPUTE_GRAD=True,
-                             MEAN=True, PREFETCH=False, BLOCK=8192), 8),
+                             MEAN=True, PREFETCH=False, BLOCK=8192, GRAD_EVICT_FIRST=False, ONE_BLOCK=False), 8),
     (ce._ce_fwd_kernel, dict(HAS_WEIGHT=True, SMOOTH=True, LOG_PROBS=False, COMPUTE_GRAD=True,
-                             MEAN=True, PREFETCH=True, BLOCK=4096), 8),
+                             MEAN=True, PREFETCH=True, BLOCK=4096, GRAD_EVICT_FIRST=True, ONE_BLOCK=False), 8),
+    (ce._ce_fwd_kernel, dict(HAS_WEIGHT=True, SMOOTH=True, LOG_PROBS=False, COMPUTE_GRAD=True,
+                             MEAN=True, PREFETCH=True, BLOCK=4096, GRAD_EVICT_FIRST=False,
+                             ONE_BLOCK=True), 8),
     (ce._ce_fwd_kernel, dict(HAS_WEIGHT=False, SMOOTH=True, LOG_PROBS=True, COMPUTE_GRAD=True,
-                             MEAN=False, PREFETCH=False, BLOCK=1024), 4),
+                             MEAN=False, PREFETCH=False, BLOCK=1024, GRAD_EVICT_FIRST=False, ONE_BLOCK=False), 4),
     (ce._ce_fwd_kernel, dict(HAS_WEIGHT=False, SMOOTH=False, LOG_PROBS=True, COMPUTE_GRAD=True,
-                             MEAN=True, PREFETCH=False, BLOCK=8192), 8),
+                             MEAN=True, PREFETCH=False, BLOCK=8192, GRAD_EVICT_FIRST=False, ONE_BLOCK=False), 8),
     (ce._ce_split_kernel, dict(HAS_WEIGHT=True, SMOOTH=True, MEAN=True, PARTS=16, RECORDS=16, PHASE=0,
                                ONE_BLOCK=True, BLOCK=8192), 8),
     (ce._ce_split_kernel, dict(HAS_WEIGHT=True, SMOOTH=True, MEAN=True, PARTS=8, RECORDS=8, PHASE=0,
@@ -116,6 +119,9 @@ def test_kernel_compiles(case, arch):
         # in place, x_t is read before any thread writes the gradient: a barrier even
         # where no reduction provides one (nll_loss on log-probs without smoothing)
         assert "bar.sync" in ptx
+    if constexprs.get("GRAD_EVICT_FIRST"):
+        # _GRAD_LAUNCH "evict_first_store": the gradient's stores carry the hint
+        assert re.search(r"st\.global\.[\w:.]*evict_first", ptx)
     if kernel is ce._ce_split_kernel and constexprs["PHASE"] == 0:
         # the in-launch exchange: release add, acquire spin, volatile reads of the records
         assert "red.global.gpu.release.add" in ptx or "atom.global.gpu.release" in ptx
@@ -253,7 +259,8 @@ def _perf_cases():
     split_parts = 16  # a chunk of 128256 / 16 = 8016 classes: one block, in registers
     split_block = triton.next_power_of_2(triton.cdiv(V_REF, split_parts))
     split_warps = min(32, max(4, split_block // (32 * ce._SPLIT_ELEMS_PER_THREAD)))
-    fwd = dict(HAS_WEIGHT=False, SMOOTH=False, LOG_PROBS=False, MEAN=True, PREFETCH=False)
+    fwd = dict(HAS_WEIGHT=False, SMOOTH=False, LOG_PROBS=False, MEAN=True, PREFETCH=False,
+               GRAD_EVICT_FIRST=False, ONE_BLOCK=False)
     # (id, kernel, constexprs, num_warps, element, reads, writes, min programs per SM)
     return [
         ("fwd", ce._ce_fwd_kernel, dict(fwd, COMPUTE_GRAD=False, BLOCK=bf16_block),
@@ -266,6 +273,17 @@ def _perf_cases():
          bf16_warps, "bf16", True, False, 2),
         ("fwd+grad-prefetch", ce._ce_fwd_kernel, dict(fwd, COMPUTE_GRAD=True, PREFETCH=True,
                                                       BLOCK=bf16_block),
+         bf16_warps, "bf16", True, True, 2),
+        # _GRAD_LAUNCH "evict_first_store": the hinted stores stay 16-byte vectors
+        ("fwd+grad-evict-first", ce._ce_fwd_kernel, dict(fwd, COMPUTE_GRAD=True,
+                                                         GRAD_EVICT_FIRST=True,
+                                                         BLOCK=bf16_block),
+         bf16_warps, "bf16", True, True, 2),
+        # rows of at most one block (ONE_BLOCK): the row stays in registers from sweep 1
+        # to the gradient, still 2 programs per SM at the largest default block. (A
+        # 32768 block, for 32000-class rows, spills with 32 warps, in registers or not.)
+        ("fwd+grad-one-block", ce._ce_fwd_kernel, dict(fwd, COMPUTE_GRAD=True, ONE_BLOCK=True,
+                                                       BLOCK=bf16_block),
          bf16_warps, "bf16", True, True, 2),
         ("fwd+grad-smooth-weight", ce._ce_fwd_kernel,
          dict(fwd, HAS_WEIGHT=True, SMOOTH=True, COMPUTE_GRAD=True, BLOCK=heavy_block),
@@ -305,7 +323,8 @@ def test_specialisation_is_what_vectorises():
     """The check above can fail: without the unit class stride known at compile time
     (a strided input) the same kernel reads element by element."""
     constexprs = dict(HAS_WEIGHT=False, SMOOTH=False, LOG_PROBS=False, COMPUTE_GRAD=True,
-                      MEAN=True, PREFETCH=False, BLOCK=8192)
+                      MEAN=True, PREFETCH=False, BLOCK=8192, GRAD_EVICT_FIRST=False,
+                      ONE_BLOCK=False)
     src = ASTSource(fn=ce._ce_fwd_kernel, signature=_signature(ce._ce_fwd_kernel, constexprs),
                     constexprs=constexprs)
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["ptx"]

@@ -786,7 +786,8 @@ def test_grad_launch_knobs_apply_to_the_gradient_launch_only(monkeypatch, option
     default = ce.cross_entropy_fwd(x, t, w, -100, eps, MEAN, False, True)
     assert seen[-1] == (256 // (2 if heavy else 1), 4)
     monkeypatch.setattr(ce, "_GRAD_LAUNCH", {"max_block": 128, "elems_per_thread": 2,
-                                             "programs_per_sm": 1, "prefetch": True})
+                                             "programs_per_sm": 1, "prefetch": True,
+                                             "evict_first_store": True})
     loss, lse, grad = check_index(x, t, w, eps=eps, reduction=MEAN)
     # 128 classes per block (64 for the heavier kernel), 4 warps
     assert seen[-1] == ((64, 4) if heavy else (128, 4))

@@ -109,7 +109,9 @@ _PREFETCH = False
 # than the forward alone: the forward wants many loads in flight, the gradient sweep
 # wants its row still in L2 when it re-reads it. None: the forward's knobs. A dict
 # overrides some of them for that launch only: "max_block" (every element size),
-# "elems_per_thread", "programs_per_sm", "prefetch". On the H100 (2026-11-27, 8192 x
+# "elems_per_thread", "programs_per_sm", "prefetch", and "evict_first_store" (the
+# gradient's stores marked first to leave L2, so that they do not push out logits that
+# other rows have yet to re-read; untimed). On the H100 (2026-11-27, 8192 x
 # 128256 bf16, benchmarks/results/NOTES.md) the set {"max_block": 16384,
 # "elems_per_thread": 16, "programs_per_sm": 1, "prefetch": True} gave 1.871 ms
 # forward+backward against 1.990 ms, but 0.790 ms forward against 0.725 ms: off until
@@ -282,6 +284,27 @@ def _online_lse(x_row, stride_c, w_ptr, n_cols, x_first, ACC: tl.constexpr,
 
 
 @triton.jit
+def _block_lse(x, cols, w_ptr, n_cols, ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+               SMOOTH: tl.constexpr):
+    """_online_lse of a row that is one block ``x`` (-inf past n_cols), already loaded:
+    the same (m, log_se, wxs, wsum) as that loop's single step."""
+    m = tl.max(x, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    se = tl.sum(tl.exp(x - m), 0)
+    wxs = tl.zeros([], ACC)
+    wsum = tl.zeros([], ACC)
+    if SMOOTH:
+        mask = cols < n_cols
+        if HAS_WEIGHT:
+            w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(ACC)
+        else:
+            w = mask.to(ACC)
+        wxs = tl.sum(tl.where(mask, w * (x - m), 0.0), 0)
+        wsum = tl.sum(w, 0)
+    return m, tl.log(se), wxs, wsum
+
+
+@triton.jit
 def _index_loss(x_t, w_t, m, log_se, wsum, wxs, eps, C, SMOOTH: tl.constexpr):
     """An index-target row's loss from sweep 1's statistics (_online_lse; per pixel in the
     tile kernels): (1-eps)*w_t*(lse - x_t) plus eps/C*(wsum*log_se - wxs) with smoothing.
@@ -313,7 +336,8 @@ def _index_grad_coefs(s, eps, w_t, C, wsum_ptr, ACC: tl.constexpr, HAS_WEIGHT: t
 @triton.jit
 def _index_grad_sweep(x_row, stride_c, g_row, stride_gc, w_ptr, C, n_cols, t, m, log_se,
                       active, ignored, a, b, e, ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                      SMOOTH: tl.constexpr, LOG_PROBS: tl.constexpr, BLOCK: tl.constexpr):
+                      SMOOTH: tl.constexpr, LOG_PROBS: tl.constexpr, BLOCK: tl.constexpr,
+                      EVICT_FIRST_STORE: tl.constexpr):
     """Sweep 2 of an index-target row: g_c = a*p_c - b*[c == t] - e*w_c.
 
     That is docs/ops.md's gradient with a = s*((1-eps)*w_t + eps/C*wsum),
@@ -322,7 +346,9 @@ def _index_grad_sweep(x_row, stride_c, g_row, stride_gc, w_ptr, C, n_cols, t, m,
     accurate for logits near +-1e4, where an fp32 lse has an ulp of 1e-3 (the backward
     kernel has only the saved lse and passes m = lse, log_se = 0). Ignored rows get
     exactly 0 and rows with an out-of-range target nan, without reading x: n_cols
-    (C for an active row, else 0) bounds the loads.
+    (C for an active row, else 0) bounds the loads. EVICT_FIRST_STORE marks the gradient's
+    lines first to go from L2 (_GRAD_LAUNCH "evict_first_store"), so that they do not push
+    out logits other rows have yet to re-read.
     """
     n_blocks = tl.cdiv(C, BLOCK)
     for i in range(0, n_blocks):
@@ -337,7 +363,17 @@ def _index_grad_sweep(x_row, stride_c, g_row, stride_gc, w_ptr, C, n_cols, t, m,
                         eviction_policy="evict_first").to(ACC)
         g = _index_grad_block(x, cols, w_ptr, n_cols, t, m, log_se, active, ignored, a, b, e,
                               ACC, HAS_WEIGHT, SMOOTH, LOG_PROBS)
-        tl.store(g_row + cols64 * stride_gc, g.to(g_row.dtype.element_ty), mask=mask)
+        _store_grad(g_row + cols64 * stride_gc, g, mask, EVICT_FIRST_STORE)
+
+
+@triton.jit
+def _store_grad(ptrs, g, mask, EVICT_FIRST: tl.constexpr):
+    """Stores a gradient block in the pointers' dtype; EVICT_FIRST marks its lines first
+    to leave L2 (see _index_grad_sweep)."""
+    if EVICT_FIRST:
+        tl.store(ptrs, g.to(ptrs.dtype.element_ty), mask=mask, eviction_policy="evict_first")
+    else:
+        tl.store(ptrs, g.to(ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -391,7 +427,8 @@ def _ce_fwd_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_ptr, wsum_
                    R, C, S, stride_n, stride_c, stride_s, ignore_index, eps_hi, eps_lo,
                    HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, LOG_PROBS: tl.constexpr,
                    COMPUTE_GRAD: tl.constexpr, MEAN: tl.constexpr, PREFETCH: tl.constexpr,
-                   BLOCK: tl.constexpr):
+                   BLOCK: tl.constexpr, GRAD_EVICT_FIRST: tl.constexpr,
+                   ONE_BLOCK: tl.constexpr):
     """Index targets: per-row loss and lse, and (COMPUTE_GRAD) the gradient for
     grad_loss = 1. den_ptr: W (read when MEAN and COMPUTE_GRAD); wsum_ptr: sum_c w_c
     (read when HAS_WEIGHT, SMOOTH, COMPUTE_GRAD and not LOG_PROBS).
@@ -399,11 +436,16 @@ def _ce_fwd_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_ptr, wsum_
     Rows r = program_id, program_id + num_programs, ...: one row per program with
     the default grid of R programs; a smaller (persistent) grid bounds the rows in
     flight, e.g. so that the gradient sweep re-reads each row from L2 (see
-    _PROGRAMS_PER_SM)."""
+    _PROGRAMS_PER_SM).
+
+    ONE_BLOCK (C <= BLOCK, with COMPUTE_GRAD and logits): the row is one block, kept in
+    registers from sweep 1 to the gradient, so the logits are read once (no second
+    sweep through L2)."""
     for row in range(tl.program_id(0), R, tl.num_programs(0)):
         _ce_fwd_row(row, x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_ptr, wsum_ptr,
                     C, S, stride_n, stride_c, stride_s, ignore_index, eps_hi, eps_lo,
-                    HAS_WEIGHT, SMOOTH, LOG_PROBS, COMPUTE_GRAD, MEAN, PREFETCH, BLOCK)
+                    HAS_WEIGHT, SMOOTH, LOG_PROBS, COMPUTE_GRAD, MEAN, PREFETCH, BLOCK,
+                    GRAD_EVICT_FIRST, ONE_BLOCK)
 
 
 @triton.jit
@@ -411,8 +453,9 @@ def _ce_fwd_row(row, x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_ptr, wsu
                 C, S, stride_n, stride_c, stride_s, ignore_index, eps_hi, eps_lo,
                 HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, LOG_PROBS: tl.constexpr,
                 COMPUTE_GRAD: tl.constexpr, MEAN: tl.constexpr, PREFETCH: tl.constexpr,
-                BLOCK: tl.constexpr):
+                BLOCK: tl.constexpr, GRAD_EVICT_FIRST: tl.constexpr, ONE_BLOCK: tl.constexpr):
     ACC: tl.constexpr = lse_ptr.dtype.element_ty
+    IN_REGISTERS: tl.constexpr = ONE_BLOCK and (COMPUTE_GRAD and not LOG_PROBS)  # (triton 3.2: no chains)
     row, x_off, g_off = _offsets_of_row(row, S, stride_n, stride_s, C)
     x_row = x_ptr + x_off
     if PREFETCH:  # (logits only) issued before anything waits for the row's target; an
@@ -449,6 +492,17 @@ def _ce_fwd_row(row, x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_ptr, wsu
                     x *= tl.load(w_ptr + cols, mask=mask, other=0.0).to(ACC)
                 wx += tl.where(mask, x, 0.0)
             loss += eps / C * (-tl.sum(wx, 0))
+    elif IN_REGISTERS:
+        cols = tl.arange(0, BLOCK)
+        # kept in the logits' dtype (half the registers for bf16), converted at each use
+        if PREFETCH:
+            x_reg = tl.where(cols < n_cols, x_first, float("-inf"))
+        else:
+            x_reg = _load_block(x_row, stride_c, 0, n_cols, BLOCK)
+        m, log_se, wxs, wsum_row = _block_lse(x_reg.to(ACC), cols, w_ptr, n_cols, ACC,
+                                              HAS_WEIGHT, SMOOTH)
+        lse = m + log_se
+        loss = _index_loss(x_t, w_t, m, log_se, wsum_row, wxs, eps, C, SMOOTH)
     else:
         m, log_se, wxs, wsum_row = _online_lse(x_row, stride_c, w_ptr, n_cols, x_first,
                                                ACC, HAS_WEIGHT, SMOOTH, PREFETCH, BLOCK)
@@ -470,8 +524,15 @@ def _ce_fwd_row(row, x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_ptr, wsu
         # x_t (above) before any thread writes. The reductions of sweep 1 already order
         # that, but LOG_PROBS without smoothing has no sweep 1 (one bar.sync per row).
         tl.debug_barrier()
-        _index_grad_sweep(x_row, stride_c, g_ptr + g_off, S, w_ptr, C, n_cols, t, m, log_se,
-                          active, ignored, a, b, e, ACC, HAS_WEIGHT, SMOOTH, LOG_PROBS, BLOCK)
+        if IN_REGISTERS:
+            g = _index_grad_block(x_reg.to(ACC), cols, w_ptr, n_cols, t, m, log_se, active,
+                                  ignored,
+                                  a, b, e, ACC, HAS_WEIGHT, SMOOTH, LOG_PROBS)
+            _store_grad(g_ptr + g_off + cols.to(tl.int64) * S, g, cols < C, GRAD_EVICT_FIRST)
+        else:
+            _index_grad_sweep(x_row, stride_c, g_ptr + g_off, S, w_ptr, C, n_cols, t, m,
+                              log_se, active, ignored, a, b, e, ACC, HAS_WEIGHT, SMOOTH,
+                              LOG_PROBS, BLOCK, GRAD_EVICT_FIRST)
 
 
 @triton.jit
@@ -617,7 +678,7 @@ def _split_part(row, part, x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_pt
         else:
             _index_grad_sweep(x_chunk, stride_c, g_ptr + g_off + c0 * S, S, w_ptr + c0, n,
                               n_cols, t - c0, m_row, log_se, active, ignored, a, b, e, ACC,
-                              HAS_WEIGHT, SMOOTH, False, BLOCK)
+                              HAS_WEIGHT, SMOOTH, False, BLOCK, False)
 
 
 @triton.jit
@@ -647,7 +708,7 @@ def _ce_bwd_kernel(gl_ptr, stride_gl, x_ptr, t_ptr, w_ptr, lse_ptr, g_ptr, den_p
     a, b, e = _index_grad_coefs(s, eps, w_t, C, wsum_ptr, ACC, HAS_WEIGHT, SMOOTH, LOG_PROBS)
     _index_grad_sweep(x_ptr + x_off, stride_c, g_ptr + g_off, S, w_ptr, C,
                       tl.where(active, C, 0), t, lse, tl.zeros([], ACC), active, ignored,
-                      a, b, e, ACC, HAS_WEIGHT, SMOOTH, LOG_PROBS, BLOCK)
+                      a, b, e, ACC, HAS_WEIGHT, SMOOTH, LOG_PROBS, BLOCK, False)
 
 
 @triton.jit
@@ -1451,7 +1512,9 @@ def _index_fwd(input, target, weight, ignore_index, label_smoothing, reduction, 
             R, C, S, x.stride(0), x.stride(1), x.stride(2), ignore_index, eps_hi, eps_lo,
             HAS_WEIGHT=weight is not None, SMOOTH=smooth, LOG_PROBS=log_probs,
             COMPUTE_GRAD=compute_grad, MEAN=mean and compute_grad,
-            PREFETCH=prefetch, BLOCK=block, num_warps=num_warps)
+            PREFETCH=prefetch, BLOCK=block,
+            GRAD_EVICT_FIRST=bool(knobs.get("evict_first_store", False)),
+            ONE_BLOCK=C <= block and compute_grad and not log_probs, num_warps=num_warps)
     out_dtype = _checked_loss_dtype(loss_dtype, input.dtype)
     loss = _reduce_loss(loss_rows, reduction, den, rows_shape, out_dtype)
     return loss, lse

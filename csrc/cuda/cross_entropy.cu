@@ -12,7 +12,11 @@
 //   `blockDim.y` groups (several rows per block when a group has fewer than
 //   kSmallBlock threads; such a group may still span two warps, so block
 //   reductions give every group its own shared-memory slots), and blocks
-//   stride over the rows.
+//   stride over the rows. row_launch picks the group size: up to 256 threads
+//   (4 long rows per SM) for one pass over the row, up to 1024 (1 per SM) for
+//   the forward with gradient, whose second sweep should find its row in L2,
+//   and for class-strided rows as few as fill the device (one thread per pixel
+//   of a segmentation map, so that a warp reads 32 neighbouring pixels).
 // - Forward, pass 1 reads the row once and keeps, per thread, an online softmax
 //   state (max m, Σ exp(x - m)) plus Σ a_c·(x_c - m) and Σ a_c for a per-class
 //   coefficient a_c (w_c for label smoothing, w_c·y'_c for probability targets)
@@ -127,13 +131,20 @@ __device__ __forceinline__ int pack_phase(const T* p) {
 // returned by f(c, x_c, y_c) is written to g when kG. The three arrays have
 // their own class strides. A thread always sees the same classes for a given
 // layout, so reductions over f's side effects are deterministic.
-template <int kVec, bool kX, bool kY, bool kG, typename acc_t, typename XT,
-          typename YT, typename GT, typename F>
+template <int kVec, bool kX, bool kY, bool kG, typename acc_t, int kIlp = (kX && kY) ? 2 : 4,
+          typename XT, typename YT, typename GT, typename F>
 __device__ __forceinline__ void row_apply(int64_t len, const XT* x, int64_t xs,
                                           const YT* y, int64_t ys, GT* g, int64_t gs,
                                           F&& f) {
   const int64_t tid = threadIdx.x;
   const int64_t nt = blockDim.x;
+  // kIlp: loads per thread issued before the first is used, so that a row group
+  // keeps several vectors per thread in flight, rather than relying on nvcc to
+  // hoist the next step's load over this step's exp and stores. Fewer where
+  // registers are short (1024 threads allow 64 each): two when a step also reads
+  // y (probability targets), one in the forward's gradient sweep (re-reading
+  // from L2 with the row's state live: ptxas spilled 8-32 bytes there for bf16
+  // with two or four, CUDA 13, sm_90).
 
   auto scalar_at = [&](int64_t c, int64_t xoff, int64_t yoff, int64_t goff) {
     const acc_t xv = kX ? static_cast<acc_t>(x[xoff]) : acc_t(0);
@@ -160,7 +171,25 @@ __device__ __forceinline__ void row_apply(int64_t len, const XT* x, int64_t xs,
   }
 
   if (!vec || kVec == 1) {
-    for (int64_t c = tid; c < len; c += nt) scalar_at(c, c * xs, c * ys, c * gs);
+    // kIlp classes per step, loads first (see kIlp): same per-thread order as
+    // one class per step, so the same bits.
+    int64_t c = tid;
+    for (; c + (kIlp - 1) * nt < len; c += kIlp * nt) {
+      acc_t xv[kIlp], yv[kIlp];
+#pragma unroll
+      for (int j = 0; j < kIlp; ++j) {
+        const int64_t cj = c + j * nt;
+        xv[j] = kX ? static_cast<acc_t>(x[cj * xs]) : acc_t(0);
+        yv[j] = kY ? static_cast<acc_t>(y[cj * ys]) : acc_t(0);
+      }
+#pragma unroll
+      for (int j = 0; j < kIlp; ++j) {
+        const int64_t cj = c + j * nt;
+        const acc_t out = f(cj, xv[j], yv[j]);
+        if constexpr (kG) g[cj * gs] = static_cast<GT>(out);
+      }
+    }
+    for (; c < len; c += nt) scalar_at(c, c * xs, c * ys, c * gs);
     return;
   }
 
@@ -172,13 +201,8 @@ __device__ __forceinline__ void row_apply(int64_t len, const XT* x, int64_t xs,
   const auto* xp = reinterpret_cast<const Pack<XT, kVec>*>(kX ? x + head : nullptr);
   const auto* yp = reinterpret_cast<const Pack<YT, kVec>*>(kY ? y + head : nullptr);
   auto* gp = reinterpret_cast<Pack<GT, kVec>*>(kG ? g + head : nullptr);
-#pragma unroll 2
-  for (int64_t i = tid; i < npack; i += nt) {
-    Pack<XT, kVec> xv;
-    Pack<YT, kVec> yv;
+  auto one_pack = [&](int64_t i, const Pack<XT, kVec>& xv, const Pack<YT, kVec>& yv) {
     Pack<GT, kVec> gv;
-    if constexpr (kX) xv = xp[i];
-    if constexpr (kY) yv = yp[i];
     const int64_t c0 = head + i * kVec;
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
@@ -188,6 +212,25 @@ __device__ __forceinline__ void row_apply(int64_t len, const XT* x, int64_t xs,
       if constexpr (kG) gv.v[j] = static_cast<GT>(out);
     }
     if constexpr (kG) gp[i] = gv;
+  };
+  int64_t i = tid;
+  for (; i + (kIlp - 1) * nt < npack; i += kIlp * nt) {
+    Pack<XT, kVec> xv[kIlp];
+    Pack<YT, kVec> yv[kIlp];
+#pragma unroll
+    for (int j = 0; j < kIlp; ++j) {
+      if constexpr (kX) xv[j] = xp[i + j * nt];
+      if constexpr (kY) yv[j] = yp[i + j * nt];
+    }
+#pragma unroll
+    for (int j = 0; j < kIlp; ++j) one_pack(i + j * nt, xv[j], yv[j]);
+  }
+  for (; i < npack; i += nt) {
+    Pack<XT, kVec> xv;
+    Pack<YT, kVec> yv;
+    if constexpr (kX) xv = xp[i];
+    if constexpr (kY) yv = yp[i];
+    one_pack(i, xv, yv);
   }
 
   for (int64_t c = head + npack * kVec + tid; c < len; c += nt) scalar_at(c, c, c, c);
@@ -197,14 +240,22 @@ __device__ __forceinline__ void row_apply(int64_t len, const XT* x, int64_t xs,
 // thread-to-class split as row_apply: f_pack(c0, v) gets whole vector packs
 // (classes c0 .. c0 + kVec - 1, converted to acc_t), f_one(c, x_c) the scalar
 // head, tail and any layout without unit stride and alignment.
-template <int kVec, typename acc_t, typename XT, typename F1, typename FP>
+template <int kVec, typename acc_t, int kIlp, typename XT, typename F1, typename FP>
 __device__ __forceinline__ void row_visit(int64_t len, const XT* x, int64_t xs, F1&& f_one,
                                           FP&& f_pack) {
   const int64_t tid = threadIdx.x;
   const int64_t nt = blockDim.x;
   const int phase = xs == 1 ? pack_phase<kVec>(x) : -1;
   if (kVec == 1 || phase < 0) {
-    for (int64_t c = tid; c < len; c += nt) f_one(c, static_cast<acc_t>(x[c * xs]));
+    int64_t c = tid;
+    for (; c + (kIlp - 1) * nt < len; c += kIlp * nt) {
+      acc_t v[kIlp];
+#pragma unroll
+      for (int j = 0; j < kIlp; ++j) v[j] = static_cast<acc_t>(x[(c + j * nt) * xs]);
+#pragma unroll
+      for (int j = 0; j < kIlp; ++j) f_one(c + j * nt, v[j]);
+    }
+    for (; c < len; c += nt) f_one(c, static_cast<acc_t>(x[c * xs]));
     return;
   }
   int64_t head = (kVec - phase) % kVec;
@@ -212,14 +263,21 @@ __device__ __forceinline__ void row_visit(int64_t len, const XT* x, int64_t xs, 
   for (int64_t c = tid; c < head; c += nt) f_one(c, static_cast<acc_t>(x[c]));
   const int64_t npack = (len - head) / kVec;
   const auto* xp = reinterpret_cast<const Pack<XT, kVec>*>(x + head);
-#pragma unroll 2
-  for (int64_t i = tid; i < npack; i += nt) {
-    const Pack<XT, kVec> xv = xp[i];
+  auto one_pack = [&](int64_t i, const Pack<XT, kVec>& xv) {
     acc_t v[kVec];
 #pragma unroll
     for (int j = 0; j < kVec; ++j) v[j] = static_cast<acc_t>(xv.v[j]);
     f_pack(head + i * kVec, v);
+  };
+  int64_t i = tid;
+  for (; i + (kIlp - 1) * nt < npack; i += kIlp * nt) {
+    Pack<XT, kVec> xv[kIlp];
+#pragma unroll
+    for (int j = 0; j < kIlp; ++j) xv[j] = xp[i + j * nt];
+#pragma unroll
+    for (int j = 0; j < kIlp; ++j) one_pack(i + j * nt, xv[j]);
   }
+  for (; i < npack; i += nt) one_pack(i, xp[i]);
   for (int64_t c = head + npack * kVec + tid; c < len; c += nt) f_one(c, static_cast<acc_t>(x[c]));
 }
 
@@ -283,21 +341,41 @@ struct Rows {
   int64_t R, C, S;
 };
 
-// W = Σ_r k_r·w_{t_r} over valid (not ignored, in-range) targets, in one block
-// so the summation order is fixed.
+// W = Σ_r k_r·w_{t_r} over valid (not ignored, in-range) targets, in two
+// stages with a fixed summation order (deterministic, whatever the device):
+// block b sums rows [b·span, (b+1)·span) into part[b] (out itself when there
+// is one block), then total_weight_sum_kernel adds the parts in one block. One
+// block for all rows read 33.5 MB of int64 targets at 16 x 512 x 512 pixels
+// through a single SM.
 template <typename index_t, typename acc_t>
 __global__ void __launch_bounds__(kMaxThreads)
     total_weight_kernel(const index_t* __restrict__ target, int64_t tN, int64_t tS,
-                        Rows rows, const acc_t* __restrict__ weight, int64_t ignore_index,
-                        acc_t* __restrict__ out) {
+                        Rows rows, int64_t span, const acc_t* __restrict__ weight,
+                        int64_t ignore_index, acc_t* __restrict__ part) {
   __shared__ acc_t smem[32];
+  const int64_t lo = static_cast<int64_t>(blockIdx.x) * span;
+  const int64_t hi = lo + span < rows.R ? lo + span : rows.R;
   acc_t sum = 0;
-  for (int64_t r = threadIdx.x; r < rows.R; r += blockDim.x) {
-    const int64_t n = r / rows.S;
-    const int64_t s = r - n * rows.S;
-    const int64_t t = static_cast<int64_t>(target[n * tN + s * tS]);
+  for (int64_t r = lo + threadIdx.x; r < hi; r += blockDim.x) {
+    int64_t off = r * tN;  // S == 1 (token rows): no 64-bit division
+    if (rows.S != 1) {
+      const int64_t n = r / rows.S;
+      off = n * tN + (r - n * rows.S) * tS;
+    }
+    const int64_t t = static_cast<int64_t>(target[off]);
     if (t != ignore_index && t >= 0 && t < rows.C) sum += weight ? weight[t] : acc_t(1);
   }
+  sum = group_allreduce(sum, Plus{}, smem);
+  if (threadIdx.x == 0) part[blockIdx.x] = sum;
+}
+
+template <typename acc_t>
+__global__ void __launch_bounds__(kMaxThreads)
+    total_weight_sum_kernel(const acc_t* __restrict__ part, int64_t nparts,
+                            acc_t* __restrict__ out) {
+  __shared__ acc_t smem[32];
+  acc_t sum = 0;
+  for (int64_t i = threadIdx.x; i < nparts; i += blockDim.x) sum += part[i];
   sum = group_allreduce(sum, Plus{}, smem);
   if (threadIdx.x == 0) *out = sum;
 }
@@ -379,11 +457,13 @@ __global__ void __launch_bounds__(kMaxThreads)
         auto coef_of = [&](int64_t c) { return smooth ? (w ? w[c] : acc_t(1)) : acc_t(0); };
         auto add_one = [&](int64_t c, acc_t x) { state_add(st, x, coef_of(c)); };
         if (smooth) {
-          row_visit<kVec, acc_t>(len, xrow, p.xC, add_one, [&](int64_t c0, const acc_t(&v)[kVec]) {
+          // 2 / 4 packs in flight per thread (kIlp, see row_apply): the smoothing
+          // sums and weights leave registers for two
+          row_visit<kVec, acc_t, 2>(len, xrow, p.xC, add_one, [&](int64_t c0, const acc_t(&v)[kVec]) {
             state_add_pack<kVec, true>(st, v, [&](int j) { return w ? w[c0 + j] : acc_t(1); });
           });
         } else {
-          row_visit<kVec, acc_t>(len, xrow, p.xC, add_one, [&](int64_t, const acc_t(&v)[kVec]) {
+          row_visit<kVec, acc_t, 4>(len, xrow, p.xC, add_one, [&](int64_t, const acc_t(&v)[kVec]) {
             state_add_pack<kVec, false>(st, v, [](int) { return acc_t(0); });
           });
         }
@@ -446,7 +526,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     const acc_t coef_t = sr * (acc_t(1) - eps) * wt;
     const acc_t coef_w = sr * eps_c;
     if (!p.log_probs) {
-      row_apply<kVec, true, false, true, acc_t>(
+      row_apply<kVec, true, false, true, acc_t, kBackward ? 4 : 1>(
           C, xrow, p.xC, (const scalar_t*)nullptr, 0, grow, S,
           [&](int64_t c, acc_t x, acc_t) {
             const acc_t pc = dev_exp((x - shift) - logsum);
@@ -844,25 +924,49 @@ struct RowLaunch {
   dim3 grid, block;
 };
 
-// FUSED_NLL_CUDA_ROW_THREADS: the most threads of one row's group, a power of two from 32
-// to 1024 (the default; anything else is ignored). Long rows get 1024 threads, so an SM
-// holds 2 rows; 256 would hold 8, as the Triton kernel's 8 warps do, each thread
-// sweeping 4x the classes. On the H100 (2026-11-27) the 1024-thread forward read at 55%
-// of the bandwidth floor against Triton's 96%: a knob for the benchmark's
-// "fused_nll[cuda] 256 threads/row" rows until a GPU run picks the default. Read on
-// every call, like FUSED_NLL_CUDA_CLUSTER.
-int row_threads_cap() {
+// The most threads of one row's group (a power of two). The kernels cap a thread at 64
+// registers (__launch_bounds__(1024)) and use about that many (ptxas, sm_90), so an SM
+// holds 65536 / (64 * threads) row groups: 1 of 1024 threads, 4 of 256.
+// - One pass over the row (forward alone, backward, the rows' scaling): 256, 4 rows in
+//   flight per SM, whose memory latencies and reductions overlap. On the H100
+//   (2026-11-27) 1024 threads (1 row per SM) read at 55% of the bandwidth floor at
+//   8192 x 128256 bf16 and 26% at 8192 x 32000, Triton's kernel (8 warps a row, several
+//   rows per SM) at 96% and 77%.
+// - Forward with gradient (two_sweeps): the gradient sweep re-reads the row, which
+//   should still be in L2 (50 MB on the H100): 1024 threads, 1 row per SM (132 rows of
+//   128256 bf16 are 34 MB; 4 per SM would be 135 MB and the re-read would come from HBM).
+// FUSED_NLL_CUDA_ROW_THREADS (read on every call; a power of two from 32 to 1024)
+// overrides both, for the benchmark's comparison.
+int row_threads_cap(bool two_sweeps) {
+  const int dflt = two_sweeps ? kMaxThreads : 256;
   const char* e = std::getenv("FUSED_NLL_CUDA_ROW_THREADS");
-  if (e == nullptr) return kMaxThreads;
+  if (e == nullptr) return dflt;
   const int v = std::atoi(e);
-  return (v >= 32 && v <= kMaxThreads && (v & (v - 1)) == 0) ? v : kMaxThreads;
+  return (v >= 32 && v <= kMaxThreads && (v & (v - 1)) == 0) ? v : dflt;
 }
 
-RowLaunch row_launch(const at::Tensor& like, int64_t R, int64_t C, int vec) {
+// class_strided: the rows' classes are not adjacent (x.stride(1) != 1, e.g.
+// (N, C, H, W) segmentation logits, where rows are pixels and a row's classes
+// sit H*W elements apart). There the lanes of a warp should run along rows,
+// not classes: neighbouring rows are neighbours in memory, so one thread per
+// row makes each warp load one 32-element run per class, while a row group of
+// several threads loads one element from each of several lines. So with
+// enough rows to fill the device (2048 threads per SM) a row gets one thread,
+// otherwise the fewest threads (a power of two) that fill it, at most what C
+// would get. (On the H100, 2026-11-27, 16 x 21 x 512 x 512 bf16 took 3.09 ms
+// forward with 8 threads per row; the floor is 0.058 ms.)
+RowLaunch row_launch(const at::Tensor& like, int64_t R, int64_t C, int vec,
+                     bool class_strided, bool two_sweeps) {
   const int64_t work = ceil_div(C, 4 * static_cast<int64_t>(vec));
-  const int cap = row_threads_cap();
+  const int cap = row_threads_cap(two_sweeps);
   int tpr = 4;
   while (tpr < work && tpr < cap) tpr <<= 1;
+  if (class_strided) {
+    const int64_t fill = static_cast<int64_t>(num_sms(like)) * 2048;
+    int few = 1;
+    while (few < tpr && static_cast<int64_t>(few) * R < fill) few <<= 1;
+    tpr = few;
+  }
   const int rpb = tpr < kSmallBlock ? kSmallBlock / tpr : 1;
   const int64_t max_blocks = static_cast<int64_t>(num_sms(like)) * (2048 / (tpr * rpb)) * 8;
   int64_t blocks = ceil_div(R, rpb);
@@ -930,15 +1034,33 @@ RowScalars per_row_view(const at::Tensor& v, const Layout& l, at::ScalarType acc
   return out;
 }
 
+// Rows per block of total_weight_kernel: all of them up to kTotalWeightOneBlock
+// (one launch, 16 rows per thread), else at least kTotalWeightSpan and at most
+// kTotalWeightMaxParts blocks. Depends on R only, so W's bits do too.
+constexpr int64_t kTotalWeightOneBlock = 16384;
+constexpr int64_t kTotalWeightSpan = 4096;
+constexpr int64_t kTotalWeightMaxParts = 1024;
+
 template <typename index_t>
 at::Tensor total_weight(const at::Tensor& t2, const Layout& l, const at::Tensor* weight,
                         int64_t ignore_index, at::ScalarType acc, cudaStream_t stream) {
   at::Tensor W = at::empty({}, t2.options().dtype(acc));
+  const int64_t R = l.rows();
+  int64_t span = ceil_div(R, kTotalWeightMaxParts);
+  if (span < kTotalWeightSpan) span = kTotalWeightSpan;
+  if (R <= kTotalWeightOneBlock) span = R > 0 ? R : 1;
+  const int64_t nparts = ceil_div(R > 0 ? R : 1, span);
   AT_DISPATCH_FLOATING_TYPES(acc, "fused_nll_total_weight", [&] {
-    launch_kernel(total_weight_kernel<index_t, scalar_t>, dim3(1), dim3(kMaxThreads), stream,
-                  t2.data_ptr<index_t>(), t2.stride(0), t2.stride(1), Rows{l.rows(), l.C, l.S},
-                  weight ? weight->data_ptr<scalar_t>() : nullptr, ignore_index,
-                  W.data_ptr<scalar_t>());
+    at::Tensor part = nparts > 1 ? at::empty({nparts}, W.options()) : W;
+    const int threads = nparts > 1 ? 256 : kMaxThreads;
+    launch_kernel(total_weight_kernel<index_t, scalar_t>, dim3(static_cast<unsigned>(nparts)),
+                  dim3(threads), stream, t2.data_ptr<index_t>(), t2.stride(0), t2.stride(1),
+                  Rows{R, l.C, l.S}, span, weight ? weight->data_ptr<scalar_t>() : nullptr,
+                  ignore_index, part.data_ptr<scalar_t>());
+    if (nparts > 1)
+      launch_kernel(total_weight_sum_kernel<scalar_t>, dim3(1), dim3(kMaxThreads), stream,
+                    static_cast<const scalar_t*>(part.data_ptr<scalar_t>()), nparts,
+                    W.data_ptr<scalar_t>());
   });
   return W;
 }
@@ -1046,7 +1168,8 @@ at::Tensor run_index(const at::Tensor& input, const at::Tensor& target,
         }
         if (!kBackward && compute_grad && launch_cluster(a, x, stream)) return;
         const int vec = x.stride(1) == 1 ? vec_width<x_t>() : 1;
-        const RowLaunch rl = row_launch(input, R, l.C, vec);
+        const RowLaunch rl = row_launch(input, R, l.C, vec, x.stride(1) != 1,
+                                        !kBackward && compute_grad && !log_probs);
         launch_kernel(index_kernel<x_t, index_t, kBackward>, rl.grid, rl.block, stream, a);
       });
     });
@@ -1127,7 +1250,8 @@ at::Tensor run_prob(const at::Tensor& input, const at::Tensor& target,
           a.gS = gl.sS;
         }
         const int vec = x.stride(1) == 1 ? vec_width<x_t, y_t>() : 1;
-        const RowLaunch rl = row_launch(input, R, l.C, vec);
+        const RowLaunch rl = row_launch(input, R, l.C, vec, x.stride(1) != 1,
+                                        !kBackward && compute_grad);
         launch_kernel(prob_kernel<x_t, y_t, kBackward>, rl.grid, rl.block, stream, a);
       });
     });
@@ -1241,7 +1365,8 @@ void scale_grad_cuda(at::Tensor& grad_input, const at::Tensor& grad_loss) {
       const Layout l = layout_of(grad_input);
       const RowScalars gl = per_row_view(gl0, l, acc, "grad_loss");
       const int vec = l.S == 1 ? vec_width<scalar_t>() : 1;
-      const RowLaunch rl = row_launch(grad_input, l.rows(), l.C, vec);
+      const RowLaunch rl = row_launch(grad_input, l.rows(), l.C, vec, l.S != 1 && l.C > 1,
+                                      /*two_sweeps=*/false);
       launch_kernel(scale_rows_kernel<scalar_t>, rl.grid, rl.block, stream,
                     grad_input.data_ptr<scalar_t>(), Rows{l.rows(), l.C, l.S},
                     gl.t.data_ptr<acc_t>(), gl.sN, gl.sS);

@@ -173,10 +173,17 @@ def implementations(device, wanted):
         run_cluster.rows_only = True
         run_cluster.index_only = True
         impls["fused_nll[cuda] cluster"] = run_cluster
-        # 256 threads per long row instead of 1024 (FUSED_NLL_CUDA_ROW_THREADS): 8 rows
-        # in flight per SM, as the Triton kernel's 8 warps
+        # The other launch shape of each mode (FUSED_NLL_CUDA_ROW_THREADS; defaults in
+        # csrc/cuda/cross_entropy.cu row_threads_cap): the forward alone with 1024
+        # threads per long row (1 row per SM, the default until session 12, 2026-11-27) instead of
+        # 256 (4 per SM); the forward with gradient with 256 instead of 1024.
+        run_rows1024 = _cuda_with_env("FUSED_NLL_CUDA_ROW_THREADS", "1024")
+        run_rows1024.rows_only = True
+        run_rows1024.fwd_only = True
+        impls["fused_nll[cuda] 1024 threads/row"] = run_rows1024
         run_rows256 = _cuda_with_env("FUSED_NLL_CUDA_ROW_THREADS", "256")
         run_rows256.rows_only = True
+        run_rows256.fwdbwd_only = True
         impls["fused_nll[cuda] 256 threads/row"] = run_rows256
 
     def eager(x, t):
@@ -223,7 +230,9 @@ def applies_to_mode(fn, shape, mode) -> bool:
     """vmapgrad: implementations that work inside torch.func, batches that split evenly."""
     if mode == "vmapgrad":
         return getattr(fn, "func", False) and shape[0] % PER_SAMPLE == 0
-    return mode != "fwd" or not getattr(fn, "fwdbwd_only", False)  # (same as without)
+    if mode == "fwd":
+        return not getattr(fn, "fwdbwd_only", False)  # (same as without)
+    return not getattr(fn, "fwd_only", False)
 
 
 def bench_case(fn, shape, dtype, mode, device, reps, targets="index", layout="contiguous"):
