@@ -151,7 +151,7 @@ def test_bench_per_sample_gradients(tmp_path):
     assert all(r["mode"] == "vmapgrad" for r in rows) and "failed" not in out.stdout
 
 
-def test_bench_mode_filters():
+def test_bench_filters():
     # An implementation marked fwdbwd_only (the same as the plain call without a
     # gradient) is timed in fwd+bwd only, one marked fwd_only in the forward only.
     from fused_nll import _bench
@@ -166,3 +166,8 @@ def test_bench_mode_filters():
     assert _bench.applies_to_mode(plain, shape, "fwd") and _bench.applies_to_mode(plain, shape, "fwdbwd")
     assert not _bench.applies_to_mode(both, shape, "fwd") and _bench.applies_to_mode(both, shape, "fwdbwd")
     assert _bench.applies_to_mode(fwd, shape, "fwd") and not _bench.applies_to_mode(fwd, shape, "fwdbwd")
+
+    short = lambda x, t: x  # noqa: E731
+    short.max_classes = 32768  # e.g. the CUDA one-block kernel
+    assert _bench.applies(short, (64, 32000)) and not _bench.applies(short, (64, 128256))
+    assert _bench.applies(plain, (64, 128256))

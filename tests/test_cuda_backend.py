@@ -745,6 +745,59 @@ def test_int64_indexing():
     check(grad[rows], ref_grad, torch.bfloat16)
 
 
+# --- one block per row, in registers (FUSED_NLL_CUDA_ONE_BLOCK, off by default) ---
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("V", [1000, 16384, 32000])
+@pytest.mark.parametrize("option", ["plain", "weight_smooth", "nll_sum"])
+def test_one_block_kernel(monkeypatch, dtype, V, option):
+    """index_cluster_kernel without a cluster: a row held in one block's registers
+    (up to 32768 classes of bf16/fp16, 16384 of fp32), any architecture; 'require'
+    makes a silent fallback to index_kernel an error."""
+    monkeypatch.setenv("FUSED_NLL_CUDA_ONE_BLOCK", "require")
+    torch.manual_seed(V + 1)
+    if dtype == torch.float32 and V > 16384:
+        x = logits((2, V), dtype)
+        with pytest.raises(RuntimeError, match="longer than one block holds"):
+            run_index(x, targets(x))
+        return
+    x = logits((9, V), dtype)
+    x[1, : V // 2] = float("-inf")
+    x[2, 7] = 1e4
+    t = targets(x, p_ignore=0.2)
+    t[1] = V - 1
+    t[3] = V + 3  # out of range: nan loss and gradient row
+    w = class_weight(V, dtype) if option == "weight_smooth" else None
+    eps = 0.1 if option == "weight_smooth" else 0.0
+    reduction = "sum" if option == "nll_sum" else "none"
+    loss, _, grad = run_index(x, t, w, eps=eps, reduction=reduction)
+    ok = torch.arange(9, device=DEV) != 3
+    if reduction == "none":
+        assert torch.isnan(loss[3]) and torch.isnan(grad[3]).all()
+        ref_loss, ref_grad = ref_index(x[ok], t[ok], w, -100, eps, reduction, False)
+        check(loss[ok], ref_loss, dtype, "loss")
+        check(grad[ok], ref_grad, dtype, "grad")
+    else:
+        assert torch.isnan(loss)
+        check_index(x[ok], t[ok], w, eps=eps, reduction=reduction)
+    xi = x.clone()
+    loss_i, _ = ops.cross_entropy_fwd_inplace(xi, t, w, -100, eps, RED[reduction], False)
+    torch.testing.assert_close(loss_i, loss, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(xi, grad, rtol=0, atol=0, equal_nan=True)
+
+
+def test_one_block_kernel_refusals(monkeypatch):
+    monkeypatch.setenv("FUSED_NLL_CUDA_ONE_BLOCK", "require")
+    too_long = logits((2, 32768 + 8), torch.bfloat16)  # more than one block holds
+    kdim = logits((2, 64, 3), torch.float32)  # class-strided rows
+    for x in (too_long, kdim):
+        with pytest.raises(RuntimeError, match="FUSED_NLL_CUDA_ONE_BLOCK=require"):
+            run_index(x, targets(x))
+    monkeypatch.setenv("FUSED_NLL_CUDA_ONE_BLOCK", "1")  # index_kernel instead
+    for x in (too_long, kdim):
+        check_index(x, targets(x, p_ignore=0.2))
+
+
 # --- Hopper cluster kernel (FUSED_NLL_CUDA_CLUSTER, off by default) ---------
 
 def _is_hopper():

@@ -32,7 +32,9 @@
 // - When a gradient is wanted the same kernel sweeps the row a second time
 //   (mostly served from L2) and writes it. Opt-in on sm_90+
 //   (FUSED_NLL_CUDA_CLUSTER=1): index_cluster_kernel holds a row in the
-//   registers of a thread-block cluster instead, so it is read only once. Backward skips pass 1 and
+//   registers of a thread-block cluster instead, so it is read only once;
+//   opt-in on any GPU (FUSED_NLL_CUDA_ONE_BLOCK=1), the same in one block for
+//   rows of up to 32768 classes (16384 of fp32). Backward skips pass 1 and
 //   recomputes p_c = exp(x_c - lse) from the saved lse.
 // - Loads and stores are 16-byte vectors when every array the pass touches has
 //   class stride 1 and the same misalignment modulo the vector: a scalar head
@@ -559,26 +561,39 @@ __global__ void __launch_bounds__(kMaxThreads)
 // of unit class stride whose starts are 16-byte aligned (S == 1); everything
 // else takes index_kernel. In place is safe: every load (and x_t) happens
 // before the first cluster.sync, every store after it.
+//
+// kCluster = 1 (FUSED_NLL_CUDA_ONE_BLOCK, any architecture): the same kernel
+// without a cluster, one row per block, for rows that fit one block's registers
+// (32768 classes of bf16/fp16: 512 threads x 8 packs of 8; 16384 of fp32): no
+// exchange, and a finished block's SM takes the next row's block at once.
 constexpr int kClusterSize = 8;
 // Threads per block for kPacks packs per thread: up to 1024 with 2 packs; with
 // more, at most 512 so the packs stay in registers (1024 would cap a thread
 // at 64 registers and spill).
 constexpr int cluster_max_threads(int packs) { return packs <= 2 ? kMaxThreads : 512; }
 
-template <typename scalar_t, typename index_t, int kPacks>
+template <typename scalar_t, typename index_t, int kPacks, int kCluster = kClusterSize>
 __global__ void __launch_bounds__(cluster_max_threads(kPacks))
     index_cluster_kernel(const IndexArgs<scalar_t, index_t> p) {
 #if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900) || defined(FUSED_NLL_CUDA_EMU)
-  namespace cg = cooperative_groups;
+  constexpr bool kHasCluster = true;
+#else
+  constexpr bool kHasCluster = false;  // sm_80 binaries: only the one-block kernel
+#endif
+  if constexpr (kCluster > 1 && !kHasCluster) {
+    __trap();  // the launcher never starts it without an sm_90 binary
+  } else {
   using acc_t = acc_of<scalar_t>;
   constexpr int kVec = vec_width<scalar_t>();
   using PackT = Pack<scalar_t, kVec>;
   __shared__ RowState<acc_t> smem_state[32];
   __shared__ RowState<acc_t> block_state;  // read by the other blocks of the cluster
 
-  const cg::cluster_group cluster = cg::this_cluster();
-  const unsigned rank = cluster.block_rank();
-  const int64_t r = static_cast<int64_t>(blockIdx.x) / kClusterSize;
+  unsigned rank = 0;
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900) || defined(FUSED_NLL_CUDA_EMU)
+  if constexpr (kCluster > 1) rank = cooperative_groups::this_cluster().block_rank();
+#endif
+  const int64_t r = static_cast<int64_t>(blockIdx.x) / kCluster;
   const int64_t C = p.rows.C;
   const int64_t chunk = static_cast<int64_t>(kPacks) * blockDim.x * kVec;
   const int64_t c_block = rank * chunk;
@@ -609,16 +624,24 @@ __global__ void __launch_bounds__(cluster_max_threads(kPacks))
         state_add_pack<kVec, false>(st, v, [](int) { return acc_t(0); });
     }
   }
-  st = group_allreduce(st, Merge{}, smem_state);
-  // x_t before the cluster barrier: in place, its owner overwrites it after.
+  // x_t before the block's and the cluster's barriers: in place, its owner
+  // overwrites it after them (blocks here have at least 128 threads, so
+  // group_allreduce has barriers).
   const acc_t xt = (rank == 0 && !ignored && !bad) ? static_cast<acc_t>(xrow[t]) : acc_t(0);
-  if (threadIdx.x == 0) block_state = st;
-  cluster.sync();
-  RowState<acc_t> row = *cluster.map_shared_rank(&block_state, 0);
+  st = group_allreduce(st, Merge{}, smem_state);
+  RowState<acc_t> row = st;
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900) || defined(FUSED_NLL_CUDA_EMU)
+  if constexpr (kCluster > 1) {
+    const cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+    if (threadIdx.x == 0) block_state = st;
+    cluster.sync();
+    row = *cluster.map_shared_rank(&block_state, 0);
 #pragma unroll
-  for (int q = 1; q < kClusterSize; ++q)
-    row = state_merge(row, *cluster.map_shared_rank(&block_state, q));
-  cluster.sync();  // no block may exit while another still reads its block_state
+    for (int q = 1; q < kCluster; ++q)
+      row = state_merge(row, *cluster.map_shared_rank(&block_state, q));
+    cluster.sync();  // no block may exit while another still reads its block_state
+  }
+#endif
 
   const acc_t shift = row.m;
   const acc_t logsum = dev_log(row.s);
@@ -661,36 +684,39 @@ __global__ void __launch_bounds__(cluster_max_threads(kPacks))
     }
     *reinterpret_cast<PackT*>(grow + c) = gv;
   }
-#else
-  __trap();  // the launcher never starts it without an sm_90 binary
-#endif
+  }  // kCluster == 1 or a cluster binary
 }
 
-// FUSED_NLL_CUDA_CLUSTER: "1" uses index_cluster_kernel where it applies, "require"
-// also raises where it does not (for tests), anything else (the default) keeps
-// index_kernel. Read on every call (a getenv, next to a kernel launch), so a
-// process can switch. Off by default until it has run on a GPU.
-int cluster_mode() {
-  const char* e = std::getenv("FUSED_NLL_CUDA_CLUSTER");
+// FUSED_NLL_CUDA_CLUSTER (clusters of 8, sm_90+) and FUSED_NLL_CUDA_ONE_BLOCK (one
+// block per row, any architecture): "1" uses index_cluster_kernel where it applies,
+// "require" also raises where it does not (for tests), anything else (the default)
+// keeps index_kernel. Read on every call (a getenv, next to a kernel launch), so a
+// process can switch. Off by default until they are faster on a GPU (the cluster
+// kernel was 3.1x slower on the H100, 2026-11-27; the one-block kernel is untimed).
+int registers_mode(const char* name) {
+  const char* e = std::getenv(name);
   if (e == nullptr) return 0;
   if (std::string(e) == "require") return 2;
   return std::string(e) == "1" ? 1 : 0;
 }
 
-// Launches index_cluster_kernel for a forward with gradient when the layout,
-// dtypes and device allow it; returns false (nothing launched) otherwise.
-template <typename x_t, typename index_t>
-bool launch_cluster(const IndexArgs<x_t, index_t>& a, const at::Tensor& x, cudaStream_t stream) {
-  const int mode = cluster_mode();
+// Launches index_cluster_kernel<..., kCl> (kCl = kClusterSize or 1) for a forward
+// with gradient when the layout, dtypes and device allow it; returns false (nothing
+// launched) otherwise.
+template <int kCl, typename x_t, typename index_t>
+bool launch_rows_in_registers(const IndexArgs<x_t, index_t>& a, const at::Tensor& x,
+                              cudaStream_t stream) {
+  const char* env = kCl > 1 ? "FUSED_NLL_CUDA_CLUSTER" : "FUSED_NLL_CUDA_ONE_BLOCK";
+  const int mode = registers_mode(env);
   if (mode == 0) return false;
   auto refuse = [&](const char* why) {
-    TORCH_CHECK(mode != 2, "fused_nll: FUSED_NLL_CUDA_CLUSTER=require, but ", why);
+    TORCH_CHECK(mode != 2, "fused_nll: ", env, "=require, but ", why);
     return false;
   };
   constexpr bool kTypes = !std::is_same_v<x_t, double> &&
                           (std::is_same_v<index_t, int64_t> || std::is_same_v<index_t, int32_t>);
   if constexpr (!kTypes) {
-    return refuse("the cluster kernel takes fp32/bf16/fp16 logits and int64/int32 targets");
+    return refuse("the kernel takes fp32/bf16/fp16 logits and int64/int32 targets");
   } else {
     constexpr int kVec = vec_width<x_t>();
     const int64_t R = a.rows.R, C = a.rows.C;
@@ -700,55 +726,65 @@ bool launch_cluster(const IndexArgs<x_t, index_t>& a, const at::Tensor& x, cudaS
     if ((a.xN * static_cast<int64_t>(sizeof(x_t))) % 16 != 0 || C % kVec != 0 || misaligned(a.x) ||
         misaligned(a.grad))
       return refuse("row starts must be 16-byte aligned");
-    if (R <= 0 || R > std::numeric_limits<int>::max() / kClusterSize)
+    if (R <= 0 || R > std::numeric_limits<int>::max() / kCl)
       return refuse("the row count is out of range");
-    int major = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor,
-                                          x.get_device()));
-    if (major < 9) return refuse("thread-block clusters need sm_90 or newer");
-    // Smallest block (threads) and pack count whose cluster covers the row.
-    // 16 packs only for fp32: 16-bit packs of 16 spill (ptxas sm_90), so bf16/fp16
-    // rows longer than 262144 classes take index_kernel.
+    if constexpr (kCl > 1) {
+      int major = 0;
+      C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor,
+                                            x.get_device()));
+      if (major < 9) return refuse("thread-block clusters need sm_90 or newer");
+    }
+    // Smallest block (threads) and pack count whose kCl blocks cover the row.
+    // 16 packs only for fp32 in clusters: 16-bit packs of 16 spill, and so do fp32
+    // ones in a single block (ptxas sm_90, CUDA 13). So one block holds 32768
+    // classes of bf16/fp16 and 16384 of fp32, a cluster 262144 of any of them.
     int threads = 0, packs = 0;
     for (int k : {2, 8, 16}) {
-      if (k == 16 && sizeof(x_t) < 4) break;
+      if (k == 16 && (sizeof(x_t) < 4 || kCl == 1)) break;
       for (int t = 128; t <= cluster_max_threads(k) && threads == 0; t *= 2)
-        if (static_cast<int64_t>(kClusterSize) * t * kVec * k >= C) threads = t, packs = k;
+        if (static_cast<int64_t>(kCl) * t * kVec * k >= C) threads = t, packs = k;
       if (threads) break;
     }
-    if (threads == 0) return refuse("the row is longer than a cluster holds");
+    if (threads == 0)
+      return refuse(kCl > 1 ? "the row is longer than a cluster holds"
+                            : "the row is longer than one block holds");
     auto launch = [&](auto kernel) {
-      cudaFuncAttributes attr{};
-      C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-      // An sm_90 binary compiled as such: not JIT-compiled from older PTX, whose
-      // kernel body is empty.
-      if (attr.binaryVersion < 90 || attr.ptxVersion < 90)
-        return refuse("the extension was not built for sm_90");
-      cudaLaunchConfig_t config{};
-      config.gridDim = dim3(static_cast<unsigned>(R * kClusterSize));
-      config.blockDim = dim3(threads);
-      config.stream = stream;
-      cudaLaunchAttribute attribute[1];
-      attribute[0].id = cudaLaunchAttributeClusterDimension;
-      attribute[0].val.clusterDim.x = kClusterSize;
-      attribute[0].val.clusterDim.y = 1;
-      attribute[0].val.clusterDim.z = 1;
-      config.attrs = attribute;
-      config.numAttrs = 1;
-      int clusters = 0;  // 0: this block size cannot be co-scheduled 8 at a time here
-      if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess ||
-          clusters < 1) {
-        (void)cudaGetLastError();
-        return refuse("no cluster of this shape fits on the device");
+      if constexpr (kCl == 1) {
+        launch_kernel(kernel, dim3(static_cast<unsigned>(R)), dim3(threads), stream, a);
+        return true;
+      } else {
+        cudaFuncAttributes attr{};
+        C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+        // An sm_90 binary compiled as such: not JIT-compiled from older PTX, whose
+        // kernel body is empty.
+        if (attr.binaryVersion < 90 || attr.ptxVersion < 90)
+          return refuse("the extension was not built for sm_90");
+        cudaLaunchConfig_t config{};
+        config.gridDim = dim3(static_cast<unsigned>(R * kCl));
+        config.blockDim = dim3(threads);
+        config.stream = stream;
+        cudaLaunchAttribute attribute[1];
+        attribute[0].id = cudaLaunchAttributeClusterDimension;
+        attribute[0].val.clusterDim.x = kCl;
+        attribute[0].val.clusterDim.y = 1;
+        attribute[0].val.clusterDim.z = 1;
+        config.attrs = attribute;
+        config.numAttrs = 1;
+        int clusters = 0;  // 0: this block size cannot be co-scheduled 8 at a time here
+        if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess ||
+            clusters < 1) {
+          (void)cudaGetLastError();
+          return refuse("no cluster of this shape fits on the device");
+        }
+        C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, a));
+        return true;
       }
-      C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, a));
-      return true;
     };
-    if (packs == 2) return launch(index_cluster_kernel<x_t, index_t, 2>);
-    if constexpr (sizeof(x_t) == 4) {
-      if (packs == 16) return launch(index_cluster_kernel<x_t, index_t, 16>);
+    if (packs == 2) return launch(index_cluster_kernel<x_t, index_t, 2, kCl>);
+    if constexpr (sizeof(x_t) == 4 && kCl > 1) {
+      if (packs == 16) return launch(index_cluster_kernel<x_t, index_t, 16, kCl>);
     }
-    return launch(index_cluster_kernel<x_t, index_t, 8>);
+    return launch(index_cluster_kernel<x_t, index_t, 8, kCl>);
   }
 }
 
@@ -1166,7 +1202,10 @@ at::Tensor run_index(const at::Tensor& input, const at::Tensor& target,
           a.gS = gl.sS;
           a.wsum = wsum.defined() ? wsum.data_ptr<acc_t>() : nullptr;
         }
-        if (!kBackward && compute_grad && launch_cluster(a, x, stream)) return;
+        if (!kBackward && compute_grad &&
+            (launch_rows_in_registers<kClusterSize>(a, x, stream) ||
+             launch_rows_in_registers<1>(a, x, stream)))
+          return;
         const int vec = x.stride(1) == 1 ? vec_width<x_t>() : 1;
         const RowLaunch rl = row_launch(input, R, l.C, vec, x.stride(1) != 1,
                                         !kBackward && compute_grad && !log_probs);

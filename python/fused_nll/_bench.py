@@ -173,6 +173,14 @@ def implementations(device, wanted):
         run_cluster.rows_only = True
         run_cluster.index_only = True
         impls["fused_nll[cuda] cluster"] = run_cluster
+        # The same kernel without a cluster (FUSED_NLL_CUDA_ONE_BLOCK, opt-in, any GPU):
+        # a row of up to 32768 classes (16-bit) held in one block's registers.
+        run_one_block = _cuda_with_env("FUSED_NLL_CUDA_ONE_BLOCK", "1")
+        run_one_block.fwdbwd_only = True
+        run_one_block.rows_only = True
+        run_one_block.index_only = True
+        run_one_block.max_classes = 32768
+        impls["fused_nll[cuda] one block"] = run_one_block
         # The other launch shape of each mode (FUSED_NLL_CUDA_ROW_THREADS; defaults in
         # csrc/cuda/cross_entropy.cu row_threads_cap): the forward alone with 1024
         # threads per long row (1 row per SM, the default until session 12, 2026-11-27) instead of
@@ -223,7 +231,7 @@ def applies(fn, shape) -> bool:
         return False
     if getattr(fn, "tile_shapes_only", False):  # short or class-strided rows
         return len(shape) > 2 or shape[1] <= 256
-    return True
+    return shape[1] <= getattr(fn, "max_classes", shape[1])
 
 
 def applies_to_mode(fn, shape, mode) -> bool:
