@@ -712,8 +712,10 @@ def test_class_strided_rows_threads(monkeypatch, shape):
 
 # The mean's divisor W: one block up to 16384 rows, else partial sums of 4096-row spans
 # and a second kernel (total_weight in csrc/cuda/cross_entropy.cu), for token rows and
-# for pixels (a 64-bit division per row there).
-@pytest.mark.parametrize("shape", [(16385, 3), (16384 + 4096 * 2 + 7, 2), (2, 3, 101, 99)])
+# for pixels (a 64-bit division per row there). The sum of the row losses: one block up
+# to 32768 rows (finish_loss_kernel), at::sum beyond (the last shape).
+@pytest.mark.parametrize("shape", [(16385, 3), (16384 + 4096 * 2 + 7, 2), (2, 3, 101, 99),
+                                   (40000, 2)])
 def test_total_weight_in_parts(shape):
     torch.manual_seed(5)
     x = logits(shape, torch.float32)

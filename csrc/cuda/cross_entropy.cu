@@ -382,6 +382,27 @@ __global__ void __launch_bounds__(kMaxThreads)
   if (threadIdx.x == 0) *out = sum;
 }
 
+// The sum (mean: divided by W, or by R without W) of R row losses, in one block
+// in a fixed order, cast to out_t. W = 0 gives nan, as torch (whatever the sum:
+// a smoothing term alone can be +inf); R = 0 without W is 0/0 = nan.
+template <typename acc_t, typename out_t>
+__global__ void __launch_bounds__(kMaxThreads)
+    finish_loss_kernel(const acc_t* __restrict__ row_loss, int64_t R,
+                       const acc_t* __restrict__ W, bool mean, out_t* __restrict__ out) {
+  __shared__ acc_t smem[32];
+  acc_t sum = 0;
+  for (int64_t i = threadIdx.x; i < R; i += blockDim.x) sum += row_loss[i];
+  sum = group_allreduce(sum, Plus{}, smem);
+  if (threadIdx.x == 0) {
+    acc_t v = sum;
+    if (mean) {
+      const acc_t den = W != nullptr ? *W : static_cast<acc_t>(R);
+      v = (W != nullptr && den == acc_t(0)) ? quiet_nan<acc_t>() : v / den;
+    }
+    *out = static_cast<out_t>(v);
+  }
+}
+
 template <typename scalar_t, typename index_t>
 struct IndexArgs {
   using acc_t = acc_of<scalar_t>;
@@ -1101,9 +1122,30 @@ at::Tensor total_weight(const at::Tensor& t2, const Layout& l, const at::Tensor*
   return W;
 }
 
+// Up to this many rows, the sum / mean of the row losses is one block's work
+// (finish_loss_kernel): one launch instead of at::sum, div, eq, masked_fill and
+// the cast (five kernels, each with its host overhead: worth a few percent of an
+// LM forward). Beyond it, a single block would be the slow part.
+constexpr int64_t kFinishMaxRows = 32768;
+
 at::Tensor reduce_loss(const at::Tensor& row_loss, const Layout& l, int64_t reduction,
                        const std::optional<at::Tensor>& W, at::ScalarType out_dtype) {
   if (reduction == 0) return row_loss.reshape(l.row_shape).to(out_dtype);
+  if (l.rows() <= kFinishMaxRows) {
+    at::Tensor out = at::empty({}, row_loss.options().dtype(out_dtype));
+    cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES(row_loss.scalar_type(), "fused_nll_finish_loss", [&] {
+      using acc_t = scalar_t;
+      const acc_t* w_total = W.has_value() ? W->data_ptr<acc_t>() : nullptr;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype,
+                                      "fused_nll_finish_loss_out", [&] {
+        launch_kernel(finish_loss_kernel<acc_t, scalar_t>, dim3(1), dim3(kMaxThreads), stream,
+                      static_cast<const acc_t*>(row_loss.data_ptr<acc_t>()), l.rows(), w_total,
+                      reduction == 1, out.data_ptr<scalar_t>());
+      });
+    });
+    return out;
+  }
   at::Tensor total = row_loss.sum();  // deterministic, in acc dtype
   if (reduction == 1) {
     if (W.has_value())  // W = 0 gives nan, as torch (a smoothing term alone: +inf)
