@@ -16,6 +16,8 @@ def test_info_lists_every_backend():
     for name in ["cpp", "triton", "cuda"]:
         assert f"  {name} " in out.stdout
     assert "torch" in out.stdout and "default:" in out.stdout
+    # the opt-in CUDA kernels, and how to turn them on
+    assert "FUSED_NLL_CUDA_CLUSTER=1" in out.stdout and "FUSED_NLL_CUDA_ONE_BLOCK=1" in out.stdout
 
 
 def test_info_gives_the_recorded_reason_the_cuda_kernels_were_skipped(monkeypatch):

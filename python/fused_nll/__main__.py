@@ -77,9 +77,12 @@ def cmd_info(_args) -> int:
     forced = _backend._forced[-1]
     print(f"default:  {', '.join(defaults)}" + (f"  (forced by FUSED_NLL_BACKEND={forced})" if forced else ""))
     print(f"debug:    {'on' if _backend.debug_enabled() else 'off'} (fused_nll.set_debug / FUSED_NLL_DEBUG=1)")
-    cluster = os.environ.get("FUSED_NLL_CUDA_CLUSTER", "")
-    print(f"opt-in:   CUDA cluster kernel {'on (' + cluster + ')' if cluster in ('1', 'require') else 'off'}"
-          " (FUSED_NLL_CUDA_CLUSTER=1, sm_90+; correct but slower on an H100; docs/ops.md)")
+    for env, kernel, note in (
+            ("FUSED_NLL_CUDA_CLUSTER", "CUDA cluster kernel", "sm_90+; correct but slower on an H100"),
+            ("FUSED_NLL_CUDA_ONE_BLOCK", "CUDA one-block kernel", "rows up to 32768 classes, 16384 of fp32; untimed")):
+        value = os.environ.get(env, "")
+        state = f"on ({value})" if value in ("1", "require") else "off"
+        print(f"opt-in:   {kernel} {state} ({env}=1, {note}; docs/ops.md)")
     return 0
 
 
