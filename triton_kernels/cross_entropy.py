@@ -526,8 +526,7 @@ def _ce_fwd_row(row, x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_ptr, wsu
         tl.debug_barrier()
         if IN_REGISTERS:
             g = _index_grad_block(x_reg.to(ACC), cols, w_ptr, n_cols, t, m, log_se, active,
-                                  ignored,
-                                  a, b, e, ACC, HAS_WEIGHT, SMOOTH, LOG_PROBS)
+                                  ignored, a, b, e, ACC, HAS_WEIGHT, SMOOTH, LOG_PROBS)
             _store_grad(g_ptr + g_off + cols.to(tl.int64) * S, g, cols < C, GRAD_EVICT_FIRST)
         else:
             _index_grad_sweep(x_row, stride_c, g_ptr + g_off, S, w_ptr, C, n_cols, t, m,

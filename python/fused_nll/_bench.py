@@ -183,8 +183,8 @@ def implementations(device, wanted):
         impls["fused_nll[cuda] one block"] = run_one_block
         # The other launch shape of each mode (FUSED_NLL_CUDA_ROW_THREADS; defaults in
         # csrc/cuda/cross_entropy.cu row_threads_cap): the forward alone with 1024
-        # threads per long row (1 row per SM, the default until session 12, 2026-11-27) instead of
-        # 256 (4 per SM); the forward with gradient with 256 instead of 1024.
+        # threads per long row (1 row per SM, the default until session 12, 2026-11-27)
+        # instead of 256 (4 per SM); the forward with gradient with 256 instead of 1024.
         run_rows1024 = _cuda_with_env("FUSED_NLL_CUDA_ROW_THREADS", "1024")
         run_rows1024.rows_only = True
         run_rows1024.fwd_only = True
