@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU round on a lent GPU (shared/GPU.md): versions, build, GPU tests, Triton
-# config sweep, benchmark, AOTInductor deployment, the C++-exception crash diagnosis,
-# parity suite, torch.func suite; the short table is printed last.
+# config sweep, benchmark, parity suite, torch.func suite (and on request AOTInductor
+# deployment and the C++-exception crash diagnosis); the short table is printed last.
 # Full logs go to $OUT (the device tool brings them back).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -10,13 +10,17 @@ export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_
 PY=${PY:-python3}
 # The whole round stays under 8 minutes (DEADLINE, default 470 s): one device call may
 # run 600 s at most, and a session has ~15 min of device time in all, start-up
-# included. So the stages run in order of value (the build, the GPU-only
-# tests, the Triton sweep, the benchmark, deployment, the crash diagnosis, the parity
-# suite last: it passed on the H200 (2026-11-26) and in part on the H100 (2026-11-27),
-# and the CUDA C++ kernels' parity also runs in CI on the CPU emulator) and each gets at most its own timeout and
-# what is left of DEADLINE seconds from the start; a stage with < 20 s left is skipped
-# and says so. STAGES picks stages, e.g. STAGES=sweep,bench on a warm machine later.
-STAGES=${STAGES:-build,tests,sweep,bench,deploy,diag,parity,func}
+# included. So the stages run in order of value (the build, the GPU-only tests, the
+# Triton sweep, the benchmark, the parity suite last: it passed on the H200 (2026-11-26)
+# and in part on the H100 (2026-11-27) and the H200 (2026-11-27), and the CUDA C++
+# kernels' parity also runs in CI on the CPU emulator) and each gets at most its own
+# timeout and what is left of DEADLINE seconds from the start; a stage with < 20 s left
+# is skipped and says so. STAGES picks stages, e.g. STAGES=sweep,bench on a warm
+# machine later. Not in the default round: deploy (AOTInductor packages; the first
+# compile outlasted its 150 s on the H100 and the H200, 2026-11-27) and diag (answered on
+# the H200, 2026-11-27: an op library built there crashes on any C++ exception, the one
+# built by gpu_prebuild.sh raises; benchmarks/results/NOTES.md).
+STAGES=${STAGES:-build,tests,sweep,bench,parity,func}
 DEADLINE=${DEADLINE:-470}
 T0=$(date +%s)
 left() {  # left <stage timeout>: seconds this stage may take, 0 to skip it
@@ -109,7 +113,7 @@ if [[ $STAGES == *sweep* ]] && t=$(left ${SWEEP_TIMEOUT:-110}) && [ "$t" -gt 0 ]
 elif [[ $STAGES == *sweep* ]]; then skip sweep
 fi
 
-if [[ $STAGES == *bench* ]] && t=$(left ${BENCH_TIMEOUT:-150}) && [ "$t" -gt 0 ]; then
+if [[ $STAGES == *bench* ]] && t=$(left ${BENCH_TIMEOUT:-180}) && [ "$t" -gt 0 ]; then
   timeout "$t" $PY -m fused_nll bench --device cuda ${BENCH_ARGS---dtypes bf16} --csv "$OUT/bench_gpu.csv" --plot > "$OUT/bench.log" 2>&1
   echo "bench rc=$?"; grep -A100 "^impl " "$OUT/bench.log" || tail -20 "$OUT/bench.log"
 elif [[ $STAGES == *bench* ]]; then skip bench

@@ -24,11 +24,15 @@ from fused_nll.triton_kernels import cross_entropy as ck
 
 # (label, knob overrides); "max_block" sets _MAX_BLOCK[2] (bf16). H100 2026-11-27
 # (h100_2026-11-27_triton_sweep.txt): split rows lost at every setting (2.3-3.7 ms vs
-# 1.99 fwd+bwd at 128256) and are left out here; "prefetch 1/SM 16k" won fwd+bwd (1.87)
-# but lost forward (0.79 vs 0.725), hence the gradient-launch-only sets (_GRAD_LAUNCH).
-# "evict-first stores" (_GRAD_LAUNCH "evict_first_store", 2026-11-27, session 12): the
-# gradient's stores leave L2 first, which may keep more of the rows still to be re-read
-# there. (The 32k-block set is gone: ptxas spills it at 32 warps, tests/test_triton_compile.py.)
+# 1.99 fwd+bwd at 128256); "prefetch 1/SM 16k" won fwd+bwd (1.87) but lost forward (0.79
+# vs 0.725), hence the gradient-launch-only sets (_GRAD_LAUNCH). H200 2026-11-27
+# (h200_2026-11-27_triton_sweep.txt): "grad: prefetch 4/SM 8k" won at 128256, 256000
+# and 32000 (1.568 vs 1.625 ms at 128256) and is now the default; evict-first stores
+# gained less (1.587), persistent forwards and split rows lost; tile sizes tied. The
+# sets below are its neighbours, the old default ("grad: forward's knobs") and the
+# H100's winner. "per-vector max" (_PER_VECTOR_MAX, 2026-11-27, session 13): sweep 1
+# without a reduction across warps per block, and one-instruction exps (forward and
+# forward with gradient).
 def grad_launch(max_block, per_thread, per_sm, prefetch, evict_first_store=False):
     return {"_GRAD_LAUNCH": {"max_block": max_block, "elems_per_thread": per_thread,
                              "programs_per_sm": per_sm, "prefetch": prefetch,
@@ -37,17 +41,16 @@ def grad_launch(max_block, per_thread, per_sm, prefetch, evict_first_store=False
 
 ROW_CONFIGS = [  # in order of interest: a sweep cut short by its timeout keeps the first
     ("default", {}),
+    ("per-vector max", {"_PER_VECTOR_MAX": True}),
+    ("grad: forward's knobs", {"_GRAD_LAUNCH": None}),
     ("grad: prefetch 1/SM 16k", grad_launch(16384, 16, 1, True)),
-    ("grad: prefetch 1/SM 16k evict-first stores", grad_launch(16384, 16, 1, True, True)),
-    ("grad: evict-first stores", grad_launch(None, None, None, False, True)),
-    ("grad: prefetch 2/SM 16k", grad_launch(16384, 16, 2, True)),
-    ("grad: 1/SM 16k", grad_launch(16384, 16, 1, False)),
+    ("grad: prefetch 8/SM 8k", grad_launch(8192, 16, 8, True)),
+    ("grad: prefetch 3/SM 8k", grad_launch(8192, 16, 3, True)),
     ("grad: prefetch 2/SM 8k", grad_launch(8192, 16, 2, True)),
-    ("grad: prefetch 4/SM 8k", grad_launch(8192, 16, 4, True)),
-    ("grad: prefetch", grad_launch(None, None, None, True)),
-    ("prefetch", {"_PREFETCH": True}),
-    ("persist 8/SM", {"_PROGRAMS_PER_SM": 8}),
-    ("split 32 x8/SM", {"_SPLIT_PARTS": 32, "_SPLIT_PROGRAMS_PER_SM": 8}),
+    ("grad: 4/SM 8k", grad_launch(8192, 16, 4, False)),
+    ("grad: prefetch 4/SM 8k 8 warps", grad_launch(8192, 32, 4, True)),
+    ("grad: prefetch 4/SM 4k", grad_launch(4096, 16, 4, True)),
+    ("grad: prefetch 4/SM 8k evict-first", grad_launch(8192, 16, 4, True, True)),
 ]
 # Tile kernels at a segmentation shape (16 x 21 x 512 x 512: 12% of the floor on the
 # H100, 2026-11-27): elements per tile (a 32-class x BLOCK_S-pixel tile, 4 warps).
@@ -62,7 +65,7 @@ ROW_SHAPES = [(8192, 128256), (4096, 256000), (8192, 32000)]
 TILE_SHAPES = [(16, 21, 512, 512)]
 KNOBS = ["_ELEMS_PER_THREAD", "_PROGRAMS_PER_SM", "_PREFETCH", "_SPLIT_PARTS", "_SPLIT_PROGRAMS_PER_SM",
          "_SPLIT_NUM_WARPS", "_SPLIT_MIN_CLASSES", "_SPLIT_MAX_BLOCK", "_SPLIT_ELEMS_PER_THREAD",
-         "_GRAD_LAUNCH", "_TILE", "_TILE_ELEMS"]
+         "_GRAD_LAUNCH", "_TILE", "_TILE_ELEMS", "_PER_VECTOR_MAX"]
 
 
 def apply(overrides, saved):
@@ -80,7 +83,7 @@ def main():
     quick = "--quick" in sys.argv
     saved = {"_MAX_BLOCK": dict(ck._MAX_BLOCK), **{k: getattr(ck, k) for k in KNOBS}}
     print(f"defaults: {saved}")
-    print(f"{'shape':>16s} {'config':<24s} {'fwd ms':>8s} {'fwd+bwd ms':>10s}  check")
+    print(f"{'shape':>16s} {'config':<34s} {'fwd ms':>8s} {'fwd+bwd ms':>10s}  check")
     cases = [(shape, ROW_CONFIGS) for shape in ROW_SHAPES] + \
             [(shape, TILE_CONFIGS) for shape in TILE_SHAPES]
     for shape, configs in cases[:1] if quick else cases:
@@ -111,14 +114,14 @@ def main():
                            and torch.allclose(got[1], ref[1], rtol=1e-3))
                 if bad:
                     err = (got[0] - ref[0]).abs().max().item()
-                    print(f"{name:>16s} {label:<24s} {'-':>8s} {'-':>10s}  BAD (grad max err "
+                    print(f"{name:>16s} {label:<34s} {'-':>8s} {'-':>10s}  BAD (grad max err "
                           f"{err:.2e}, L1 {l1:.2e})", flush=True)
                     continue
                 with torch.no_grad():
                     fwd = do_bench(lambda: fused_nll.cross_entropy(x, t), warmup=25, rep=100,
                                    return_mode="median")
                 both = do_bench(fwdbwd, warmup=25, rep=100, return_mode="median")
-            print(f"{name:>16s} {label:<24s} {fwd:8.3f} {both:10.3f}  ok", flush=True)
+            print(f"{name:>16s} {label:<34s} {fwd:8.3f} {both:10.3f}  ok", flush=True)
         del x, xg, t, ref
     apply({}, saved)
 

@@ -183,7 +183,7 @@ def test_gathered_layouts(target, dtype, reduction, classes, layout):
     tshape = (x.shape[0], *x.shape[2:])
     t = index_targets(0, classes, target, shape=tshape)
     t.view(-1)[::7] = -100
-    t.view(-1)[[3, 20, 33, 34]] = torch.tensor([4, 1, 5, 0])  # (ignored, torch gives nan: docs/ops.md)
+    t.view(-1)[[3, 20, 33, 34]] = torch.tensor([4, 1, 5, 0], device=t.device)  # (ignored, torch gives nan: docs/ops.md)
     w = torch.rand(classes, device=target) + 0.1
     check_parity("cross_entropy", x, t, weight=w, reduction=reduction, label_smoothing=0.1)
     check_parity("nll_loss", torch.log_softmax(x.double(), 1).to(dtype), t, reduction=reduction)

@@ -44,16 +44,19 @@ SCALARS = {"eps_hi": "fp32", "eps_lo": "fp32", "ignore_index": "i64", "den_value
 
 KERNELS = [  # (kernel, constexprs, num_warps)
     (ce._ce_fwd_kernel, dict(HAS_WEIGHT=True, SMOOTH=True, LOG_PROBS=False, COMPUTE_GRAD=True,
-                             MEAN=True, PREFETCH=False, BLOCK=8192, GRAD_EVICT_FIRST=False, ONE_BLOCK=False), 8),
+                             MEAN=True, PREFETCH=False, BLOCK=8192, GRAD_EVICT_FIRST=False, ONE_BLOCK=False, GROUP=0, FTZ=False), 8),
     (ce._ce_fwd_kernel, dict(HAS_WEIGHT=True, SMOOTH=True, LOG_PROBS=False, COMPUTE_GRAD=True,
-                             MEAN=True, PREFETCH=True, BLOCK=4096, GRAD_EVICT_FIRST=True, ONE_BLOCK=False), 8),
+                             MEAN=True, PREFETCH=True, BLOCK=4096, GRAD_EVICT_FIRST=True, ONE_BLOCK=False, GROUP=0, FTZ=False), 8),
     (ce._ce_fwd_kernel, dict(HAS_WEIGHT=True, SMOOTH=True, LOG_PROBS=False, COMPUTE_GRAD=True,
                              MEAN=True, PREFETCH=True, BLOCK=4096, GRAD_EVICT_FIRST=False,
-                             ONE_BLOCK=True), 8),
+                             ONE_BLOCK=True, GROUP=0, FTZ=False), 8),
+    (ce._ce_fwd_kernel, dict(HAS_WEIGHT=True, SMOOTH=True, LOG_PROBS=False, COMPUTE_GRAD=True,
+                             MEAN=True, PREFETCH=True, BLOCK=4096, GRAD_EVICT_FIRST=False,
+                             ONE_BLOCK=False, GROUP=8, FTZ=True), 8),
     (ce._ce_fwd_kernel, dict(HAS_WEIGHT=False, SMOOTH=True, LOG_PROBS=True, COMPUTE_GRAD=True,
-                             MEAN=False, PREFETCH=False, BLOCK=1024, GRAD_EVICT_FIRST=False, ONE_BLOCK=False), 4),
+                             MEAN=False, PREFETCH=False, BLOCK=1024, GRAD_EVICT_FIRST=False, ONE_BLOCK=False, GROUP=0, FTZ=False), 4),
     (ce._ce_fwd_kernel, dict(HAS_WEIGHT=False, SMOOTH=False, LOG_PROBS=True, COMPUTE_GRAD=True,
-                             MEAN=True, PREFETCH=False, BLOCK=8192, GRAD_EVICT_FIRST=False, ONE_BLOCK=False), 8),
+                             MEAN=True, PREFETCH=False, BLOCK=8192, GRAD_EVICT_FIRST=False, ONE_BLOCK=False, GROUP=0, FTZ=False), 8),
     (ce._ce_split_kernel, dict(HAS_WEIGHT=True, SMOOTH=True, MEAN=True, PARTS=16, RECORDS=16, PHASE=0,
                                ONE_BLOCK=True, BLOCK=8192), 8),
     (ce._ce_split_kernel, dict(HAS_WEIGHT=True, SMOOTH=True, MEAN=True, PARTS=8, RECORDS=8, PHASE=0,
@@ -63,7 +66,7 @@ KERNELS = [  # (kernel, constexprs, num_warps)
     (ce._ce_split_kernel, dict(HAS_WEIGHT=False, SMOOTH=False, MEAN=False, PARTS=3, RECORDS=4, PHASE=2,
                                ONE_BLOCK=False, BLOCK=8192), 8),
     (ce._ce_bwd_kernel, dict(HAS_WEIGHT=True, SMOOTH=True, LOG_PROBS=False, MEAN=True,
-                             BLOCK=8192), 8),
+                             BLOCK=8192, FTZ=True), 8),
     (ce._ce_prob_fwd_kernel, dict(HAS_WEIGHT=True, COMPUTE_GRAD=True, MEAN=True, BLOCK=4096), 8),
     (ce._ce_prob_bwd_kernel, dict(HAS_WEIGHT=False, MEAN=False, BLOCK=4096), 8),
     (ce._scale_grad_kernel, dict(BLOCK=4096), 8),
@@ -259,8 +262,13 @@ def _perf_cases():
     split_parts = 16  # a chunk of 128256 / 16 = 8016 classes: one block, in registers
     split_block = triton.next_power_of_2(triton.cdiv(V_REF, split_parts))
     split_warps = min(32, max(4, split_block // (32 * ce._SPLIT_ELEMS_PER_THREAD)))
+    # FTZ: the exps as on a GPU (_ftz: fp32 accumulation, compiled code)
     fwd = dict(HAS_WEIGHT=False, SMOOTH=False, LOG_PROBS=False, MEAN=True, PREFETCH=False,
-               GRAD_EVICT_FIRST=False, ONE_BLOCK=False)
+               GRAD_EVICT_FIRST=False, ONE_BLOCK=False, GROUP=0, FTZ=ce._FTZ_EXP)
+    grad_launch = ce._GRAD_LAUNCH or {}  # the forward with gradient's launch at V_REF
+    gl_block, gl_warps = ce._row_config(V_REF, 2, max_block=grad_launch.get("max_block"),
+                                        per_thread=grad_launch.get("elems_per_thread"))
+    gl_prefetch = bool(grad_launch.get("prefetch", ce._PREFETCH))
     # (id, kernel, constexprs, num_warps, element, reads, writes, min programs per SM)
     return [
         ("fwd", ce._ce_fwd_kernel, dict(fwd, COMPUTE_GRAD=False, BLOCK=bf16_block),
@@ -285,13 +293,24 @@ def _perf_cases():
         ("fwd+grad-one-block", ce._ce_fwd_kernel, dict(fwd, COMPUTE_GRAD=True, ONE_BLOCK=True,
                                                        BLOCK=bf16_block),
          bf16_warps, "bf16", True, True, 2),
+        # the default launch of the forward with gradient at V_REF (_GRAD_LAUNCH)
+        ("fwd+grad-grad-launch", ce._ce_fwd_kernel,
+         dict(fwd, COMPUTE_GRAD=True, PREFETCH=gl_prefetch, BLOCK=gl_block),
+         gl_warps, "bf16", True, True, 1),
+        # the opt-in running max per vector (_PER_VECTOR_MAX), with single-instruction exps
+        ("fwd-per-vector-max", ce._ce_fwd_kernel,
+         dict(fwd, COMPUTE_GRAD=False, GROUP=8, BLOCK=bf16_block),
+         bf16_warps, "bf16", True, False, 2),
+        ("fwd+grad-per-vector-max", ce._ce_fwd_kernel,
+         dict(fwd, COMPUTE_GRAD=True, PREFETCH=gl_prefetch, GROUP=8, BLOCK=gl_block),
+         gl_warps, "bf16", True, True, 1),
         ("fwd+grad-smooth-weight", ce._ce_fwd_kernel,
          dict(fwd, HAS_WEIGHT=True, SMOOTH=True, COMPUTE_GRAD=True, BLOCK=heavy_block),
          heavy_warps, "bf16", True, True, 1),
         ("fwd+grad-fp32", ce._ce_fwd_kernel, dict(fwd, COMPUTE_GRAD=True, BLOCK=f32_block),
          f32_warps, "fp32", True, True, 1),
         ("bwd", ce._ce_bwd_kernel, dict(HAS_WEIGHT=False, SMOOTH=False, LOG_PROBS=False,
-                                        MEAN=True, BLOCK=bf16_block),
+                                        MEAN=True, BLOCK=bf16_block, FTZ=ce._FTZ_EXP),
          bf16_warps, "bf16", True, True, 1),
         ("split-one-block", ce._ce_split_kernel,
          dict(HAS_WEIGHT=False, SMOOTH=False, MEAN=True, PARTS=split_parts,
@@ -319,12 +338,58 @@ def test_compiled_kernel_keeps_its_performance_properties(case):
 
 
 @needs_new_ast_api
+def test_exps_and_per_vector_max_shorten_the_loop():
+    """_FTZ_EXP: tl.exp's ex2.approx.f32 is one MUFU.EX2 wrapped by ptxas in four more
+    instructions (denormal inputs and results), ex2.approx.ftz.f32 is the MUFU alone.
+    _PER_VECTOR_MAX: the per-block max of sweep 1 reduces across warps through shared
+    memory, with barriers inside the loop over blocks; the per-vector max has none
+    there. (sm_90, triton 3.9, bf16 at 128256 classes: 372 instructions per block,
+    273 with FTZ, 267 with both.)"""
+    block, warps = ce._row_config(V_REF, 2)
+    fwd = dict(HAS_WEIGHT=False, SMOOTH=False, LOG_PROBS=False, MEAN=True, PREFETCH=False,
+               GRAD_EVICT_FIRST=False, ONE_BLOCK=False, COMPUTE_GRAD=False, BLOCK=block)
+    loops = {(group, ftz): _innermost_loop(_compile_specialised(
+        ce._ce_fwd_kernel, dict(fwd, GROUP=group, FTZ=ftz), warps))
+        for group, ftz in ((0, False), (0, True), (8, True))}
+    size = {k: len(loop) for k, loop in loops.items()}
+    barriers = {k: sum("BAR.SYNC" in line for line in loop) for k, loop in loops.items()}
+    fixups = {k: sum(re.search(r"FSETP\.GEU\.AND .*-126", line) is not None for line in loop)
+              for k, loop in loops.items()}
+    assert fixups[0, False] > 0 and fixups[0, True] == 0 == fixups[8, True], fixups
+    assert size[0, True] < 0.8 * size[0, False] and size[8, True] <= size[0, True], size
+    assert barriers[0, True] > 0 and barriers[8, True] == 0, barriers
+
+
+def _innermost_loop(compiled) -> list[str]:
+    """The SASS instructions of the kernel's innermost loop (the shortest span from a
+    label to a branch back to it) that computes exponentials (nvdisasm, shipped with
+    Triton)."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    if not os.path.exists(tool):
+        pytest.skip(f"this Triton ({triton.__version__}) ships no nvdisasm at {tool}")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        lines = subprocess.run([tool, "-c", f.name], capture_output=True, text=True,
+                               check=True).stdout.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines)
+              if (m := re.match(r"^(\.L\w+):", line.strip()))}
+    spans = [(labels[m.group(1)], i) for i, line in enumerate(lines)
+             if (m := re.search(r"BRA\s+`?\(?(\.L\w+)", line)) and labels.get(m.group(1), i) < i]
+    loops = [[l for l in lines[a:b + 1] if re.match(r"\s*/\*[0-9a-f]{4}\*/", l)]
+             for a, b in sorted(spans, key=lambda s: s[1] - s[0])]
+    loops = [loop for loop in loops if any("MUFU.EX2" in l for l in loop)]
+    assert loops, "no loop with exponentials found"
+    return loops[0]
+
+
+@needs_new_ast_api
 def test_specialisation_is_what_vectorises():
     """The check above can fail: without the unit class stride known at compile time
     (a strided input) the same kernel reads element by element."""
     constexprs = dict(HAS_WEIGHT=False, SMOOTH=False, LOG_PROBS=False, COMPUTE_GRAD=True,
                       MEAN=True, PREFETCH=False, BLOCK=8192, GRAD_EVICT_FIRST=False,
-                      ONE_BLOCK=False)
+                      ONE_BLOCK=False, GROUP=0, FTZ=True)
     src = ASTSource(fn=ce._ce_fwd_kernel, signature=_signature(ce._ce_fwd_kernel, constexprs),
                     constexprs=constexprs)
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["ptx"]

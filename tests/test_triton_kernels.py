@@ -682,6 +682,47 @@ def test_prefetch_bad_targets_give_nan_rows(monkeypatch):
     assert grad[1].isnan().all() and (grad[2] == 0).all() and grad[3].isnan().all()
 
 
+@pytest.mark.parametrize("dtype, prefetch, option", [
+    *[(torch.float32, False, o) for o in OPTIONS], *[(torch.bfloat16, True, o) for o in OPTIONS],
+    (torch.float64, True, "smooth")], ids=str)
+def test_per_vector_max(monkeypatch, dtype, prefetch, option):
+    # _PER_VECTOR_MAX: sweep 1 keeps a running max per 16-byte vector of classes
+    # (8 bf16, 4 fp32, 2 fp64) and combines the vectors at the end of the row. Small
+    # blocks (128) make 1000 classes 8 blocks; a row of -inf but for its last block
+    # (vectors that stay -inf), a row whose only finite logits sit in one vector,
+    # +-1e4 logits, a row of only -inf, ignored and out-of-range targets; forward alone
+    # and with gradient, against the fp64 reference and the per-block max. (Through
+    # the interpreter the exps are tl.exp: FTZ is for compiled code.)
+    monkeypatch.setattr(ce, "_PER_VECTOR_MAX", True)
+    monkeypatch.setattr(ce, "_PREFETCH", prefetch)
+    monkeypatch.setattr(ce, "_MAX_BLOCK", {k: 128 for k in ce._MAX_BLOCK})
+    torch.manual_seed(7)
+    weighted, eps = OPTIONS[option]
+    x = logits(7, 1000, dtype=dtype)
+    x[1, :896] = float("-inf")
+    x[2, 999] = 1e4
+    x[3, 0] = -1e4
+    x[4] = float("-inf")
+    x[4, 333:335] = torch.tensor([2.0, -1.0], dtype=dtype)
+    t = targets((7,), 1000)
+    t[1], t[4] = 990, 333
+    t[6] = 1000  # out of range: a nan row
+    w = class_weight(1000, dtype) if weighted else None
+    for reduction in (NONE, MEAN):
+        got = ce.cross_entropy_fwd(x, t, w, -100, eps, reduction, False, True)
+        assert got[0].isnan().any() if reduction == NONE else got[0].isnan()
+        assert got[2][6].isnan().all()
+        keep = t != 1000
+        loss, lse, grad = check_index(x[keep], t[keep], w, eps=eps, reduction=reduction)
+        monkeypatch.setattr(ce, "_PER_VECTOR_MAX", False)
+        block_max = ce.cross_entropy_fwd(x[keep], t[keep], w, -100, eps, reduction, False, True)
+        monkeypatch.setattr(ce, "_PER_VECTOR_MAX", True)
+        for a, b in zip((loss, lse, grad), block_max):  # (another order of the sums)
+            assert_close(a, b.double(), dtype)
+        alone = ce.cross_entropy_fwd(x[keep], t[keep], w, -100, eps, reduction, False, False)
+        torch.testing.assert_close(alone[0], loss, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("weighted", [False, True], ids=["count", "weight"])
 @pytest.mark.parametrize("rows", [0, 1, 37, 1000])
 @pytest.mark.parametrize("span", [4, 65536])
@@ -785,9 +826,14 @@ def test_grad_launch_knobs_apply_to_the_gradient_launch_only(monkeypatch, option
     heavy = eps != 0.0
     default = ce.cross_entropy_fwd(x, t, w, -100, eps, MEAN, False, True)
     assert seen[-1] == (256 // (2 if heavy else 1), 4)
-    monkeypatch.setattr(ce, "_GRAD_LAUNCH", {"max_block": 128, "elems_per_thread": 2,
-                                             "programs_per_sm": 1, "prefetch": True,
-                                             "evict_first_store": True})
+    knobs = {"max_block": 128, "elems_per_thread": 2, "programs_per_sm": 1, "prefetch": True,
+             "evict_first_store": True}
+    monkeypatch.setattr(ce, "_GRAD_LAUNCH", knobs)
+    # rows shorter than _GRAD_LAUNCH_MIN_CLASSES keep the forward's knobs
+    monkeypatch.setattr(ce, "_GRAD_LAUNCH_MIN_CLASSES", 1001)
+    ce.cross_entropy_fwd(x, t, w, -100, eps, MEAN, False, True)
+    assert seen[-1] == (256 // (2 if heavy else 1), 4)
+    monkeypatch.setattr(ce, "_GRAD_LAUNCH_MIN_CLASSES", 1000)
     loss, lse, grad = check_index(x, t, w, eps=eps, reduction=MEAN)
     # 128 classes per block (64 for the heavier kernel), 4 warps
     assert seen[-1] == ((64, 4) if heavy else (128, 4))

@@ -105,18 +105,43 @@ _PROGRAMS_PER_SM = None
 # one block read for nothing.
 _PREFETCH = False
 
+# The index row kernels' fp32 exps (sweep 1, the gradient, the backward) as one
+# ex2.approx.ftz.f32 each (_exp_ftz) instead of tl.exp, whose ex2.approx.f32 ptxas wraps
+# in a denormal-safe sequence of four more instructions (sm_90); results below 2^-126
+# become 0 (a gradient entry p_c < 1.2e-38, or a term of a sum that holds the row max's
+# exp(0) = 1). Compiled code only (the interpreter runs tl.exp). In the loop of the
+# bf16 forward at 128256 classes: 372 instructions per 8192-class block without, 267
+# with it and _PER_VECTOR_MAX (tests/test_triton_compile.py); not yet timed on a GPU.
+_FTZ_EXP = True
+
+# Sweep 1 of the index row kernel (rows longer than one block) with its running max kept
+# per 16-byte vector of classes, i.e. per thread (_online_lse_groups), instead of per
+# block: no reduction across warps (two barriers) per block, and about half the
+# instructions per element of the loop (ptxas, sm_90, bf16, 4096-class blocks: see
+# tests/test_triton_compile.py). Why it may matter: at the H200's 4.3 TB/s an SM must
+# take ~18 G bf16 elements a second, and the per-block-max loop needs ~12 instructions an
+# element, near the SM's issue rate; the forward reads at 82% of the floor there, 96% on
+# the H100 (3.0 TB/s). Off until a GPU run times it (benchmarks/triton_sweep.py).
+_PER_VECTOR_MAX = False
+
 # The forward with gradient (row kernel, class indices) may want another launch shape
 # than the forward alone: the forward wants many loads in flight, the gradient sweep
-# wants its row still in L2 when it re-reads it. None: the forward's knobs. A dict
-# overrides some of them for that launch only: "max_block" (every element size),
-# "elems_per_thread", "programs_per_sm", "prefetch", and "evict_first_store" (the
-# gradient's stores marked first to leave L2, so that they do not push out logits that
-# other rows have yet to re-read; untimed). On the H100 (2026-11-27, 8192 x
-# 128256 bf16, benchmarks/results/NOTES.md) the set {"max_block": 16384,
-# "elems_per_thread": 16, "programs_per_sm": 1, "prefetch": True} gave 1.871 ms
-# forward+backward against 1.990 ms, but 0.790 ms forward against 0.725 ms: off until
-# a second run (and other shapes and cards) confirm it.
-_GRAD_LAUNCH = None
+# wants its row still in L2 when it re-reads it. A dict overrides some of the forward's
+# knobs for that launch only, for rows of at least _GRAD_LAUNCH_MIN_CLASSES classes:
+# "max_block" (every element size), "elems_per_thread", "programs_per_sm", "prefetch",
+# and "evict_first_store" (the gradient's stores marked first to leave L2, so that they
+# do not push out logits that other rows have yet to re-read). None: the forward's knobs.
+# The default, 4 persistent programs per SM of 8192-class blocks with 16 warps and
+# software prefetch, was the best of benchmarks/triton_sweep.py's sets on the H200
+# (2026-11-27, bf16, forward+backward): 1.568 ms against 1.625 with the forward's knobs
+# at 8192 x 128256, 1.597 against 1.669 at 4096 x 256000, 0.928 against 1.130 at
+# 8192 x 32000 (h200_2026-11-27_triton_sweep.txt). On the H100 (2026-11-27) the sweep
+# had no such set; "prefetch 1/SM 16k" won there (1.871 against 1.990 ms) but not on
+# the H200 (1.638). Rows shorter than 16384 classes (not timed with it; 4 programs per
+# SM of a small block would leave most of an SM idle) keep the forward's knobs.
+_GRAD_LAUNCH = {"max_block": 8192, "elems_per_thread": 16, "programs_per_sm": 4,
+                "prefetch": True}
+_GRAD_LAUNCH_MIN_CLASSES = 16384
 
 
 # Split rows (forward with gradient, index targets, logits not log-probs): each row is
@@ -162,6 +187,12 @@ _TILE_MAX_CLASSES = 256
 _TILE_ELEMS = 4096  # class-strided rows
 _TILE_ELEMS_UNIT = 512  # short rows of unit class stride
 _TILE_STRIDED_PIXELS = 64  # class-strided rows longer than _TILE_MAX_CLASSES: 128 B of bf16
+
+
+def _ftz(acc: torch.dtype, device: torch.device) -> bool:
+    """Whether the row kernels take their fp32 exps as single ex2.approx.ftz
+    instructions (_exp_ftz): _FTZ_EXP, compiled code (the interpreter has no inline PTX)."""
+    return _FTZ_EXP and acc == torch.float32 and device.type == "cuda"
 
 
 def _programs(rows: int, device: torch.device, per_sm: int | None = None) -> int:
@@ -232,9 +263,87 @@ def _load_block(x_row, stride_c, start, n_cols, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _load_groups(x_row, stride_c, start, n_cols, BLOCK: tl.constexpr, GROUP: tl.constexpr):
+    """_load_block as a [BLOCK // GROUP, GROUP] tile whose rows are GROUP adjacent classes
+    (one 16-byte vector): the compiler gives each such vector to one thread, so a
+    reduction along axis 1 stays in that thread's registers."""
+    cols = start + tl.arange(0, BLOCK // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    return tl.load(x_row + cols.to(tl.int64) * stride_c, mask=cols < n_cols,
+                   other=float("-inf"), eviction_policy="evict_last")
+
+
+@triton.jit
+def _exp_ftz(x, FTZ: tl.constexpr):
+    """exp(x) for x <= 0 (fp32); FTZ (compiled code only: the interpreter has no inline
+    PTX): one ex2.approx.ftz.f32, results below 2^-126 flushed to 0, where tl.exp's
+    ex2.approx.f32 becomes five instructions (ptxas, sm_90: a denormal-safe sequence
+    around the MUFU). A term below 2^-126 changes nothing in a sum that holds the max's
+    exp(0) = 1, and a gradient entry p_c below 2^-126 becomes 0."""
+    if FTZ:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f",
+                                         [x * 1.4426950408889634], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.exp(x)
+
+
+@triton.jit
+def _online_lse_groups(x_row, stride_c, w_ptr, n_cols, x_first, ACC: tl.constexpr,
+                       HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, PREFETCH: tl.constexpr,
+                       BLOCK: tl.constexpr, GROUP: tl.constexpr, FTZ: tl.constexpr):
+    """_online_lse with a running max per vector of GROUP adjacent classes (16
+    bytes: one thread's load) instead of one per block (_PER_VECTOR_MAX). The block's
+    max needs a reduction across the program's warps, two barriers per block, which
+    ptxas (sm_90) puts in the loop; a vector's max is a few instructions in one
+    thread's registers, and its rescaling one exp per vector. The vectors' sums are
+    combined once, at the end of the row. Same (m, log_se, wxs, wsum); x_first is a
+    _load_groups tile."""
+    NEG_INF: tl.constexpr = float("-inf")
+    V: tl.constexpr = BLOCK // GROUP
+    m = tl.full([V], NEG_INF, ACC)  # running max per vector
+    se = tl.zeros([V, GROUP], ACC)  # sum exp(x - m_ref) per lane
+    wxs = tl.zeros([V, GROUP], ACC)  # sum w*(x - m_ref) per lane
+    wsum = tl.zeros([V, GROUP], ACC)  # sum w per lane
+    if PREFETCH:
+        x_next = x_first
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, V)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        mask = cols < n_cols
+        if PREFETCH:
+            x = x_next.to(ACC)
+            x_next = _load_groups(x_row, stride_c, start + BLOCK, n_cols, BLOCK, GROUP)
+        else:
+            x = _load_groups(x_row, stride_c, start, n_cols, BLOCK, GROUP).to(ACC)
+        m_new = tl.maximum(m, tl.max(x, 1))
+        m_ref = tl.where(m_new == NEG_INF, 0.0, m_new)
+        # exp(m - m_ref) is 0 while m is -inf (the sums are still 0), <= 1 otherwise
+        se = se * _exp_ftz(m - m_ref, FTZ)[:, None] + _exp_ftz(x - m_ref[:, None], FTZ)
+        if SMOOTH:
+            if HAS_WEIGHT:
+                w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(ACC)
+            else:
+                w = mask.to(ACC)
+            m_ref_old = tl.where(m == NEG_INF, 0.0, m)
+            wxs = (wxs - (m_ref - m_ref_old)[:, None] * wsum
+                   + tl.where(mask, w * (x - m_ref[:, None]), 0.0))
+            wsum += w
+        m = m_new
+    # to the row's max: every vector's terms scaled by exp(m_v - m_row) <= 1 (0 for a
+    # vector of only -inf, whose sums are 0), and the smoothing sums re-referenced as
+    # in the loop (each term stays <= 0)
+    m_row = tl.max(m, 0)
+    m_row = tl.where(m_row == NEG_INF, 0.0, m_row)
+    se_row = tl.sum(tl.sum(se, 1) * tl.exp(m - m_row), 0)
+    m_ref = tl.where(m == NEG_INF, 0.0, m)
+    wsum_v = tl.sum(wsum, 1)
+    wxs_row = tl.sum(tl.sum(wxs, 1) - (m_row - m_ref) * wsum_v, 0)
+    return m_row, tl.log(se_row), wxs_row, tl.sum(wsum_v, 0)
+
+
+@triton.jit
 def _online_lse(x_row, stride_c, w_ptr, n_cols, x_first, ACC: tl.constexpr,
                 HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, PREFETCH: tl.constexpr,
-                BLOCK: tl.constexpr):
+                BLOCK: tl.constexpr, FTZ: tl.constexpr):
     """Sweep 1 of an index-target row: the first ``n_cols`` classes (C, or 0 to skip).
 
     PREFETCH: each block's loads are issued one iteration ahead, before the previous
@@ -247,7 +356,7 @@ def _online_lse(x_row, stride_c, w_ptr, n_cols, x_first, ACC: tl.constexpr,
     and, when SMOOTH, wxs = sum_c w_c*(x_c - m) <= 0 and wsum = sum_c w_c, so that the
     smoothing term sum_c w_c*(lse - x_c) = wsum*log_se - wxs adds two non-negative
     numbers (no cancellation for logits near +-1e4). m is 0 for a row of only -inf
-    (then the sums stay 0 instead of computing -inf - -inf).
+    (then the sums stay 0 instead of computing -inf - -inf). FTZ: the exps by _exp_ftz.
     """
     NEG_INF: tl.constexpr = float("-inf")
     m = tl.full([], NEG_INF, ACC)  # running max
@@ -267,7 +376,7 @@ def _online_lse(x_row, stride_c, w_ptr, n_cols, x_first, ACC: tl.constexpr,
         m_new = tl.maximum(m, tl.max(x, 0))
         m_ref = tl.where(m_new == NEG_INF, 0.0, m_new)
         # exp(m - m_ref) is 0 while m is -inf (the sums are still 0), <= 1 otherwise
-        se = se * tl.exp(m - m_ref) + tl.exp(x - m_ref)
+        se = se * _exp_ftz(m - m_ref, FTZ) + _exp_ftz(x - m_ref, FTZ)
         if SMOOTH:
             if HAS_WEIGHT:
                 w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(ACC)
@@ -337,7 +446,7 @@ def _index_grad_coefs(s, eps, w_t, C, wsum_ptr, ACC: tl.constexpr, HAS_WEIGHT: t
 def _index_grad_sweep(x_row, stride_c, g_row, stride_gc, w_ptr, C, n_cols, t, m, log_se,
                       active, ignored, a, b, e, ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                       SMOOTH: tl.constexpr, LOG_PROBS: tl.constexpr, BLOCK: tl.constexpr,
-                      EVICT_FIRST_STORE: tl.constexpr):
+                      EVICT_FIRST_STORE: tl.constexpr, FTZ: tl.constexpr):
     """Sweep 2 of an index-target row: g_c = a*p_c - b*[c == t] - e*w_c.
 
     That is docs/ops.md's gradient with a = s*((1-eps)*w_t + eps/C*wsum),
@@ -348,7 +457,7 @@ def _index_grad_sweep(x_row, stride_c, g_row, stride_gc, w_ptr, C, n_cols, t, m,
     exactly 0 and rows with an out-of-range target nan, without reading x: n_cols
     (C for an active row, else 0) bounds the loads. EVICT_FIRST_STORE marks the gradient's
     lines first to go from L2 (_GRAD_LAUNCH "evict_first_store"), so that they do not push
-    out logits other rows have yet to re-read.
+    out logits other rows have yet to re-read. FTZ: p_c by _exp_ftz (_PER_VECTOR_MAX).
     """
     n_blocks = tl.cdiv(C, BLOCK)
     for i in range(0, n_blocks):
@@ -362,7 +471,7 @@ def _index_grad_sweep(x_row, stride_c, g_row, stride_gc, w_ptr, C, n_cols, t, m,
             x = tl.load(x_row + cols64 * stride_c, mask=cols < n_cols, other=0.0,
                         eviction_policy="evict_first").to(ACC)
         g = _index_grad_block(x, cols, w_ptr, n_cols, t, m, log_se, active, ignored, a, b, e,
-                              ACC, HAS_WEIGHT, SMOOTH, LOG_PROBS)
+                              ACC, HAS_WEIGHT, SMOOTH, LOG_PROBS, FTZ)
         _store_grad(g_row + cols64 * stride_gc, g, mask, EVICT_FIRST_STORE)
 
 
@@ -379,12 +488,12 @@ def _store_grad(ptrs, g, mask, EVICT_FIRST: tl.constexpr):
 @triton.jit
 def _index_grad_block(x, cols, w_ptr, n_cols, t, m, log_se, active, ignored, a, b, e,
                       ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
-                      LOG_PROBS: tl.constexpr):
+                      LOG_PROBS: tl.constexpr, FTZ: tl.constexpr):
     """The gradient of one block of classes `cols` with logits x (unused with LOG_PROBS):
     g_c = a*p_c - b*[c == t] - e*w_c, exactly 0 for ignored rows, nan for invalid ones."""
     g = tl.where(cols == t, -b, 0.0)
     if not LOG_PROBS:
-        g += a * tl.exp((x - m) - log_se)
+        g += a * _exp_ftz((x - m) - log_se, FTZ)
     if SMOOTH:
         if HAS_WEIGHT:
             g -= e * tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(ACC)
@@ -428,7 +537,7 @@ def _ce_fwd_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_ptr, wsum_
                    HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, LOG_PROBS: tl.constexpr,
                    COMPUTE_GRAD: tl.constexpr, MEAN: tl.constexpr, PREFETCH: tl.constexpr,
                    BLOCK: tl.constexpr, GRAD_EVICT_FIRST: tl.constexpr,
-                   ONE_BLOCK: tl.constexpr):
+                   ONE_BLOCK: tl.constexpr, GROUP: tl.constexpr, FTZ: tl.constexpr):
     """Index targets: per-row loss and lse, and (COMPUTE_GRAD) the gradient for
     grad_loss = 1. den_ptr: W (read when MEAN and COMPUTE_GRAD); wsum_ptr: sum_c w_c
     (read when HAS_WEIGHT, SMOOTH, COMPUTE_GRAD and not LOG_PROBS).
@@ -440,12 +549,14 @@ def _ce_fwd_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_ptr, wsum_
 
     ONE_BLOCK (C <= BLOCK, with COMPUTE_GRAD and logits): the row is one block, kept in
     registers from sweep 1 to the gradient, so the logits are read once (no second
-    sweep through L2)."""
+    sweep through L2). GROUP > 0 (not with ONE_BLOCK): sweep 1 keeps its running max per
+    vector of GROUP classes (_online_lse_groups, _PER_VECTOR_MAX), with FTZ (fp32
+    accumulation, compiled code) its exps as single ex2.approx.ftz instructions."""
     for row in range(tl.program_id(0), R, tl.num_programs(0)):
         _ce_fwd_row(row, x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_ptr, wsum_ptr,
                     C, S, stride_n, stride_c, stride_s, ignore_index, eps_hi, eps_lo,
                     HAS_WEIGHT, SMOOTH, LOG_PROBS, COMPUTE_GRAD, MEAN, PREFETCH, BLOCK,
-                    GRAD_EVICT_FIRST, ONE_BLOCK)
+                    GRAD_EVICT_FIRST, ONE_BLOCK, GROUP, FTZ)
 
 
 @triton.jit
@@ -453,14 +564,19 @@ def _ce_fwd_row(row, x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_ptr, wsu
                 C, S, stride_n, stride_c, stride_s, ignore_index, eps_hi, eps_lo,
                 HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, LOG_PROBS: tl.constexpr,
                 COMPUTE_GRAD: tl.constexpr, MEAN: tl.constexpr, PREFETCH: tl.constexpr,
-                BLOCK: tl.constexpr, GRAD_EVICT_FIRST: tl.constexpr, ONE_BLOCK: tl.constexpr):
+                BLOCK: tl.constexpr, GRAD_EVICT_FIRST: tl.constexpr, ONE_BLOCK: tl.constexpr,
+                GROUP: tl.constexpr, FTZ: tl.constexpr):
     ACC: tl.constexpr = lse_ptr.dtype.element_ty
     IN_REGISTERS: tl.constexpr = ONE_BLOCK and (COMPUTE_GRAD and not LOG_PROBS)  # (triton 3.2: no chains)
+    GROUPED: tl.constexpr = (GROUP > 0) and (not IN_REGISTERS)
     row, x_off, g_off = _offsets_of_row(row, S, stride_n, stride_s, C)
     x_row = x_ptr + x_off
     if PREFETCH:  # (logits only) issued before anything waits for the row's target; an
         # ignored row reads this block for nothing
-        x_first = _load_block(x_row, stride_c, 0, C, BLOCK)
+        if GROUPED:
+            x_first = _load_groups(x_row, stride_c, 0, C, BLOCK, GROUP)
+        else:
+            x_first = _load_block(x_row, stride_c, 0, C, BLOCK)
     else:
         x_first = None
     t, active, ignored = _index_target(t_ptr, row, C, ignore_index)
@@ -504,8 +620,13 @@ def _ce_fwd_row(row, x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_ptr, wsu
         lse = m + log_se
         loss = _index_loss(x_t, w_t, m, log_se, wsum_row, wxs, eps, C, SMOOTH)
     else:
-        m, log_se, wxs, wsum_row = _online_lse(x_row, stride_c, w_ptr, n_cols, x_first,
-                                               ACC, HAS_WEIGHT, SMOOTH, PREFETCH, BLOCK)
+        if GROUPED:
+            m, log_se, wxs, wsum_row = _online_lse_groups(x_row, stride_c, w_ptr, n_cols,
+                                                          x_first, ACC, HAS_WEIGHT, SMOOTH,
+                                                          PREFETCH, BLOCK, GROUP, FTZ)
+        else:
+            m, log_se, wxs, wsum_row = _online_lse(x_row, stride_c, w_ptr, n_cols, x_first,
+                                                   ACC, HAS_WEIGHT, SMOOTH, PREFETCH, BLOCK, FTZ)
         lse = m + log_se
         loss = _index_loss(x_t, w_t, m, log_se, wsum_row, wxs, eps, C, SMOOTH)
 
@@ -526,12 +647,12 @@ def _ce_fwd_row(row, x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_ptr, wsu
         tl.debug_barrier()
         if IN_REGISTERS:
             g = _index_grad_block(x_reg.to(ACC), cols, w_ptr, n_cols, t, m, log_se, active,
-                                  ignored, a, b, e, ACC, HAS_WEIGHT, SMOOTH, LOG_PROBS)
+                                  ignored, a, b, e, ACC, HAS_WEIGHT, SMOOTH, LOG_PROBS, FTZ)
             _store_grad(g_ptr + g_off + cols.to(tl.int64) * S, g, cols < C, GRAD_EVICT_FIRST)
         else:
             _index_grad_sweep(x_row, stride_c, g_ptr + g_off, S, w_ptr, C, n_cols, t, m,
                               log_se, active, ignored, a, b, e, ACC, HAS_WEIGHT, SMOOTH,
-                              LOG_PROBS, BLOCK, GRAD_EVICT_FIRST)
+                              LOG_PROBS, BLOCK, GRAD_EVICT_FIRST, FTZ)
 
 
 @triton.jit
@@ -617,7 +738,7 @@ def _split_part(row, part, x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_pt
                 wsum = tl.sum(w, 0)
         else:
             m, log_se, wxs, wsum = _online_lse(x_chunk, stride_c, w_ptr + c0, n_cols, None,
-                                               ACC, HAS_WEIGHT, SMOOTH, False, BLOCK)
+                                               ACC, HAS_WEIGHT, SMOOTH, False, BLOCK, False)
             se = tl.exp(log_se)
         tl.store(record, m)
         tl.store(record + 1, se)
@@ -671,22 +792,22 @@ def _split_part(row, part, x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_pt
                 x = tl.load(x_chunk + cols.to(tl.int64) * stride_c, mask=cols < n_cols,
                             other=NEG_INF).to(ACC)
             g = _index_grad_block(x, cols, w_ptr + c0, n_cols, t - c0, m_row, log_se, active,
-                                  ignored, a, b, e, ACC, HAS_WEIGHT, SMOOTH, False)
+                                  ignored, a, b, e, ACC, HAS_WEIGHT, SMOOTH, False, False)
             g_chunk = g_ptr + g_off + c0 * S
             tl.store(g_chunk + cols.to(tl.int64) * S, g.to(g_ptr.dtype.element_ty), mask=cols < n)
         else:
             _index_grad_sweep(x_chunk, stride_c, g_ptr + g_off + c0 * S, S, w_ptr + c0, n,
                               n_cols, t - c0, m_row, log_se, active, ignored, a, b, e, ACC,
-                              HAS_WEIGHT, SMOOTH, False, BLOCK, False)
+                              HAS_WEIGHT, SMOOTH, False, BLOCK, False, False)
 
 
 @triton.jit
 def _ce_bwd_kernel(gl_ptr, stride_gl, x_ptr, t_ptr, w_ptr, lse_ptr, g_ptr, den_ptr, wsum_ptr,
                    C, S, stride_n, stride_c, stride_s, ignore_index, eps_hi, eps_lo,
                    HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, LOG_PROBS: tl.constexpr,
-                   MEAN: tl.constexpr, BLOCK: tl.constexpr):
+                   MEAN: tl.constexpr, BLOCK: tl.constexpr, FTZ: tl.constexpr):
     """Index targets: gradient times grad_loss (gl_ptr[row*stride_gl]; stride 0 for a
-    0-d grad_loss), p recomputed from the saved lse. One sweep."""
+    0-d grad_loss), p recomputed from the saved lse. One sweep. FTZ: see _exp_ftz."""
     ACC: tl.constexpr = lse_ptr.dtype.element_ty
     row, x_off, g_off = _row_offsets(S, stride_n, stride_s, C)
     t, active, ignored = _index_target(t_ptr, row, C, ignore_index)
@@ -707,7 +828,7 @@ def _ce_bwd_kernel(gl_ptr, stride_gl, x_ptr, t_ptr, w_ptr, lse_ptr, g_ptr, den_p
     a, b, e = _index_grad_coefs(s, eps, w_t, C, wsum_ptr, ACC, HAS_WEIGHT, SMOOTH, LOG_PROBS)
     _index_grad_sweep(x_ptr + x_off, stride_c, g_ptr + g_off, S, w_ptr, C,
                       tl.where(active, C, 0), t, lse, tl.zeros([], ACC), active, ignored,
-                      a, b, e, ACC, HAS_WEIGHT, SMOOTH, LOG_PROBS, BLOCK, False)
+                      a, b, e, ACC, HAS_WEIGHT, SMOOTH, LOG_PROBS, BLOCK, False, FTZ)
 
 
 @triton.jit
@@ -1499,11 +1620,15 @@ def _index_fwd(input, target, weight, ignore_index, label_smoothing, reduction, 
         _launch_split(x, t, weight, loss_rows, lse, grad, den, wsum, ignore_index,
                       label_smoothing, mean, parts)
     elif R > 0:
-        knobs = (_GRAD_LAUNCH or {}) if compute_grad else {}
+        knobs = (_GRAD_LAUNCH or {}) if compute_grad and C >= _GRAD_LAUNCH_MIN_CLASSES else {}
         block, num_warps = _row_config(C, input.element_size(), heavy=smooth and not log_probs,
                                        max_block=knobs.get("max_block"),
                                        per_thread=knobs.get("elems_per_thread"))
         prefetch = knobs.get("prefetch", _PREFETCH) and not log_probs
+        one_block = C <= block and compute_grad and not log_probs
+        # a 16-byte vector of classes per group (unit class stride: one thread's load)
+        group = (16 // input.element_size() if _PER_VECTOR_MAX and not log_probs
+                 and not one_block and C > block else 0)
         eps_hi, eps_lo = _split_float(label_smoothing)
         wrap_triton(_ce_fwd_kernel)[(_programs(R, device, knobs.get("programs_per_sm")),)](
             x, t, weight if weight is not None else lse, loss_rows, lse,
@@ -1513,7 +1638,7 @@ def _index_fwd(input, target, weight, ignore_index, label_smoothing, reduction, 
             COMPUTE_GRAD=compute_grad, MEAN=mean and compute_grad,
             PREFETCH=prefetch, BLOCK=block,
             GRAD_EVICT_FIRST=bool(knobs.get("evict_first_store", False)),
-            ONE_BLOCK=C <= block and compute_grad and not log_probs, num_warps=num_warps)
+            ONE_BLOCK=one_block, GROUP=group, FTZ=_ftz(acc, device), num_warps=num_warps)
     out_dtype = _checked_loss_dtype(loss_dtype, input.dtype)
     loss = _reduce_loss(loss_rows, reduction, den, rows_shape, out_dtype)
     return loss, lse
@@ -1598,7 +1723,8 @@ def cross_entropy_bwd(grad_loss: torch.Tensor, input: torch.Tensor, target: torc
             gl, stride_gl, x, t, weight if weight is not None else lse_flat, lse_flat, grad,
             den, wsum, C, S, x.stride(0), x.stride(1), x.stride(2), ignore_index,
             eps_hi, eps_lo, HAS_WEIGHT=weight is not None, SMOOTH=smooth,
-            LOG_PROBS=log_probs, MEAN=mean, BLOCK=block, num_warps=num_warps)
+            LOG_PROBS=log_probs, MEAN=mean, BLOCK=block, FTZ=_ftz(acc, x.device),
+            num_warps=num_warps)
     return grad
 
 

@@ -13,10 +13,9 @@
 //   kSmallBlock threads; such a group may still span two warps, so block
 //   reductions give every group its own shared-memory slots), and blocks
 //   stride over the rows. row_launch picks the group size: up to 256 threads
-//   (4 long rows per SM) for one pass over the row, up to 1024 (1 per SM) for
-//   the forward with gradient, whose second sweep should find its row in L2,
-//   and for class-strided rows as few as fill the device (one thread per pixel
-//   of a segmentation map, so that a warp reads 32 neighbouring pixels).
+//   (4 long rows per SM), and for class-strided rows as few as fill the device
+//   (one thread per pixel of a segmentation map, so that a warp reads 32
+//   neighbouring pixels).
 // - Forward, pass 1 reads the row once and keeps, per thread, an online softmax
 //   state (max m, Σ exp(x - m)) plus Σ a_c·(x_c - m) and Σ a_c for a per-class
 //   coefficient a_c (w_c for label smoothing, w_c·y'_c for probability targets)
@@ -970,25 +969,22 @@ struct RowLaunch {
   dim3 grid, block;
 };
 
-// The most threads of one row's group (a power of two). The kernels cap a thread at 64
-// registers (__launch_bounds__(1024)) and use about that many (ptxas, sm_90), so an SM
-// holds 65536 / (64 * threads) row groups: 1 of 1024 threads, 4 of 256.
-// - One pass over the row (forward alone, backward, the rows' scaling): 256, 4 rows in
-//   flight per SM, whose memory latencies and reductions overlap. On the H100
-//   (2026-11-27) 1024 threads (1 row per SM) read at 55% of the bandwidth floor at
-//   8192 x 128256 bf16 and 26% at 8192 x 32000, Triton's kernel (8 warps a row, several
-//   rows per SM) at 96% and 77%.
-// - Forward with gradient (two_sweeps): the gradient sweep re-reads the row, which
-//   should still be in L2 (50 MB on the H100): 1024 threads, 1 row per SM (132 rows of
-//   128256 bf16 are 34 MB; 4 per SM would be 135 MB and the re-read would come from HBM).
+// The most threads of one row's group (a power of two): 256. The kernels cap a thread
+// at 64 registers (__launch_bounds__(1024)) and use about that many (ptxas, sm_90), so
+// an SM holds 65536 / (64 * threads) row groups: 4 of 256 threads, 1 of 1024, whose
+// memory latencies and reductions overlap. On the H200 (2026-11-27, bf16) 256 beat
+// 1024 for the forward (0.806 against 1.233 ms at 8192 x 128256; 0.264 against 0.673
+// at 8192 x 32000) and for the forward with gradient too (1.995 against 2.359 ms;
+// 0.549 against 0.905), although there 1 row per SM would keep more of the row in L2
+// for the gradient sweep's re-read (benchmarks/results/h200_2026-11-27_bf16.csv).
 // FUSED_NLL_CUDA_ROW_THREADS (read on every call; a power of two from 32 to 1024)
-// overrides both, for the benchmark's comparison.
-int row_threads_cap(bool two_sweeps) {
-  const int dflt = two_sweeps ? kMaxThreads : 256;
+// overrides it, for the benchmark's comparison.
+int row_threads_cap() {
+  constexpr int kDefault = 256;
   const char* e = std::getenv("FUSED_NLL_CUDA_ROW_THREADS");
-  if (e == nullptr) return dflt;
+  if (e == nullptr) return kDefault;
   const int v = std::atoi(e);
-  return (v >= 32 && v <= kMaxThreads && (v & (v - 1)) == 0) ? v : dflt;
+  return (v >= 32 && v <= kMaxThreads && (v & (v - 1)) == 0) ? v : kDefault;
 }
 
 // class_strided: the rows' classes are not adjacent (x.stride(1) != 1, e.g.
@@ -1002,9 +998,9 @@ int row_threads_cap(bool two_sweeps) {
 // would get. (On the H100, 2026-11-27, 16 x 21 x 512 x 512 bf16 took 3.09 ms
 // forward with 8 threads per row; the floor is 0.058 ms.)
 RowLaunch row_launch(const at::Tensor& like, int64_t R, int64_t C, int vec,
-                     bool class_strided, bool two_sweeps) {
+                     bool class_strided) {
   const int64_t work = ceil_div(C, 4 * static_cast<int64_t>(vec));
-  const int cap = row_threads_cap(two_sweeps);
+  const int cap = row_threads_cap();
   int tpr = 4;
   while (tpr < work && tpr < cap) tpr <<= 1;
   if (class_strided) {
@@ -1239,8 +1235,7 @@ at::Tensor run_index(const at::Tensor& input, const at::Tensor& target,
              launch_rows_in_registers<1>(a, x, stream)))
           return;
         const int vec = x.stride(1) == 1 ? vec_width<x_t>() : 1;
-        const RowLaunch rl = row_launch(input, R, l.C, vec, x.stride(1) != 1,
-                                        !kBackward && compute_grad && !log_probs);
+        const RowLaunch rl = row_launch(input, R, l.C, vec, x.stride(1) != 1);
         launch_kernel(index_kernel<x_t, index_t, kBackward>, rl.grid, rl.block, stream, a);
       });
     });
@@ -1321,8 +1316,7 @@ at::Tensor run_prob(const at::Tensor& input, const at::Tensor& target,
           a.gS = gl.sS;
         }
         const int vec = x.stride(1) == 1 ? vec_width<x_t, y_t>() : 1;
-        const RowLaunch rl = row_launch(input, R, l.C, vec, x.stride(1) != 1,
-                                        !kBackward && compute_grad);
+        const RowLaunch rl = row_launch(input, R, l.C, vec, x.stride(1) != 1);
         launch_kernel(prob_kernel<x_t, y_t, kBackward>, rl.grid, rl.block, stream, a);
       });
     });
@@ -1436,8 +1430,7 @@ void scale_grad_cuda(at::Tensor& grad_input, const at::Tensor& grad_loss) {
       const Layout l = layout_of(grad_input);
       const RowScalars gl = per_row_view(gl0, l, acc, "grad_loss");
       const int vec = l.S == 1 ? vec_width<scalar_t>() : 1;
-      const RowLaunch rl = row_launch(grad_input, l.rows(), l.C, vec, l.S != 1 && l.C > 1,
-                                      /*two_sweeps=*/false);
+      const RowLaunch rl = row_launch(grad_input, l.rows(), l.C, vec, l.S != 1 && l.C > 1);
       launch_kernel(scale_rows_kernel<scalar_t>, rl.grid, rl.block, stream,
                     grad_input.data_ptr<scalar_t>(), Rows{l.rows(), l.C, l.S},
                     gl.t.data_ptr<acc_t>(), gl.sN, gl.sS);

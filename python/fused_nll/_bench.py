@@ -157,6 +157,11 @@ def implementations(device, wanted):
         run_row_kernels = _triton_with("_TILE", False)
         run_row_kernels.tile_shapes_only = True
         impls["fused_nll[triton] row kernels"] = run_row_kernels
+        # The running max per 16-byte vector in the row kernel's sweep 1 (opt-in,
+        # _PER_VECTOR_MAX): no reduction across warps per block, one-instruction exps.
+        run_per_vector = _triton_with("_PER_VECTOR_MAX", True)
+        run_per_vector.rows_only = True
+        impls["fused_nll[triton] per-vector max"] = run_per_vector
         # The Triton split-row gradient path (a module knob, off by default): 16 parts,
         # a chunk in registers up to 131072 classes. fwd+bwd only (forward-only calls
         # do not take it).
@@ -181,18 +186,13 @@ def implementations(device, wanted):
         run_one_block.index_only = True
         run_one_block.max_classes = 32768
         impls["fused_nll[cuda] one block"] = run_one_block
-        # The other launch shape of each mode (FUSED_NLL_CUDA_ROW_THREADS; defaults in
-        # csrc/cuda/cross_entropy.cu row_threads_cap): the forward alone with 1024
-        # threads per long row (1 row per SM, the default until session 12, 2026-11-27)
-        # instead of 256 (4 per SM); the forward with gradient with 256 instead of 1024.
-        run_rows1024 = _cuda_with_env("FUSED_NLL_CUDA_ROW_THREADS", "1024")
-        run_rows1024.rows_only = True
-        run_rows1024.fwd_only = True
-        impls["fused_nll[cuda] 1024 threads/row"] = run_rows1024
-        run_rows256 = _cuda_with_env("FUSED_NLL_CUDA_ROW_THREADS", "256")
-        run_rows256.rows_only = True
-        run_rows256.fwdbwd_only = True
-        impls["fused_nll[cuda] 256 threads/row"] = run_rows256
+        # Other thread-group sizes for long rows (FUSED_NLL_CUDA_ROW_THREADS; default 256,
+        # csrc/cuda/cross_entropy.cu row_threads_cap): 1024 (1 row per SM, the default
+        # until 2026-11-27) and 128 (8 rows per SM).
+        for threads in ("1024", "128"):
+            run_rows = _cuda_with_env("FUSED_NLL_CUDA_ROW_THREADS", threads)
+            run_rows.rows_only = True
+            impls[f"fused_nll[cuda] {threads} threads/row"] = run_rows
 
     def eager(x, t):
         return F.cross_entropy(x, t)
