@@ -175,16 +175,22 @@ def _compile_specialised(kernel, constexprs, num_warps, element="bf16", speciali
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 
 
-def _resources(compiled) -> dict:
-    """REG, LOCAL, ... of the kernel's cubin (cuobjdump -res-usage, shipped with Triton)."""
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if not os.path.exists(tool):
-        pytest.skip(f"this Triton ({triton.__version__}) ships no cuobjdump at {tool}")
+def _cubin_tool(compiled, tool: str, *args: str) -> str:
+    """The output of one of the CUDA binary tools shipped with Triton (cuobjdump,
+    nvdisasm) on the kernel's cubin; skips the test when this Triton has none."""
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
+    if not os.path.exists(path):
+        pytest.skip(f"this Triton ({triton.__version__}) ships no {tool} at {path}")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True,
-                             check=True).stdout
+        return subprocess.run([path, *args, f.name], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def _resources(compiled) -> dict:
+    """REG, LOCAL, ... of the kernel's cubin (cuobjdump -res-usage)."""
+    out = _cubin_tool(compiled, "cuobjdump", "-res-usage")
     usage = re.search(r"Function \w+:\s*\n\s*(.*)", out)
     assert usage, out
     return {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", usage.group(1))}
@@ -362,16 +368,8 @@ def test_exps_and_per_vector_max_shorten_the_loop():
 
 def _innermost_loop(compiled) -> list[str]:
     """The SASS instructions of the kernel's innermost loop (the shortest span from a
-    label to a branch back to it) that computes exponentials (nvdisasm, shipped with
-    Triton)."""
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
-    if not os.path.exists(tool):
-        pytest.skip(f"this Triton ({triton.__version__}) ships no nvdisasm at {tool}")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        lines = subprocess.run([tool, "-c", f.name], capture_output=True, text=True,
-                               check=True).stdout.splitlines()
+    label to a branch back to it) that computes exponentials (nvdisasm)."""
+    lines = _cubin_tool(compiled, "nvdisasm", "-c").splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines)
               if (m := re.match(r"^(\.L\w+):", line.strip()))}
     spans = [(labels[m.group(1)], i) for i, line in enumerate(lines)

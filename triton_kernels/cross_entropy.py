@@ -116,12 +116,13 @@ _FTZ_EXP = True
 
 # Sweep 1 of the index row kernel (rows longer than one block) with its running max kept
 # per 16-byte vector of classes, i.e. per thread (_online_lse_groups), instead of per
-# block: no reduction across warps (two barriers) per block, and about half the
-# instructions per element of the loop (ptxas, sm_90, bf16, 4096-class blocks: see
+# block: no reduction across warps (two barriers) in the loop over blocks (with
+# _FTZ_EXP: 267 instructions per 8192-class block against 273; sm_90, bf16,
 # tests/test_triton_compile.py). Why it may matter: at the H200's 4.3 TB/s an SM must
-# take ~18 G bf16 elements a second, and the per-block-max loop needs ~12 instructions an
-# element, near the SM's issue rate; the forward reads at 82% of the floor there, 96% on
-# the H100 (3.0 TB/s). Off until a GPU run times it (benchmarks/triton_sweep.py).
+# take ~18 G bf16 elements a second, and the per-block-max loop needed ~11.6
+# instructions an element before _FTZ_EXP, near the SM's issue rate; the forward reads at
+# 82% of the floor there, 96% on the H100 (3.0 TB/s). Off until a GPU run times it
+# (benchmarks/triton_sweep.py).
 _PER_VECTOR_MAX = False
 
 # The forward with gradient (row kernel, class indices) may want another launch shape
@@ -457,7 +458,7 @@ def _index_grad_sweep(x_row, stride_c, g_row, stride_gc, w_ptr, C, n_cols, t, m,
     exactly 0 and rows with an out-of-range target nan, without reading x: n_cols
     (C for an active row, else 0) bounds the loads. EVICT_FIRST_STORE marks the gradient's
     lines first to go from L2 (_GRAD_LAUNCH "evict_first_store"), so that they do not push
-    out logits other rows have yet to re-read. FTZ: p_c by _exp_ftz (_PER_VECTOR_MAX).
+    out logits other rows have yet to re-read. FTZ: p_c by _exp_ftz (_FTZ_EXP).
     """
     n_blocks = tl.cdiv(C, BLOCK)
     for i in range(0, n_blocks):
@@ -550,8 +551,9 @@ def _ce_fwd_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_ptr, wsum_
     ONE_BLOCK (C <= BLOCK, with COMPUTE_GRAD and logits): the row is one block, kept in
     registers from sweep 1 to the gradient, so the logits are read once (no second
     sweep through L2). GROUP > 0 (not with ONE_BLOCK): sweep 1 keeps its running max per
-    vector of GROUP classes (_online_lse_groups, _PER_VECTOR_MAX), with FTZ (fp32
-    accumulation, compiled code) its exps as single ex2.approx.ftz instructions."""
+    vector of GROUP classes (_online_lse_groups, _PER_VECTOR_MAX). FTZ (fp32
+    accumulation, compiled code): the exps of the sweeps as single ex2.approx.ftz
+    instructions (_exp_ftz, _FTZ_EXP)."""
     for row in range(tl.program_id(0), R, tl.num_programs(0)):
         _ce_fwd_row(row, x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_ptr, wsum_ptr,
                     C, S, stride_n, stride_c, stride_s, ignore_index, eps_hi, eps_lo,
