@@ -82,31 +82,36 @@ FUSED_NLL_HD void state_add(RowState<acc_t>& st, acc_t x, acc_t coef) {
 }
 
 // state_add of the N values of one vector pack, in one step: the pack's max
-// first (nan never wins it), at most one rescale of the state, then one exp
-// per value against that max, with no compare-and-branch per value. kCoef =
+// first (fmax: nan never wins it), at most one rescale of the state, then one
+// exp per value against that max, with no compare or select per value: the
+// shift m_ref is the state's max, or 0 while it is still -inf (then the whole
+// pack is -inf or nan), so a -inf value gives d = -inf, exp(d) = 0 and adds
+// coef·(-inf) to a, as state_add does, and nan propagates through s. kCoef =
 // false skips the weighted sums (no label smoothing: every coef is 0). Same
 // result as N state_add calls up to rounding, also for -inf runs and nan
 // (checked against them in tests/cpp/online_softmax_test.cpp); a +inf value
-// makes s nan (x - m = inf - inf), as on the CPU kernel.
+// makes s nan (x - m = inf - inf), as on the CPU kernel. (Per bf16 value on
+// sm_90: a conversion, fmax, a subtraction, the exp's multiply and ex2, an
+// add; the compare-and-select form took about ten instructions.)
 template <int N, bool kCoef, typename acc_t, typename Coef>
 FUSED_NLL_HD void state_add_pack(RowState<acc_t>& st, const acc_t (&x)[N], Coef&& coef) {
   acc_t pm = neg_inf<acc_t>();
 #pragma unroll
-  for (int j = 0; j < N; ++j) pm = x[j] > pm ? x[j] : pm;
+  for (int j = 0; j < N; ++j) pm = fmax(pm, x[j]);
   if (pm > st.m) {
     const acc_t d = st.m - pm;  // < 0; -inf for the first finite value (s is 0 then)
     st.s = st.s * dev_exp(d);
     if (kCoef && st.m != neg_inf<acc_t>()) st.a += st.b * d;
     st.m = pm;
   }
+  const acc_t m_ref = st.m == neg_inf<acc_t>() ? acc_t(0) : st.m;
 #pragma unroll
   for (int j = 0; j < N; ++j) {
-    const bool finite_or_nan = x[j] != neg_inf<acc_t>();
-    const acc_t d = x[j] - st.m;
-    st.s += finite_or_nan ? dev_exp(d) : acc_t(0);
+    const acc_t d = x[j] - m_ref;
+    st.s += dev_exp(d);
     if (kCoef) {
       const acc_t c = coef(j);
-      st.a += c * (finite_or_nan ? d : x[j]);
+      st.a += c * d;
       st.b += c;
     }
   }
