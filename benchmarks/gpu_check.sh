@@ -108,7 +108,7 @@ if [[ $STAGES == *tests* ]] && budget=$(left ${TEST_TIMEOUT:-170}) && [ "$budget
 elif [[ $STAGES == *tests* ]]; then skip tests
 fi
 
-if [[ $STAGES == *sweep* ]] && t=$(left ${SWEEP_TIMEOUT:-110}) && [ "$t" -gt 0 ]; then
+if [[ $STAGES == *sweep* ]] && t=$(left ${SWEEP_TIMEOUT:-150}) && [ "$t" -gt 0 ]; then
   timeout "$t" $PY benchmarks/triton_sweep.py > "$OUT/sweep.log" 2>&1; echo "sweep rc=$?"; tail -30 "$OUT/sweep.log"
 elif [[ $STAGES == *sweep* ]]; then skip sweep
 fi

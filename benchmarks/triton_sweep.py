@@ -39,17 +39,30 @@ def grad_launch(max_block, per_thread, per_sm, prefetch, evict_first_store=False
                              "evict_first_store": evict_first_store}}
 
 
+def split(per_sm, per_thread=16, max_block=8192, hold=True):
+    return {"_SPLIT_PARTS": "auto", "_SPLIT_PROGRAMS_PER_SM": per_sm,
+            "_SPLIT_ELEMS_PER_THREAD": per_thread, "_SPLIT_MAX_BLOCK": max_block,
+            "_SPLIT_HOLD": hold}
+
+
+# Split rows pipelined (session 14): each row cut into one-block chunks, partial sums
+# exchanged inside the launch; a program's previous chunk held in registers ("hold") or
+# read again from L2 ("reload"). Registers with the GPU machine's triton 3.6 (ptxas,
+# sm_90, bf16) and the programs per SM they allow: 4k chunks hold 8 warps 79 (3/SM),
+# reload 8 warps 64 (4/SM), reload 4 warps 127 (4/SM); 8k chunks reload 16 warps 64
+# (2/SM), hold 8 warps 128 (2/SM); 2k chunks reload 4 warps 64 (8/SM). A grid larger
+# than what fits only starts programs that find no ticket left.
 ROW_CONFIGS = [  # in order of interest: a sweep cut short by its timeout keeps the first
     ("default", {}),
+    ("split 4k hold 4/SM", split(4, 16, 4096, True)),
+    ("split 4k reload 4/SM 4 warps", split(4, 32, 4096, False)),
+    ("split 4k reload 4/SM", split(4, 16, 4096, False)),
+    ("split 8k reload 2/SM", split(2, 16, 8192, False)),
+    ("split 8k hold 2/SM 8 warps", split(2, 32, 8192, True)),
+    ("split 2k reload 8/SM", split(8, 16, 2048, False)),  # 256000: 125 parts, 2 launches
     ("per-vector max", {"_PER_VECTOR_MAX": True}),
     ("grad: forward's knobs", {"_GRAD_LAUNCH": None}),
-    ("grad: prefetch 1/SM 16k", grad_launch(16384, 16, 1, True)),
     ("grad: prefetch 8/SM 8k", grad_launch(8192, 16, 8, True)),
-    ("grad: prefetch 3/SM 8k", grad_launch(8192, 16, 3, True)),
-    ("grad: prefetch 2/SM 8k", grad_launch(8192, 16, 2, True)),
-    ("grad: 4/SM 8k", grad_launch(8192, 16, 4, False)),
-    ("grad: prefetch 4/SM 8k 8 warps", grad_launch(8192, 32, 4, True)),
-    ("grad: prefetch 4/SM 4k", grad_launch(4096, 16, 4, True)),
     ("grad: prefetch 4/SM 8k evict-first", grad_launch(8192, 16, 4, True, True)),
 ]
 # Tile kernels at a segmentation shape (16 x 21 x 512 x 512: 12% of the floor on the
@@ -62,10 +75,10 @@ TILE_CONFIGS = [
     ("row kernels", {"_TILE": False}),
 ]
 ROW_SHAPES = [(8192, 128256), (4096, 256000), (8192, 32000)]
-TILE_SHAPES = [(16, 21, 512, 512)]
+TILE_SHAPES = []  # tile sizes tied on the H200 (2026-11-27): off this round
 KNOBS = ["_ELEMS_PER_THREAD", "_PROGRAMS_PER_SM", "_PREFETCH", "_SPLIT_PARTS", "_SPLIT_PROGRAMS_PER_SM",
          "_SPLIT_NUM_WARPS", "_SPLIT_MIN_CLASSES", "_SPLIT_MAX_BLOCK", "_SPLIT_ELEMS_PER_THREAD",
-         "_GRAD_LAUNCH", "_TILE", "_TILE_ELEMS", "_PER_VECTOR_MAX"]
+         "_GRAD_LAUNCH", "_TILE", "_TILE_ELEMS", "_PER_VECTOR_MAX", "_SPLIT_HOLD"]
 
 
 def apply(overrides, saved):

@@ -868,11 +868,42 @@ def split_rows(monkeypatch):
 def test_split_rows(split_rows, monkeypatch, parts, reduction, option, blocks):
     # 1000 classes: with BLOCK-multiple chunks some parts get a short or an empty
     # chunk; rows with -inf runs and a huge logit; ignored rows. one_block: a chunk is
-    # one block (kept in registers between the sweeps); multi_block: a small block
+    # one block (kept in registers between the sweeps; with 2 parts the pipelined
+    # one-launch kernel, which the interpreter can run then); multi_block: a small block
     # cap makes chunks of several blocks (the looping sweeps).
     if blocks == "multi_block":
         monkeypatch.setattr(ce, "_SPLIT_MAX_BLOCK", 128)
     split_rows(parts)
+    _check_split_rows(parts, option, reduction)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS, ids=RED_NAME.get)
+@pytest.mark.parametrize("option", OPTIONS)
+def test_split_rows_pipelined_reload(split_rows, monkeypatch, reduction, option):
+    # the pipelined one-launch kernel reading a program's previous chunk again instead of
+    # holding it (_SPLIT_HOLD = False); 2 parts, so that the interpreter runs that kernel
+    monkeypatch.setattr(ce, "_SPLIT_HOLD", False)
+    split_rows(2)
+    phases = []
+    real_wrap = ce.wrap_triton
+
+    def spy(kernel):  # records the PHASE of each split launch
+        launcher = real_wrap(kernel)
+
+        class Grid:
+            def __getitem__(self, grid):
+                def call(*args, **kwargs):
+                    phases.append(kwargs["PHASE"])
+                    return launcher[grid](*args, **kwargs)
+                return call
+        return Grid() if kernel is ce._ce_split_kernel else launcher
+
+    monkeypatch.setattr(ce, "wrap_triton", spy)
+    _check_split_rows(2, option, reduction)
+    assert phases and set(phases) == {0}, phases  # the one-launch kernel, not phases 1 + 2
+
+
+def _check_split_rows(parts, option, reduction):
     torch.manual_seed(parts)
     weighted, eps = OPTIONS[option]
     x = logits(7, 1000)
@@ -935,8 +966,12 @@ def test_split_rows_one_launch_on_gpu():
             w = torch.rand(v, device="cuda") + 0.1
             for eps, weight in ((0.0, None), (0.1, w)):
                 ref = ce.cross_entropy_fwd(x, t, weight, -100, eps, 1, False, True)
-                for parts, per_sm in ((4, 1), (16, 4), (64, 16)):  # looping / one-block chunks
+                # looping chunks; one-block chunks held in registers / read again
+                for parts, per_sm, block, hold in ((4, 1, 8192, True), (16, 4, 8192, True),
+                                                   (64, 16, 8192, True), ("auto", 5, 4096, False),
+                                                   ("auto", 4, 4096, True)):
                     ce._SPLIT_PARTS, ce._SPLIT_PROGRAMS_PER_SM = parts, per_sm
+                    ce._SPLIT_MAX_BLOCK, ce._SPLIT_HOLD = block, hold
                     got = ce.cross_entropy_fwd(x, t, weight, -100, eps, 1, False, True)
                     xi = x.clone()
                     got_i = ce.cross_entropy_fwd_inplace(xi, t, weight, -100, eps, 1, False)

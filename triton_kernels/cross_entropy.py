@@ -146,16 +146,18 @@ _GRAD_LAUNCH_MIN_CLASSES = 16384
 
 
 # Split rows (forward with gradient, index targets, logits not log-probs): each row is
-# cut into _SPLIT_PARTS column chunks, one program per chunk, so that a row's second
-# sweep (the gradient) re-reads a chunk 1/parts the size while it is still in L2.
-# None: off (on the H100, 2026-11-27, correct but slower at every setting: 2.3 to 3.7 ms
-# forward+backward at 8192 x 128256 bf16 against 1.99; benchmarks/triton_sweep.py). Used only
-# for rows of at least _SPLIT_MIN_CLASSES classes. On CUDA the parts of a row exchange
-# their partial sums inside one launch (_SPLIT_PROGRAMS_PER_SM programs per SM take
-# (row, part) items from a ticket counter and spin on a per-row counter); when a chunk
-# fits one block (e.g. 16 parts of 128256 classes: 8016 <= 8192) it stays in registers
-# and the logits are read only once. Elsewhere (Triton's interpreter runs programs one
-# after the other) or with _SPLIT_FUSED = False the same kernel runs as two launches
+# cut into _SPLIT_PARTS column chunks (an int, or "auto": chunks of one block,
+# ceil(C / _SPLIT_MAX_BLOCK) of them), one work item per chunk, so that a chunk is read
+# once and kept in registers (one block) or re-read from L2 while it is still there. None:
+# off. Used only for rows of at least _SPLIT_MIN_CLASSES classes. On CUDA the parts of a
+# row exchange their partial sums inside one launch (_SPLIT_PROGRAMS_PER_SM programs per
+# SM take items from a ticket counter and wait on a per-row counter). Measured on the
+# H100 and H200 (2026-11-27) in its first form, where a program waited for a row right
+# after publishing its part: correct but slower at every setting (2.1 to 3.7 ms
+# forward+backward at 8192 x 128256 bf16 against 1.6-2.0); one-block chunks are now
+# pipelined (a program publishes its next item before it waits for the previous one's
+# row: _ce_split_kernel), not yet timed. Elsewhere (Triton's interpreter runs programs
+# one after the other) or with _SPLIT_FUSED = False the same kernel runs as two launches
 # (sweep 1 + partial sums; combine + gradient sweep).
 _SPLIT_PARTS = None
 _SPLIT_MIN_CLASSES = 16384
@@ -163,6 +165,10 @@ _SPLIT_PROGRAMS_PER_SM = 4
 _SPLIT_MAX_BLOCK = 8192
 _SPLIT_ELEMS_PER_THREAD = 16  # 8192 x 16 warps: 64 registers (ptxas, sm_90, bf16)
 _SPLIT_NUM_WARPS = None  # None: BLOCK / (32 * _SPLIT_ELEMS_PER_THREAD), 4 to 32
+# One-block chunks, one launch: True holds a program's previous chunk in registers until
+# its row is complete (read once; 93 registers at 8192 x 16 warps, ptxas sm_90), False
+# reads it again from L2 (59): see _ce_split_kernel.
+_SPLIT_HOLD = True
 # FUSED_NLL_SPLIT_ONE_LAUNCH=0 forces the two launches (benchmarks/gpu_check.sh sets it
 # for its sweep and bench when the one-launch GPU test did not pass: a part spinning
 # forever would stall them).
@@ -394,13 +400,13 @@ def _online_lse(x_row, stride_c, w_ptr, n_cols, x_first, ACC: tl.constexpr,
 
 
 @triton.jit
-def _block_lse(x, cols, w_ptr, n_cols, ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-               SMOOTH: tl.constexpr):
-    """_online_lse of a row that is one block ``x`` (-inf past n_cols), already loaded:
-    the same (m, log_se, wxs, wsum) as that loop's single step."""
+def _block_stats(x, cols, w_ptr, n_cols, ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                 SMOOTH: tl.constexpr, FTZ: tl.constexpr):
+    """(m, se, wxs, wsum) of one block ``x`` (-inf past n_cols), already loaded: its max
+    (0 if all -inf), sum_c exp(x_c - m), and with SMOOTH sum_c w_c*(x_c - m), sum_c w_c."""
     m = tl.max(x, 0)
     m = tl.where(m == float("-inf"), 0.0, m)
-    se = tl.sum(tl.exp(x - m), 0)
+    se = tl.sum(_exp_ftz(x - m, FTZ), 0)
     wxs = tl.zeros([], ACC)
     wsum = tl.zeros([], ACC)
     if SMOOTH:
@@ -411,6 +417,15 @@ def _block_lse(x, cols, w_ptr, n_cols, ACC: tl.constexpr, HAS_WEIGHT: tl.constex
             w = mask.to(ACC)
         wxs = tl.sum(tl.where(mask, w * (x - m), 0.0), 0)
         wsum = tl.sum(w, 0)
+    return m, se, wxs, wsum
+
+
+@triton.jit
+def _block_lse(x, cols, w_ptr, n_cols, ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+               SMOOTH: tl.constexpr):
+    """_online_lse of a row that is one block ``x`` (-inf past n_cols), already loaded:
+    the same (m, log_se, wxs, wsum) as that loop's single step."""
+    m, se, wxs, wsum = _block_stats(x, cols, w_ptr, n_cols, ACC, HAS_WEIGHT, SMOOTH, False)
     return m, tl.log(se), wxs, wsum
 
 
@@ -663,37 +678,222 @@ def _ce_split_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_ptr, wsu
                      ignore_index, eps_hi, eps_lo, chunk,
                      HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, MEAN: tl.constexpr,
                      PARTS: tl.constexpr, RECORDS: tl.constexpr, PHASE: tl.constexpr,
-                     ONE_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
+                     ONE_BLOCK: tl.constexpr, BLOCK: tl.constexpr, FTZ: tl.constexpr,
+                     HOLD: tl.constexpr):
     """_ce_fwd_kernel with COMPUTE_GRAD (index targets, not LOG_PROBS), each row cut
     into PARTS chunks of `chunk` classes (a multiple of BLOCK); work item k is chunk
-    k % PARTS of row k // PARTS (_split_part).
+    k % PARTS of row k // PARTS. Each item publishes its chunk's partial sums
+    (_split_publish), then, once the row's PARTS records are in, combines them and
+    writes its chunk's gradient (_split_finish; _split_part for chunks of several blocks).
 
-    PHASE 0: one launch. A program takes work items in increasing order from a ticket
-    counter (cnt_ptr[R]) and, per item, publishes its chunk's partial sums, then
-    waits for the row's other parts. Tickets make this deadlock-free for any grid:
-    every part of a row whose tickets have all been handed out gets published without
-    waiting, so at most the newest row waits on tickets not yet taken, and some
-    program is free to take them as long as PARTS programs can be resident at once
-    (the launcher requires PARTS <= SMs / 2, a margin for kernels on other streams). With ONE_BLOCK (chunk == BLOCK) the chunk stays in registers
-    between the two sweeps: the logits are read once.
-    PHASE 1 / 2: sweep 1 and publish / combine and gradient, as two launches with a
-    static split of the items (Triton's interpreter runs programs one after another).
+    PHASE 0: one launch; a program takes work items in increasing order from a ticket
+    counter (cnt_ptr[R]) and waits for a row's other parts on a per-row counter.
+    With ONE_BLOCK (chunk == BLOCK) it is pipelined: a program publishes item k (its
+    chunk loaded into registers) before it finishes its previous item k', whose chunk
+    it still holds in registers. So the logits are read once, and the wait for k'’s row
+    is usually over at once (the row's other parts were published about an item
+    earlier). HOLD = False (_SPLIT_HOLD): k'’s chunk is read again after k is published
+    (from L2, an item later) instead of held: fewer registers, more programs per SM
+    (ptxas, sm_90, bf16, 4096-class chunks of 8 warps: 48 registers instead of 93). Deadlock-free for any grid with more than PARTS / 2 programs
+    resident: a program waits only on a row whose tickets are all handed out, whose
+    items are then all published (a ticket's publish never waits), or on the newest
+    row, in which each waiting program holds two tickets, so with more than PARTS / 2
+    waiting programs that row is complete. The launcher requires PARTS <= SMs / 2 with
+    at least one program per SM (a margin for kernels on other streams). Without
+    ONE_BLOCK a program publishes an item and waits for its row at once (_split_part).
+    PHASE 1 / 2: publish / finish as two launches with a static split of the items
+    (Triton's interpreter runs programs one after another).
     """
-    if PHASE == 0:
-        total = R * PARTS
+    total = R * PARTS
+    if ONE_BLOCK:
+        if PHASE == 0:
+            k = tl.atomic_add(cnt_ptr + R, 1, sem="relaxed", scope="gpu")
+            x_prev = _split_load(k, total, x_ptr, C, S, stride_n, stride_c, stride_s, chunk,
+                                 PARTS, BLOCK)
+            _split_publish(k, total, x_prev, x_ptr, t_ptr, w_ptr, part_ptr, xt_ptr, cnt_ptr,
+                           C, S, stride_n, stride_c, stride_s, ignore_index, chunk,
+                           HAS_WEIGHT, SMOOTH, PARTS, True, BLOCK, FTZ)
+            prev = k
+            while prev < total:
+                k = tl.atomic_add(cnt_ptr + R, 1, sem="relaxed", scope="gpu")
+                x_cur = _split_load(k, total, x_ptr, C, S, stride_n, stride_c, stride_s,
+                                    chunk, PARTS, BLOCK)
+                # publish k before waiting for k'’s row (deadlock freedom, above)
+                _split_publish(k, total, x_cur, x_ptr, t_ptr, w_ptr, part_ptr, xt_ptr,
+                               cnt_ptr, C, S, stride_n, stride_c, stride_s, ignore_index,
+                               chunk, HAS_WEIGHT, SMOOTH, PARTS, True, BLOCK, FTZ)
+                if not HOLD:  # the previous chunk again, from L2 (fewer registers)
+                    x_prev = _split_load(prev, total, x_ptr, C, S, stride_n, stride_c,
+                                         stride_s, chunk, PARTS, BLOCK)
+                _split_finish(prev, x_prev, x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr,
+                              den_ptr, wsum_ptr, part_ptr, xt_ptr, cnt_ptr, C, S, stride_n,
+                              stride_s, ignore_index, eps_hi, eps_lo, chunk, HAS_WEIGHT,
+                              SMOOTH, MEAN, PARTS, RECORDS, True, BLOCK, FTZ)
+                x_prev = x_cur
+                prev = k
+        else:
+            for k in range(tl.program_id(0), total, tl.num_programs(0)):
+                x = _split_load(k, total, x_ptr, C, S, stride_n, stride_c, stride_s, chunk,
+                                PARTS, BLOCK)
+                if PHASE == 1:
+                    _split_publish(k, total, x, x_ptr, t_ptr, w_ptr, part_ptr, xt_ptr,
+                                   cnt_ptr, C, S, stride_n, stride_c, stride_s, ignore_index,
+                                   chunk, HAS_WEIGHT, SMOOTH, PARTS, False, BLOCK, FTZ)
+                else:
+                    _split_finish(k, x, x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr,
+                                  den_ptr, wsum_ptr, part_ptr, xt_ptr, cnt_ptr, C, S, stride_n,
+                                  stride_s, ignore_index, eps_hi, eps_lo, chunk, HAS_WEIGHT,
+                                  SMOOTH, MEAN, PARTS, RECORDS, False, BLOCK, FTZ)
+    elif PHASE == 0:
         k = tl.atomic_add(cnt_ptr + R, 1, sem="relaxed", scope="gpu")
         while k < total:
             _split_part(k // PARTS, k % PARTS, x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr,
                         den_ptr, wsum_ptr, part_ptr, xt_ptr, cnt_ptr, C, S, stride_n,
                         stride_c, stride_s, ignore_index, eps_hi, eps_lo, chunk, HAS_WEIGHT,
-                        SMOOTH, MEAN, PARTS, RECORDS, PHASE, ONE_BLOCK, BLOCK)
+                        SMOOTH, MEAN, PARTS, RECORDS, PHASE, BLOCK)
             k = tl.atomic_add(cnt_ptr + R, 1, sem="relaxed", scope="gpu")
     else:
-        for k in range(tl.program_id(0), R * PARTS, tl.num_programs(0)):
+        for k in range(tl.program_id(0), total, tl.num_programs(0)):
             _split_part(k // PARTS, k % PARTS, x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr,
                         den_ptr, wsum_ptr, part_ptr, xt_ptr, cnt_ptr, C, S, stride_n,
                         stride_c, stride_s, ignore_index, eps_hi, eps_lo, chunk, HAS_WEIGHT,
-                        SMOOTH, MEAN, PARTS, RECORDS, PHASE, ONE_BLOCK, BLOCK)
+                        SMOOTH, MEAN, PARTS, RECORDS, PHASE, BLOCK)
+
+
+@triton.jit
+def _split_item(k, total, C, S, stride_n, stride_s, chunk, PARTS: tl.constexpr):
+    """Work item k of a split row: (row, part, x_off, g_off, c0, n) with the offsets of
+    _offsets_of_row, the chunk's first class c0 and its number of classes n (0 for
+    k >= total, an item past the last)."""
+    k = tl.full([], 0, tl.int64) + k  # (a Python int in the interpreter's loops)
+    part = k % PARTS
+    row, x_off, g_off = _offsets_of_row(k // PARTS, S, stride_n, stride_s, C)
+    c0 = part * chunk
+    n = tl.where(k < total, tl.maximum(tl.minimum(c0 + chunk, C) - c0, 0), 0)
+    return row, part, x_off, g_off, c0, n
+
+
+@triton.jit
+def _split_load(k, total, x_ptr, C, S, stride_n, stride_c, stride_s, chunk,
+                PARTS: tl.constexpr, BLOCK: tl.constexpr):
+    """Item k's chunk (one block, -inf past its classes), in the logits' dtype. Loaded
+    whatever the row's target, so that the loads need not wait for it: an ignored row's
+    chunk is read for nothing."""
+    row, part, x_off, g_off, c0, n = _split_item(k, total, C, S, stride_n, stride_s, chunk,
+                                                 PARTS)
+    cols = tl.arange(0, BLOCK)
+    return tl.load(x_ptr + x_off + (c0 + cols.to(tl.int64)) * stride_c, mask=cols < n,
+                   other=float("-inf"))
+
+
+@triton.jit
+def _split_publish(k, total, x, x_ptr, t_ptr, w_ptr, part_ptr, xt_ptr, cnt_ptr, C, S,
+                   stride_n, stride_c, stride_s, ignore_index, chunk, HAS_WEIGHT: tl.constexpr,
+                   SMOOTH: tl.constexpr, PARTS: tl.constexpr, RELEASE: tl.constexpr,
+                   BLOCK: tl.constexpr, FTZ: tl.constexpr):
+    """Item k (< total) publishes (m, se, wxs, wsum) of its chunk x (_block_stats) in
+    part_ptr[row, part, 0:4]: se == 0 for an empty or all -inf chunk, which then takes no
+    part in the row's max; part 0 also the target logit in xt_ptr[row]. RELEASE: then
+    counts the item in cnt_ptr[row] with release semantics. Nothing for k >= total."""
+    if k < total:
+        ACC: tl.constexpr = part_ptr.dtype.element_ty
+        row, part, x_off, g_off, c0, n = _split_item(k, total, C, S, stride_n, stride_s,
+                                                     chunk, PARTS)
+        t, active, ignored = _index_target(t_ptr, row, C, ignore_index)
+        n_cols = tl.where(active, n, 0)
+        cols = tl.arange(0, BLOCK)
+        xa = tl.where(cols < n_cols, x.to(ACC), float("-inf"))
+        m, se, wxs, wsum = _block_stats(xa, cols, w_ptr + c0, n_cols, ACC, HAS_WEIGHT, SMOOTH,
+                                        FTZ)
+        record = part_ptr + (row * PARTS + part) * 4
+        tl.store(record, m)
+        tl.store(record + 1, se)
+        tl.store(record + 2, wxs)
+        tl.store(record + 3, wsum)
+        if part == 0:
+            x_t = tl.load(x_ptr + x_off + tl.where(active, t, 0) * stride_c, mask=active,
+                          other=0.0)
+            tl.store(xt_ptr + row, x_t.to(ACC))
+        if RELEASE:
+            # every thread's record stores before the release (debug_barrier = bar.sync)
+            tl.debug_barrier()
+            tl.atomic_add(cnt_ptr + row, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _split_finish(k, x, x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_ptr, wsum_ptr,
+                  part_ptr, xt_ptr, cnt_ptr, C, S, stride_n, stride_s, ignore_index, eps_hi,
+                  eps_lo, chunk, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
+                  MEAN: tl.constexpr, PARTS: tl.constexpr, RECORDS: tl.constexpr,
+                  WAIT: tl.constexpr, BLOCK: tl.constexpr, FTZ: tl.constexpr):
+    """Item k (< total) with its chunk x still in registers: (WAIT, an active row) waits
+    until the row's PARTS items are published, combines their records, writes the loss
+    and lse (part 0) and the chunk's gradient. An ignored or invalid row needs no other
+    part (loss 0 / nan, gradient 0 / nan), so it does not wait."""
+    ACC: tl.constexpr = lse_ptr.dtype.element_ty
+    row, part, x_off, g_off, c0, n = _split_item(k, k + 1, C, S, stride_n, stride_s, chunk,
+                                                 PARTS)
+    t, active, ignored = _index_target(t_ptr, row, C, ignore_index)
+    n_cols = tl.where(active, n, 0)
+    if WAIT:
+        if active:
+            arrived = tl.atomic_add(cnt_ptr + row, 0, sem="acquire", scope="gpu")
+            while arrived < PARTS:
+                arrived = tl.atomic_add(cnt_ptr + row, 0, sem="acquire", scope="gpu")
+    m_row, log_se, a, b, e = _split_row(row, part, t, active, ignored, w_ptr, loss_ptr,
+                                        lse_ptr, den_ptr, wsum_ptr, part_ptr, xt_ptr, C,
+                                        eps_hi, eps_lo, HAS_WEIGHT, SMOOTH, MEAN, PARTS,
+                                        RECORDS, ACC)
+    cols = tl.arange(0, BLOCK)
+    xa = tl.where(cols < n_cols, x.to(ACC), float("-inf"))
+    g = _index_grad_block(xa, cols, w_ptr + c0, n_cols, t - c0, m_row, log_se, active, ignored,
+                          a, b, e, ACC, HAS_WEIGHT, SMOOTH, False, FTZ)
+    tl.store(g_ptr + g_off + (c0 + cols.to(tl.int64)) * S, g.to(g_ptr.dtype.element_ty),
+             mask=cols < n)
+
+
+@triton.jit
+def _split_row(row, part, t, active, ignored, w_ptr, loss_ptr, lse_ptr, den_ptr, wsum_ptr,
+               part_ptr, xt_ptr, C, eps_hi, eps_lo, HAS_WEIGHT: tl.constexpr,
+               SMOOTH: tl.constexpr, MEAN: tl.constexpr, PARTS: tl.constexpr,
+               RECORDS: tl.constexpr, ACC: tl.constexpr):
+    """Combines the row's PARTS records in part order (one vector load per field,
+    reductions of the same compiled layout in every part: identical bits everywhere);
+    part 0 writes the row's loss and lse. Returns (m, log_se) about which the gradient
+    is taken and its coefficients (a, b, e) (_index_grad_coefs)."""
+    NEG_INF: tl.constexpr = float("-inf")
+    eps = (tl.zeros([], ACC) + eps_hi) + eps_lo
+    ks = tl.arange(0, RECORDS)  # RECORDS = next power of two >= PARTS
+    field = part_ptr + row * PARTS * 4 + ks * 4
+    m_k = tl.load(field, mask=ks < PARTS, other=0.0, volatile=True)
+    se_k = tl.load(field + 1, mask=ks < PARTS, other=0.0, volatile=True)
+    m_row = tl.max(tl.where(se_k == 0.0, NEG_INF, m_k), 0)
+    m_row = tl.where(m_row == NEG_INF, 0.0, m_row)
+    se_row = tl.sum(tl.where(se_k == 0.0, 0.0, se_k * tl.exp(m_k - m_row)), 0)
+    wxs_row = tl.zeros([], ACC)
+    wsum_row = tl.zeros([], ACC)
+    if SMOOTH:
+        wxs_k = tl.load(field + 2, mask=ks < PARTS, other=0.0, volatile=True)
+        wsum_k = tl.load(field + 3, mask=ks < PARTS, other=0.0, volatile=True)
+        # chunk sums are taken about the chunk's own max m_k
+        wxs_row = tl.sum(wxs_k + wsum_k * (m_k - m_row), 0)
+        wsum_row = tl.sum(wsum_k, 0)
+    log_se = tl.log(se_row)
+    if HAS_WEIGHT:
+        w_t = tl.load(w_ptr + tl.where(active, t, 0), mask=active, other=0.0).to(ACC)
+    else:
+        w_t = tl.full([], 1.0, ACC)
+    if part == 0:
+        x_t = tl.load(xt_ptr + row, volatile=True)
+        loss = _index_loss(x_t, w_t, m_row, log_se, wsum_row, wxs_row, eps, C, SMOOTH)
+        tl.store(loss_ptr + row, tl.where(active, loss, tl.where(ignored, 0.0, float("nan"))))
+        tl.store(lse_ptr + row, tl.where(active, m_row + log_se, 0.0))
+    if MEAN:
+        s = 1.0 / tl.load(den_ptr).to(ACC)
+    else:
+        s = tl.full([], 1.0, ACC)
+    a, b, e = _index_grad_coefs(s, eps, w_t, C, wsum_ptr, ACC, HAS_WEIGHT, SMOOTH, False)
+    return m_row, log_se, a, b, e
 
 
 @triton.jit
@@ -701,18 +901,13 @@ def _split_part(row, part, x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_pt
                 part_ptr, xt_ptr, cnt_ptr, C, S, stride_n, stride_c, stride_s, ignore_index,
                 eps_hi, eps_lo, chunk, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
                 MEAN: tl.constexpr, PARTS: tl.constexpr, RECORDS: tl.constexpr,
-                PHASE: tl.constexpr, ONE_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
-    """One chunk of one row. Each part publishes (m, se, wxs, wsum) of its chunk in
-    part_ptr[row, part, 0:4] (m about which se and wxs are taken; se == 0 for an
-    empty or all -inf chunk, which then takes no part in the row's max), part 0 also
-    the target logit in xt_ptr[row]; the parts combine the PARTS records in part order
-    (identical bits in every part), part 0 writes loss and lse, and each part writes
-    the gradient of its own chunk. In place (g_ptr == x_ptr) is safe: x_t is read in
-    sweep 1, and a part writes only its own chunk, after every part has read its own.
-    """
+                PHASE: tl.constexpr, BLOCK: tl.constexpr):
+    """One chunk of several blocks of one row: the records of _split_publish by an
+    online sweep, then (after the row's other parts, in PHASE 0) _split_row and a
+    gradient sweep over the chunk. In place (g_ptr == x_ptr) is safe: x_t is read
+    before the part is counted, and a part writes only its own chunk, after every part
+    has read its own."""
     ACC: tl.constexpr = lse_ptr.dtype.element_ty
-    NEG_INF: tl.constexpr = float("-inf")
-    eps = (tl.zeros([], ACC) + eps_hi) + eps_lo
     row, x_off, g_off = _offsets_of_row(row, S, stride_n, stride_s, C)
     t, active, ignored = _index_target(t_ptr, row, C, ignore_index)
     t_safe = tl.where(active, t, 0)
@@ -721,29 +916,11 @@ def _split_part(row, part, x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_pt
     n_cols = tl.where(active, n, 0)  # skip the reads of ignored / invalid rows
     x_chunk = x_ptr + x_off + c0 * stride_c
     record = part_ptr + (row * PARTS + part) * 4
-    cols = tl.arange(0, BLOCK)
     if PHASE != 2:
-        if ONE_BLOCK:  # the whole chunk in one register block
-            x = tl.load(x_chunk + cols.to(tl.int64) * stride_c, mask=cols < n_cols,
-                        other=NEG_INF).to(ACC)
-            m = tl.max(x, 0)
-            m = tl.where(m == NEG_INF, 0.0, m)
-            se = tl.sum(tl.exp(x - m), 0)
-            wxs = tl.zeros([], ACC)
-            wsum = tl.zeros([], ACC)
-            if SMOOTH:
-                if HAS_WEIGHT:
-                    w = tl.load(w_ptr + c0 + cols, mask=cols < n_cols, other=0.0).to(ACC)
-                else:
-                    w = (cols < n_cols).to(ACC)
-                wxs = tl.sum(tl.where(cols < n_cols, w * (x - m), 0.0), 0)
-                wsum = tl.sum(w, 0)
-        else:
-            m, log_se, wxs, wsum = _online_lse(x_chunk, stride_c, w_ptr + c0, n_cols, None,
-                                               ACC, HAS_WEIGHT, SMOOTH, False, BLOCK, False)
-            se = tl.exp(log_se)
+        m, log_se, wxs, wsum = _online_lse(x_chunk, stride_c, w_ptr + c0, n_cols, None,
+                                           ACC, HAS_WEIGHT, SMOOTH, False, BLOCK, False)
         tl.store(record, m)
-        tl.store(record + 1, se)
+        tl.store(record + 1, tl.exp(log_se))
         tl.store(record + 2, wxs)
         tl.store(record + 3, wsum)
         if part == 0:
@@ -757,50 +934,13 @@ def _split_part(row, part, x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_pt
         while arrived < PARTS:
             arrived = tl.atomic_add(cnt_ptr + row, 0, sem="acquire", scope="gpu")
     if PHASE != 1:
-        # Combine the row's records: one vector load per field, reductions of the same
-        # compiled layout in every part (identical bits everywhere).
-        ks = tl.arange(0, RECORDS)  # RECORDS = next power of two >= PARTS
-        field = part_ptr + row * PARTS * 4 + ks * 4
-        m_k = tl.load(field, mask=ks < PARTS, other=0.0, volatile=True)
-        se_k = tl.load(field + 1, mask=ks < PARTS, other=0.0, volatile=True)
-        m_row = tl.max(tl.where(se_k == 0.0, NEG_INF, m_k), 0)
-        m_row = tl.where(m_row == NEG_INF, 0.0, m_row)
-        se_row = tl.sum(tl.where(se_k == 0.0, 0.0, se_k * tl.exp(m_k - m_row)), 0)
-        wxs_row = tl.zeros([], ACC)
-        wsum_row = tl.zeros([], ACC)
-        if SMOOTH:
-            wxs_k = tl.load(field + 2, mask=ks < PARTS, other=0.0, volatile=True)
-            wsum_k = tl.load(field + 3, mask=ks < PARTS, other=0.0, volatile=True)
-            # chunk sums are taken about the chunk's own max m_k
-            wxs_row = tl.sum(wxs_k + wsum_k * (m_k - m_row), 0)
-            wsum_row = tl.sum(wsum_k, 0)
-        log_se = tl.log(se_row)
-        if HAS_WEIGHT:
-            w_t = tl.load(w_ptr + t_safe, mask=active, other=0.0).to(ACC)
-        else:
-            w_t = tl.full([], 1.0, ACC)
-        if part == 0:
-            x_t = tl.load(xt_ptr + row, volatile=True)
-            loss = _index_loss(x_t, w_t, m_row, log_se, wsum_row, wxs_row, eps, C, SMOOTH)
-            tl.store(loss_ptr + row, tl.where(active, loss, tl.where(ignored, 0.0, float("nan"))))
-            tl.store(lse_ptr + row, tl.where(active, m_row + log_se, 0.0))
-        if MEAN:
-            s = 1.0 / tl.load(den_ptr).to(ACC)
-        else:
-            s = tl.full([], 1.0, ACC)
-        a, b, e = _index_grad_coefs(s, eps, w_t, C, wsum_ptr, ACC, HAS_WEIGHT, SMOOTH, False)
-        if ONE_BLOCK:
-            if PHASE == 2:  # a separate launch: the registers of sweep 1 are gone
-                x = tl.load(x_chunk + cols.to(tl.int64) * stride_c, mask=cols < n_cols,
-                            other=NEG_INF).to(ACC)
-            g = _index_grad_block(x, cols, w_ptr + c0, n_cols, t - c0, m_row, log_se, active,
-                                  ignored, a, b, e, ACC, HAS_WEIGHT, SMOOTH, False, False)
-            g_chunk = g_ptr + g_off + c0 * S
-            tl.store(g_chunk + cols.to(tl.int64) * S, g.to(g_ptr.dtype.element_ty), mask=cols < n)
-        else:
-            _index_grad_sweep(x_chunk, stride_c, g_ptr + g_off + c0 * S, S, w_ptr + c0, n,
-                              n_cols, t - c0, m_row, log_se, active, ignored, a, b, e, ACC,
-                              HAS_WEIGHT, SMOOTH, False, BLOCK, False, False)
+        m_row, log_se, a, b, e = _split_row(row, part, t, active, ignored, w_ptr, loss_ptr,
+                                            lse_ptr, den_ptr, wsum_ptr, part_ptr, xt_ptr, C,
+                                            eps_hi, eps_lo, HAS_WEIGHT, SMOOTH, MEAN, PARTS,
+                                            RECORDS, ACC)
+        _index_grad_sweep(x_chunk, stride_c, g_ptr + g_off + c0 * S, S, w_ptr + c0, n,
+                          n_cols, t - c0, m_row, log_se, active, ignored, a, b, e, ACC,
+                          HAS_WEIGHT, SMOOTH, False, BLOCK, False, False)
 
 
 @triton.jit
@@ -1605,7 +1745,10 @@ def _index_fwd(input, target, weight, ignore_index, label_smoothing, reduction, 
     wsum = None
     if weight is not None and smooth and compute_grad and not log_probs:
         wsum = weight.sum(dtype=acc)
-    parts = _SPLIT_PARTS if compute_grad and not log_probs and C >= _SPLIT_MIN_CLASSES else None
+    parts = None
+    if compute_grad and not log_probs and C >= _SPLIT_MIN_CLASSES and _SPLIT_PARTS:
+        # "auto": chunks of one block (_SPLIT_MAX_BLOCK classes at most: kept in registers)
+        parts = triton.cdiv(C, _SPLIT_MAX_BLOCK) if _SPLIT_PARTS == "auto" else _SPLIT_PARTS
     tile = _tile_plan(x) if R > 0 else None
     if tile is not None:
         eps_hi, eps_lo = _split_float(label_smoothing)
@@ -1664,7 +1807,8 @@ def _launch_split(x, t, weight, loss_rows, lse, grad, den, wsum, ignore_index,
     eps_hi, eps_lo = _split_float(label_smoothing)
     # The interpreter runs programs one after another (also on CUDA tensors): a part
     # spinning for the next program would never return.
-    fused = _SPLIT_FUSED and device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    fused = _SPLIT_FUSED and device.type == "cuda" and not interpreted
     if fused:
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         # Deadlock-free when at least `parts` programs can run at once. One per SM fits
@@ -1674,6 +1818,12 @@ def _launch_split(x, t, weight, loss_rows, lse, grad, den, wsum, ignore_index,
     if fused:
         programs = max(1, min(R * parts, sms * _SPLIT_PROGRAMS_PER_SM))
         counters = torch.zeros(R + 1, dtype=torch.int32, device=device)  # rows, then tickets
+    elif _SPLIT_FUSED and interpreted and parts <= 2 and chunk == block:
+        # The pipelined launch also runs in the interpreter when a row has at most two
+        # parts: its lone running program, waiting for the row of item k', has already
+        # published item k' + 1 (tests; one program takes every item).
+        fused, programs = True, 1
+        counters = torch.zeros(R + 1, dtype=torch.int32, device=device)
     else:
         programs, counters = R * parts, x_t  # counters unused
     for phase in (0,) if fused else (1, 2):
@@ -1683,8 +1833,8 @@ def _launch_split(x, t, weight, loss_rows, lse, grad, den, wsum, ignore_index,
             records, x_t, counters, R, C, S, x.stride(0), x.stride(1), x.stride(2),
             ignore_index, eps_hi, eps_lo, chunk, HAS_WEIGHT=weight is not None,
             SMOOTH=smooth, MEAN=mean, PARTS=parts, RECORDS=triton.next_power_of_2(parts),
-            PHASE=phase, ONE_BLOCK=chunk == block,
-            BLOCK=block, num_warps=num_warps)
+            PHASE=phase, ONE_BLOCK=chunk == block, BLOCK=block, FTZ=_ftz(acc, device),
+            HOLD=_SPLIT_HOLD, num_warps=num_warps)
 
 
 def cross_entropy_bwd(grad_loss: torch.Tensor, input: torch.Tensor, target: torch.Tensor,

@@ -95,19 +95,21 @@ def copy_bandwidth_gbs(device) -> float:
 # ---------------------------------------------------------------------------
 
 
-def _triton_with(knob: str, value):
-    """fused_nll.cross_entropy on the Triton backend with one module knob of
-    triton_kernels/cross_entropy.py set to `value` for the call."""
+def _triton_with(**knobs):
+    """fused_nll.cross_entropy on the Triton backend with module knobs of
+    triton_kernels/cross_entropy.py set (name=value) for the call."""
     from fused_nll.triton_kernels import cross_entropy as triton_ce
 
     def run(x, t):
-        saved = getattr(triton_ce, knob)
-        setattr(triton_ce, knob, value)
+        saved = {knob: getattr(triton_ce, knob) for knob in knobs}
+        for knob, value in knobs.items():
+            setattr(triton_ce, knob, value)
         try:
             with fused_nll.use_backend("triton"):
                 return fused_nll.cross_entropy(x, t)
         finally:
-            setattr(triton_ce, knob, saved)
+            for knob, value in saved.items():
+                setattr(triton_ce, knob, value)
 
     return run
 
@@ -154,22 +156,26 @@ def implementations(device, wanted):
     if device == "cuda" and "fused_nll[triton]" in impls:
         # The Triton row kernels (one program per row) where the launchers pick the
         # tile kernels (short rows, class-strided layouts): what the tiles gain.
-        run_row_kernels = _triton_with("_TILE", False)
+        run_row_kernels = _triton_with(_TILE=False)
         run_row_kernels.tile_shapes_only = True
         impls["fused_nll[triton] row kernels"] = run_row_kernels
         # The running max per 16-byte vector in the row kernel's sweep 1 (opt-in,
         # _PER_VECTOR_MAX): no reduction across warps per block, one-instruction exps.
-        run_per_vector = _triton_with("_PER_VECTOR_MAX", True)
+        run_per_vector = _triton_with(_PER_VECTOR_MAX=True)
         run_per_vector.rows_only = True
         impls["fused_nll[triton] per-vector max"] = run_per_vector
-        # The Triton split-row gradient path (a module knob, off by default): 16 parts,
-        # a chunk in registers up to 131072 classes. fwd+bwd only (forward-only calls
-        # do not take it).
-        run_split = _triton_with("_SPLIT_PARTS", 16)
-        run_split.fwdbwd_only = True
-        run_split.rows_only = True
-        run_split.index_only = True
-        impls["fused_nll[triton] split16"] = run_split
+        # The Triton split-row gradient path (module knobs, off by default): rows cut
+        # into 4096-class chunks, pipelined; a program's previous chunk read again from
+        # L2 or held in registers (8 warps, 4 programs per SM). fwd+bwd only
+        # (forward-only calls do not take it).
+        for label, hold, per_sm, per_thread in (("L2", False, 4, 16), ("registers", True, 4, 16)):
+            run_split = _triton_with(_SPLIT_PARTS="auto", _SPLIT_MAX_BLOCK=4096,
+                                     _SPLIT_HOLD=hold, _SPLIT_PROGRAMS_PER_SM=per_sm,
+                                     _SPLIT_ELEMS_PER_THREAD=per_thread)
+            run_split.fwdbwd_only = True
+            run_split.rows_only = True
+            run_split.index_only = True
+            impls[f"fused_nll[triton] split rows ({label})"] = run_split
     if device == "cuda" and "fused_nll[cuda]" in impls:
         # The Hopper cluster kernel of the CUDA backend (opt-in, csrc/cuda): only
         # the forward with gradient takes it, so fwd+bwd only.
