@@ -32,7 +32,10 @@ from fused_nll.triton_kernels import cross_entropy as ck
 # sets below are its neighbours, the old default ("grad: forward's knobs") and the
 # H100's winner. "per-vector max" (_PER_VECTOR_MAX, 2026-11-27, session 13): sweep 1
 # without a reduction across warps per block, and one-instruction exps (forward and
-# forward with gradient).
+# forward with gradient). H100 2026-11-27, session 14 (h100_2026-11-27-s14_triton_sweep.txt):
+# pipelined split rows correct, slower (2.24-2.84 ms vs 1.857); per-vector max slower
+# forward (0.745 vs 0.700); "grad: prefetch 4/SM 8k evict-first" best (1.783), now the
+# default.
 def grad_launch(max_block, per_thread, per_sm, prefetch, evict_first_store=False):
     return {"_GRAD_LAUNCH": {"max_block": max_block, "elems_per_thread": per_thread,
                              "programs_per_sm": per_sm, "prefetch": prefetch,
@@ -63,7 +66,7 @@ ROW_CONFIGS = [  # in order of interest: a sweep cut short by its timeout keeps 
     ("per-vector max", {"_PER_VECTOR_MAX": True}),
     ("grad: forward's knobs", {"_GRAD_LAUNCH": None}),
     ("grad: prefetch 8/SM 8k", grad_launch(8192, 16, 8, True)),
-    ("grad: prefetch 4/SM 8k evict-first", grad_launch(8192, 16, 4, True, True)),
+    ("grad: prefetch 4/SM 8k, stores kept", grad_launch(8192, 16, 4, True, False)),
 ]
 # Tile kernels at a segmentation shape (16 x 21 x 512 x 512: 12% of the floor on the
 # H100, 2026-11-27): elements per tile (a 32-class x BLOCK_S-pixel tile, 4 warps).

@@ -173,3 +173,43 @@ def test_bench_filters():
     short.max_classes = 32768  # e.g. the CUDA one-block kernel
     assert _bench.applies(short, (64, 32000)) and not _bench.applies(short, (64, 128256))
     assert _bench.applies(plain, (64, 128256))
+
+
+def test_default_cuda_backend_follows_the_measured_layouts(monkeypatch):
+    # With both GPU backends usable, CUDA tensors take the CUDA C++ kernels where they
+    # were measured faster (class-strided K-dim logits, rows of 16384-32768 classes) and
+    # the Triton kernels elsewhere; a forced backend wins; without the CUDA C++ kernels
+    # everything stays on Triton. Meta tensors stand in for CUDA ones (layouts only).
+    import torch
+
+    import fused_nll
+    from fused_nll import _backend
+
+    def meta(*shape):
+        return torch.empty(shape, device="meta")
+
+    seg = meta(16, 21, 512, 512)
+    cases = [(seg, True), (seg.to(memory_format=torch.channels_last), False),
+             (meta(8192, 32000), True), (meta(4, 16384), True), (meta(4, 32768), True),
+             (meta(4, 32769), False), (meta(8192, 128256), False), (meta(64, 1000), False),
+             (meta(8, 21, 1), False), (meta(32000), True),
+             # classes innermost: not class-strided (the public functions pass its (R, C) view)
+             (meta(4, 7, 32000).transpose(1, 2), False)]
+    for x, want in cases:
+        assert _backend.prefers_cuda_cpp(x) is want, (tuple(x.shape), x.stride())
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(_backend, "triton_status", lambda: (True, "ok"))
+    for built in (True, False):
+        monkeypatch.setattr(_backend, "_CUDA_CPP_BUILT", built)
+        for x, want in cases:
+            assert _backend.select(cuda, x) == ("cuda" if want and built else "triton")
+            with fused_nll.use_backend("triton"):
+                assert _backend.select(cuda, x) == "triton"
+        assert _backend.select(cuda) == "triton"  # by device alone
+    # the public functions choose with the input
+    seen = []
+    real = _backend.select
+    monkeypatch.setattr(_backend, "select", lambda device, input=None: seen.append(input) or real(device, input))
+    x = torch.randn(3, 5, 2)
+    fused_nll.cross_entropy(x, torch.randint(0, 5, (3, 2)))
+    assert any(s is not None and s.shape == x.shape for s in seen), seen

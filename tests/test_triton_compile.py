@@ -275,6 +275,7 @@ def _perf_cases():
     gl_block, gl_warps = ce._row_config(V_REF, 2, max_block=grad_launch.get("max_block"),
                                         per_thread=grad_launch.get("elems_per_thread"))
     gl_prefetch = bool(grad_launch.get("prefetch", ce._PREFETCH))
+    gl_evict = bool(grad_launch.get("evict_first_store", False))
     # (id, kernel, constexprs, num_warps, element, reads, writes, min programs per SM)
     return [
         ("fwd", ce._ce_fwd_kernel, dict(fwd, COMPUTE_GRAD=False, BLOCK=bf16_block),
@@ -301,7 +302,8 @@ def _perf_cases():
          bf16_warps, "bf16", True, True, 2),
         # the default launch of the forward with gradient at V_REF (_GRAD_LAUNCH)
         ("fwd+grad-grad-launch", ce._ce_fwd_kernel,
-         dict(fwd, COMPUTE_GRAD=True, PREFETCH=gl_prefetch, BLOCK=gl_block),
+         dict(fwd, COMPUTE_GRAD=True, PREFETCH=gl_prefetch, GRAD_EVICT_FIRST=gl_evict,
+              BLOCK=gl_block),
          gl_warps, "bf16", True, True, 1),
         # the opt-in running max per vector (_PER_VECTOR_MAX), with single-instruction exps
         ("fwd-per-vector-max", ce._ce_fwd_kernel,

@@ -121,8 +121,9 @@ _FTZ_EXP = True
 # tests/test_triton_compile.py). Why it may matter: at the H200's 4.3 TB/s an SM must
 # take ~18 G bf16 elements a second, and the per-block-max loop needed ~11.6
 # instructions an element before _FTZ_EXP, near the SM's issue rate; the forward reads at
-# 82% of the floor there, 96% on the H100 (3.0 TB/s). Off until a GPU run times it
-# (benchmarks/triton_sweep.py).
+# 82% of the floor there, 96% on the H100 (3.0 TB/s). Off: slower on the H100
+# (2026-11-27, session 14: 0.745 ms forward at 8192 x 128256 bf16 against 0.700, with
+# _FTZ_EXP on both; h100_2026-11-27-s14_triton_sweep.txt).
 _PER_VECTOR_MAX = False
 
 # The forward with gradient (row kernel, class indices) may want another launch shape
@@ -132,16 +133,19 @@ _PER_VECTOR_MAX = False
 # "max_block" (every element size), "elems_per_thread", "programs_per_sm", "prefetch",
 # and "evict_first_store" (the gradient's stores marked first to leave L2, so that they
 # do not push out logits that other rows have yet to re-read). None: the forward's knobs.
-# The default, 4 persistent programs per SM of 8192-class blocks with 16 warps and
-# software prefetch, was the best of benchmarks/triton_sweep.py's sets on the H200
-# (2026-11-27, bf16, forward+backward): 1.568 ms against 1.625 with the forward's knobs
-# at 8192 x 128256, 1.597 against 1.669 at 4096 x 256000, 0.928 against 1.130 at
-# 8192 x 32000 (h200_2026-11-27_triton_sweep.txt). On the H100 (2026-11-27) the sweep
-# had no such set; "prefetch 1/SM 16k" won there (1.871 against 1.990 ms) but not on
-# the H200 (1.638). Rows shorter than 16384 classes (not timed with it; 4 programs per
-# SM of a small block would leave most of an SM idle) keep the forward's knobs.
+# The default, 4 persistent programs per SM of 8192-class blocks with 16 warps, software
+# prefetch and evict-first gradient stores: "grad: prefetch 4/SM 8k" was the best of
+# benchmarks/triton_sweep.py's sets on the H200 (2026-11-27, bf16, forward+backward):
+# 1.568 ms against 1.625 with the forward's knobs at 8192 x 128256, 1.597 against 1.669
+# at 4096 x 256000 (h200_2026-11-27_triton_sweep.txt), where evict-first stores alone
+# also gained (1.587 / 1.649). On the H100 (2026-11-27, session 14) the two together were
+# the best set at both long rows: 1.783 against 1.857 ms at 8192 x 128256, 1.964 against
+# 1.994 at 4096 x 256000 (h100_2026-11-27-s14_triton_sweep.txt). At 8192 x 32000 the
+# sweeps' timings vary by 2x for one and the same forward (host-bound): no choice is
+# made there. Rows shorter than 16384 classes (not timed with it; 4 programs per SM of a
+# small block would leave most of an SM idle) keep the forward's knobs.
 _GRAD_LAUNCH = {"max_block": 8192, "elems_per_thread": 16, "programs_per_sm": 4,
-                "prefetch": True}
+                "prefetch": True, "evict_first_store": True}
 _GRAD_LAUNCH_MIN_CLASSES = 16384
 
 
@@ -156,7 +160,11 @@ _GRAD_LAUNCH_MIN_CLASSES = 16384
 # after publishing its part: correct but slower at every setting (2.1 to 3.7 ms
 # forward+backward at 8192 x 128256 bf16 against 1.6-2.0); one-block chunks are now
 # pipelined (a program publishes its next item before it waits for the previous one's
-# row: _ce_split_kernel), not yet timed. Elsewhere (Triton's interpreter runs programs
+# row: _ce_split_kernel): correct on the H100 (2026-11-27, session 14) but still slower,
+# 2.24 ms at best against 1.86 (h100_2026-11-27-s14_triton_sweep.txt; holding the
+# previous chunk in registers 2.36-2.80, fewer programs per SM): each item is a chain
+# of dependent round trips (ticket, load, publish, wait, sums) with 8-16 KB in flight
+# per program, too little per SM; a program would need several items in flight. Elsewhere (Triton's interpreter runs programs
 # one after the other) or with _SPLIT_FUSED = False the same kernel runs as two launches
 # (sweep 1 + partial sums; combine + gradient sweep).
 _SPLIT_PARTS = None

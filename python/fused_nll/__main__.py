@@ -73,7 +73,12 @@ def cmd_info(_args) -> int:
         print(f"  {name:7s} {'yes' if ok else 'no ':3s}  {why}")
     defaults = [f"cpu -> {_safe_select('cpu')}"]
     if torch.cuda.is_available():
-        defaults.append(f"cuda -> {_safe_select('cuda')}")
+        cuda = _safe_select('cuda')
+        if cuda == "triton" and _backend.cuda_cpp_built():
+            low, high = _backend._CUDA_CPP_CLASSES
+            cuda += (f" (cuda for class-strided (N, C, d1, ...) logits and rows of {low}-{high} "
+                     "classes, where it was measured faster)")
+        defaults.append(f"cuda -> {cuda}")
     forced = _backend._forced[-1]
     print(f"default:  {', '.join(defaults)}" + (f"  (forced by FUSED_NLL_BACKEND={forced})" if forced else ""))
     print(f"debug:    {'on' if _backend.debug_enabled() else 'off'} (fused_nll.set_debug / FUSED_NLL_DEBUG=1)")

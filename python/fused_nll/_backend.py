@@ -7,7 +7,9 @@ Backends:
   "cuda"   CUDA C++ kernels (CUDA tensors; built when torch has CUDA and nvcc).
 
 By default CPU tensors use "cpp" and CUDA tensors use "triton", or "cuda" when
-Triton is not importable. `use_backend(name)` or env FUSED_NLL_BACKEND force one.
+Triton is not importable, and "cuda" (when built) for the inputs where its kernels
+were measured faster (prefers_cuda_cpp). `use_backend(name)` or env
+FUSED_NLL_BACKEND force one.
 """
 from __future__ import annotations
 
@@ -82,8 +84,27 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def select(device: torch.device) -> str:
-    """The backend for tensors on `device`; raises if the forced one cannot run there."""
+# Inputs for which the CUDA C++ kernels were measured faster than the Triton ones on
+# both an H100 and an H200 (2026-11-27, bf16, benchmarks/results/NOTES.md): class-strided
+# K-dim logits (contiguous (N, C, H, W), 16 x 21 x 512 x 512: 2.1-2.8x forward+backward)
+# and rows of about 32000 classes (8192 x 32000: 1.14-1.44x forward+backward, 1.24-1.35x
+# forward). At 128256 and 256000 classes the Triton kernels are faster (1.16-1.23x).
+_CUDA_CPP_CLASSES = (16384, 32768)
+
+
+def prefers_cuda_cpp(input: torch.Tensor) -> bool:
+    """Whether the default backend for this CUDA input is the CUDA C++ one (when built):
+    logits whose classes are strided ((N, C, d1, ...) with d1*... > 1 and a class stride
+    other than 1), or rows of _CUDA_CPP_CLASSES[0] to [1] classes."""
+    if input.dim() > 2:
+        return input.stride(1) != 1 and input.numel() > input.shape[0] * input.shape[1]
+    classes = input.shape[-1]
+    return _CUDA_CPP_CLASSES[0] <= classes <= _CUDA_CPP_CLASSES[1]
+
+
+def select(device: torch.device, input: torch.Tensor | None = None) -> str:
+    """The backend for tensors on `device` (for `input`, when given: see
+    prefers_cuda_cpp); raises if the forced one cannot run there."""
     forced = _forced[-1]
     if device.type == "cpu":
         if forced in (None, "cpp"):
@@ -106,6 +127,8 @@ def select(device: torch.device) -> str:
                 "fused_nll: backend 'cpp' runs on CPU tensors only, but the input is on CUDA; "
                 "use backend 'triton' or 'cuda'."
             )
+        if forced is None and input is not None and cuda_cpp_built() and prefers_cuda_cpp(input):
+            return "cuda"
         if forced == "triton" or (forced is None and triton_status()[0]):
             _require_triton()
             return "triton"

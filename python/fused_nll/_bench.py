@@ -153,6 +153,12 @@ def implementations(device, wanted):
         run_inplace.inplace = True  # bench_case hands it non-leaf logits
         run_inplace.fwdbwd_only = True  # without a gradient it is the plain call
         impls[f"fused_nll[{backend}] inplace_backward"] = run_inplace
+    if device == "cuda" and "fused_nll[triton]" in impls and "fused_nll[cuda]" in impls:
+        # No backend forced: the default picks per input (_backend.prefers_cuda_cpp)
+        def run_default(x, t):
+            return fused_nll.cross_entropy(x, t)
+
+        impls["fused_nll default"] = run_default
     if device == "cuda" and "fused_nll[triton]" in impls:
         # The Triton row kernels (one program per row) where the launchers pick the
         # tile kernels (short rows, class-strided layouts): what the tiles gain.

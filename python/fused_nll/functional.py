@@ -125,7 +125,8 @@ def _run(prob: bool, inplace: bool, loss_dtype, input, target, weight, *args) ->
     reduction: that is its point (no gradient-sized buffer).
     """
     if _in_torch_func() or _forward_ad(input, target, weight):
-        # (inplace is refused in torch.func: _validate.inplace_backward)
+        # (inplace is refused in torch.func: _validate.inplace_backward; the backend by
+        # device only: a batched tensor has no strides to read)
         triton = _backend.select(input.device) == "triton"
         _func.refuse_reverse_mode_through_vmap(input)
         return _func.FuncLoss.apply(triton, prob, loss_dtype, input, target, weight, *args)[0]
@@ -134,7 +135,7 @@ def _run(prob: bool, inplace: bool, loss_dtype, input, target, weight, *args) ->
     if view is not None:
         loss = _run(prob, inplace, loss_dtype, *view, weight, *args)
         return loss.reshape(_ops.rows_shape(input)) if reduction == 0 else loss
-    triton = _backend.select(input.device) == "triton"
+    triton = _backend.select(input.device, input) == "triton"
     precompute = (reduction != 0 and input.requires_grad and torch.is_grad_enabled()
                   and not torch.compiler.is_compiling())
     if inplace or precompute:
