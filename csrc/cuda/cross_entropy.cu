@@ -131,9 +131,12 @@ __device__ __forceinline__ int pack_phase(const T* p) {
 // (threadIdx.x of blockDim.x). x and y are read when kX / kY, and the value
 // returned by f(c, x_c, y_c) is written to g when kG. The three arrays have
 // their own class strides. A thread always sees the same classes for a given
-// layout, so reductions over f's side effects are deterministic.
+// layout, so reductions over f's side effects are deterministic. kReverse: the
+// vector packs in descending order (a thread's packs and each warp's accesses as
+// before, mirrored): the forward's gradient sweep starts at the row's tail, which
+// sweep 1 read last and L2 most likely still holds (the Triton kernel's order too).
 template <int kVec, bool kX, bool kY, bool kG, typename acc_t, int kIlp = (kX && kY) ? 2 : 4,
-          typename XT, typename YT, typename GT, typename F>
+          bool kReverse = false, typename XT, typename YT, typename GT, typename F>
 __device__ __forceinline__ void row_apply(int64_t len, const XT* x, int64_t xs,
                                           const YT* y, int64_t ys, GT* g, int64_t gs,
                                           F&& f) {
@@ -214,24 +217,25 @@ __device__ __forceinline__ void row_apply(int64_t len, const XT* x, int64_t xs,
     }
     if constexpr (kG) gp[i] = gv;
   };
+  auto at = [&](int64_t k) { return kReverse ? npack - 1 - k : k; };  // k-th pack visited
   int64_t i = tid;
   for (; i + (kIlp - 1) * nt < npack; i += kIlp * nt) {
     Pack<XT, kVec> xv[kIlp];
     Pack<YT, kVec> yv[kIlp];
 #pragma unroll
     for (int j = 0; j < kIlp; ++j) {
-      if constexpr (kX) xv[j] = xp[i + j * nt];
-      if constexpr (kY) yv[j] = yp[i + j * nt];
+      if constexpr (kX) xv[j] = xp[at(i + j * nt)];
+      if constexpr (kY) yv[j] = yp[at(i + j * nt)];
     }
 #pragma unroll
-    for (int j = 0; j < kIlp; ++j) one_pack(i + j * nt, xv[j], yv[j]);
+    for (int j = 0; j < kIlp; ++j) one_pack(at(i + j * nt), xv[j], yv[j]);
   }
   for (; i < npack; i += nt) {
     Pack<XT, kVec> xv;
     Pack<YT, kVec> yv;
-    if constexpr (kX) xv = xp[i];
-    if constexpr (kY) yv = yp[i];
-    one_pack(i, xv, yv);
+    if constexpr (kX) xv = xp[at(i)];
+    if constexpr (kY) yv = yp[at(i)];
+    one_pack(at(i), xv, yv);
   }
 
   for (int64_t c = head + npack * kVec + tid; c < len; c += nt) scalar_at(c, c, c, c);
@@ -537,7 +541,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     const acc_t coef_t = sr * (acc_t(1) - eps) * wt;
     const acc_t coef_w = sr * eps_c;
     if (!p.log_probs) {
-      row_apply<kVec, true, false, true, acc_t, kBackward ? 4 : 1>(
+      row_apply<kVec, true, false, true, acc_t, kBackward ? 4 : 1, !kBackward>(
           C, xrow, p.xC, (const scalar_t*)nullptr, 0, grow, S,
           [&](int64_t c, acc_t x, acc_t) {
             const acc_t pc = dev_exp((x - shift) - logsum);
