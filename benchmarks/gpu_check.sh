@@ -147,3 +147,7 @@ gpu_suite func "${FUNC_TIMEOUT:-90}" tests/test_func.py
 # The short table last (the bench's, when it ran).
 if grep -q "^impl " "$OUT/bench.log" 2>/dev/null; then echo "== table =="; grep -A100 "^impl " "$OUT/bench.log"; fi
 echo "total: $(( $(date +%s) - T0 )) s"
+# The device tool brings back a limited number of files, in name order (on the H100,
+# 2026-11-27, tests_split.log and versions.txt stayed behind): every log and table in
+# one archive whose name sorts first.
+(cd "$OUT" && tar czf 0_all_logs.tar.gz --exclude 0_all_logs.tar.gz ./*.log ./*.txt ./*.csv 2>/dev/null) || true
