@@ -879,10 +879,11 @@ def test_split_rows(split_rows, monkeypatch, parts, reduction, option, blocks):
 
 @pytest.mark.parametrize("reduction", REDUCTIONS, ids=RED_NAME.get)
 @pytest.mark.parametrize("option", OPTIONS)
-def test_split_rows_pipelined_reload(split_rows, monkeypatch, reduction, option):
-    # the pipelined one-launch kernel reading a program's previous chunk again instead of
-    # holding it (_SPLIT_HOLD = False); 2 parts, so that the interpreter runs that kernel
-    monkeypatch.setattr(ce, "_SPLIT_HOLD", False)
+@pytest.mark.parametrize("hold", [True, False], ids=["hold", "reload"])
+def test_split_rows_pipelined(split_rows, monkeypatch, reduction, option, hold):
+    # the pipelined one-launch kernel holding a program's previous chunk in registers or
+    # reading it again (_SPLIT_HOLD); 2 parts, so that the interpreter runs that kernel
+    monkeypatch.setattr(ce, "_SPLIT_HOLD", hold)
     split_rows(2)
     phases = []
     real_wrap = ce.wrap_triton

@@ -174,9 +174,10 @@ _SPLIT_MAX_BLOCK = 8192
 _SPLIT_ELEMS_PER_THREAD = 16  # 8192 x 16 warps: 64 registers (ptxas, sm_90, bf16)
 _SPLIT_NUM_WARPS = None  # None: BLOCK / (32 * _SPLIT_ELEMS_PER_THREAD), 4 to 32
 # One-block chunks, one launch: True holds a program's previous chunk in registers until
-# its row is complete (read once; 93 registers at 8192 x 16 warps, ptxas sm_90), False
-# reads it again from L2 (59): see _ce_split_kernel.
-_SPLIT_HOLD = True
+# its row is complete (read once), False reads it again from L2 (fewer registers: see
+# _ce_split_kernel). False was faster on the H100 (2026-11-27: 2.32 against 2.80 ms at
+# 8192 x 128256 bf16, 4096-class chunks, 4 programs per SM).
+_SPLIT_HOLD = False
 # FUSED_NLL_SPLIT_ONE_LAUNCH=0 forces the two launches (benchmarks/gpu_check.sh sets it
 # for its sweep and bench when the one-launch GPU test did not pass: a part spinning
 # forever would stall them).
@@ -697,13 +698,13 @@ def _ce_split_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_ptr, wsu
     PHASE 0: one launch; a program takes work items in increasing order from a ticket
     counter (cnt_ptr[R]) and waits for a row's other parts on a per-row counter.
     With ONE_BLOCK (chunk == BLOCK) it is pipelined: a program publishes item k (its
-    chunk loaded into registers) before it finishes its previous item k', whose chunk
-    it still holds in registers. So the logits are read once, and the wait for k'’s row
-    is usually over at once (the row's other parts were published about an item
-    earlier). HOLD = False (_SPLIT_HOLD): k'’s chunk is read again after k is published
-    (from L2, an item later) instead of held: fewer registers, more programs per SM
-    (ptxas, sm_90, bf16, 4096-class chunks of 8 warps: 48 registers instead of 93). Deadlock-free for any grid with more than PARTS / 2 programs
-    resident: a program waits only on a row whose tickets are all handed out, whose
+    chunk loaded into registers) before it finishes its previous item k'. HOLD
+    (_SPLIT_HOLD): k' is still in registers, so the logits are read once; otherwise the
+    chunk of k' is read again after k is published (from L2, an item later): fewer
+    registers (triton 3.6, sm_90, bf16, 4096-class chunks of 8 warps: 64 instead of 79),
+    so more programs per SM. The wait for the row of k' is usually over at once (the
+    row's other parts were published about an item earlier). Deadlock-free for any grid
+    with more than PARTS / 2 programs resident: a program waits only on a row whose tickets are all handed out, whose
     items are then all published (a ticket's publish never waits), or on the newest
     row, in which each waiting program holds two tickets, so with more than PARTS / 2
     waiting programs that row is complete. The launcher requires PARTS <= SMs / 2 with
@@ -726,7 +727,7 @@ def _ce_split_kernel(x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_ptr, wsu
                 k = tl.atomic_add(cnt_ptr + R, 1, sem="relaxed", scope="gpu")
                 x_cur = _split_load(k, total, x_ptr, C, S, stride_n, stride_c, stride_s,
                                     chunk, PARTS, BLOCK)
-                # publish k before waiting for k'’s row (deadlock freedom, above)
+                # publish k before waiting for the row of k' (deadlock freedom, above)
                 _split_publish(k, total, x_cur, x_ptr, t_ptr, w_ptr, part_ptr, xt_ptr,
                                cnt_ptr, C, S, stride_n, stride_c, stride_s, ignore_index,
                                chunk, HAS_WEIGHT, SMOOTH, PARTS, True, BLOCK, FTZ)
