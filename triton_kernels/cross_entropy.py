@@ -814,19 +814,36 @@ def _split_publish(k, total, x, x_ptr, t_ptr, w_ptr, part_ptr, xt_ptr, cnt_ptr, 
         xa = tl.where(cols < n_cols, x.to(ACC), float("-inf"))
         m, se, wxs, wsum = _block_stats(xa, cols, w_ptr + c0, n_cols, ACC, HAS_WEIGHT, SMOOTH,
                                         FTZ)
-        record = part_ptr + (row * PARTS + part) * 4
-        tl.store(record, m)
-        tl.store(record + 1, se)
-        tl.store(record + 2, wxs)
-        tl.store(record + 3, wsum)
-        if part == 0:
-            x_t = tl.load(x_ptr + x_off + tl.where(active, t, 0) * stride_c, mask=active,
-                          other=0.0)
-            tl.store(xt_ptr + row, x_t.to(ACC))
-        if RELEASE:
-            # every thread's record stores before the release (debug_barrier = bar.sync)
-            tl.debug_barrier()
-            tl.atomic_add(cnt_ptr + row, 1, sem="release", scope="gpu")
+        _split_record(row, part, m, se, wxs, wsum, x_ptr + x_off, stride_c, t, active,
+                      part_ptr, xt_ptr, cnt_ptr, PARTS, RELEASE)
+
+
+@triton.jit
+def _split_record(row, part, m, se, wxs, wsum, x_row, stride_c, t, active, part_ptr, xt_ptr,
+                  cnt_ptr, PARTS: tl.constexpr, RELEASE: tl.constexpr):
+    """Stores a chunk's (m, se, wxs, wsum) in part_ptr[row, part, 0:4] and, for part 0,
+    the target logit in xt_ptr[row]; RELEASE: then counts the item in cnt_ptr[row] with
+    release semantics."""
+    record = part_ptr + (row * PARTS + part) * 4
+    tl.store(record, m)
+    tl.store(record + 1, se)
+    tl.store(record + 2, wxs)
+    tl.store(record + 3, wsum)
+    if part == 0:
+        x_t = tl.load(x_row + tl.where(active, t, 0) * stride_c, mask=active, other=0.0)
+        tl.store(xt_ptr + row, x_t.to(xt_ptr.dtype.element_ty))
+    if RELEASE:
+        # every thread's record stores before the release (debug_barrier = bar.sync)
+        tl.debug_barrier()
+        tl.atomic_add(cnt_ptr + row, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _split_wait(cnt_ptr, row, PARTS: tl.constexpr):
+    """Spins until the row's PARTS items are counted (acquire: their records visible)."""
+    arrived = tl.atomic_add(cnt_ptr + row, 0, sem="acquire", scope="gpu")
+    while arrived < PARTS:
+        arrived = tl.atomic_add(cnt_ptr + row, 0, sem="acquire", scope="gpu")
 
 
 @triton.jit
@@ -846,9 +863,7 @@ def _split_finish(k, x, x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_ptr, 
     n_cols = tl.where(active, n, 0)
     if WAIT:
         if active:
-            arrived = tl.atomic_add(cnt_ptr + row, 0, sem="acquire", scope="gpu")
-            while arrived < PARTS:
-                arrived = tl.atomic_add(cnt_ptr + row, 0, sem="acquire", scope="gpu")
+            _split_wait(cnt_ptr, row, PARTS)
     m_row, log_se, a, b, e = _split_row(row, part, t, active, ignored, w_ptr, loss_ptr,
                                         lse_ptr, den_ptr, wsum_ptr, part_ptr, xt_ptr, C,
                                         eps_hi, eps_lo, HAS_WEIGHT, SMOOTH, MEAN, PARTS,
@@ -919,29 +934,17 @@ def _split_part(row, part, x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, g_ptr, den_pt
     ACC: tl.constexpr = lse_ptr.dtype.element_ty
     row, x_off, g_off = _offsets_of_row(row, S, stride_n, stride_s, C)
     t, active, ignored = _index_target(t_ptr, row, C, ignore_index)
-    t_safe = tl.where(active, t, 0)
     c0 = (part * chunk).to(tl.int64)
     n = tl.maximum(tl.minimum(c0 + chunk, C) - c0, 0)  # classes of this chunk
     n_cols = tl.where(active, n, 0)  # skip the reads of ignored / invalid rows
     x_chunk = x_ptr + x_off + c0 * stride_c
-    record = part_ptr + (row * PARTS + part) * 4
     if PHASE != 2:
         m, log_se, wxs, wsum = _online_lse(x_chunk, stride_c, w_ptr + c0, n_cols, None,
                                            ACC, HAS_WEIGHT, SMOOTH, False, BLOCK, False)
-        tl.store(record, m)
-        tl.store(record + 1, tl.exp(log_se))
-        tl.store(record + 2, wxs)
-        tl.store(record + 3, wsum)
-        if part == 0:
-            x_t = tl.load(x_ptr + x_off + t_safe * stride_c, mask=active, other=0.0)
-            tl.store(xt_ptr + row, x_t.to(ACC))
+        _split_record(row, part, m, tl.exp(log_se), wxs, wsum, x_ptr + x_off, stride_c, t,
+                      active, part_ptr, xt_ptr, cnt_ptr, PARTS, PHASE == 0)
     if PHASE == 0:
-        # every thread's record stores before the release (debug_barrier = bar.sync)
-        tl.debug_barrier()
-        tl.atomic_add(cnt_ptr + row, 1, sem="release", scope="gpu")
-        arrived = tl.atomic_add(cnt_ptr + row, 0, sem="acquire", scope="gpu")
-        while arrived < PARTS:
-            arrived = tl.atomic_add(cnt_ptr + row, 0, sem="acquire", scope="gpu")
+        _split_wait(cnt_ptr, row, PARTS)
     if PHASE != 1:
         m_row, log_se, a, b, e = _split_row(row, part, t, active, ignored, w_ptr, loss_ptr,
                                             lse_ptr, den_ptr, wsum_ptr, part_ptr, xt_ptr, C,
