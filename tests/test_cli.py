@@ -78,12 +78,15 @@ def test_verify_passes_and_prints_a_table():
 
 @pytest.mark.parametrize("op", ["fwd", "fwd_inplace"])
 def test_verify_fails_on_a_wrong_kernel(tmp_path, op):
-    # A sitecustomize that corrupts the CPU kernel's loss: verify must notice and exit 1.
+    # A sitecustomize that corrupts the CPU kernel's loss (the op, and the direct call
+    # that eager code takes, _ops.eager_direct): verify must notice and exit 1.
     (tmp_path / "sitecustomize.py").write_text(
         "import fused_nll\n"
         "from fused_nll import _ops\n"
-        f"real = _ops.CPP.{op}\n"
-        f"_ops.CPP.{op} = lambda *a, **k: (real(*a, **k)[0] * 1.001, *real(*a, **k)[1:])\n"
+        "def corrupt(real):\n"
+        "    return lambda *a, **k: (real(*a, **k)[0] * 1.001, *real(*a, **k)[1:])\n"
+        f"_ops.CPP.{op} = corrupt(_ops.CPP.{op})\n"
+        f"_ops.CPP.direct.{op} = corrupt(_ops.CPP.direct.{op})\n"
     )
     import os
 

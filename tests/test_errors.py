@@ -177,8 +177,12 @@ def test_shadow_mode_passes_on_correct_results(monkeypatch):
 def test_shadow_mode_catches_a_wrong_result(monkeypatch):
     from fused_nll import _ops
 
-    real = _ops.CPP.fwd
-    monkeypatch.setattr(_ops.CPP, "fwd", lambda *a, **k: (real(*a, **k)[0] * 1.01, *real(*a, **k)[1:]))
+    def corrupt(real):
+        return lambda *a, **k: (real(*a, **k)[0] * 1.01, *real(*a, **k)[1:])
+
+    # the op, and the direct call eager code takes (_ops.eager_direct)
+    monkeypatch.setattr(_ops.CPP, "fwd", corrupt(_ops.CPP.fwd))
+    monkeypatch.setattr(_ops.CPP.direct, "fwd", corrupt(_ops.CPP.direct.fwd))
     fused_nll.cross_entropy(torch.randn(6, 9), torch.randint(0, 9, (6,)))  # off: no check
     monkeypatch.setenv("FUSED_NLL_VERIFY", "1")
     with pytest.raises(RuntimeError, match="FUSED_NLL_VERIFY: fused_nll.cross_entropy differs from torch"):

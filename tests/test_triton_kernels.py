@@ -802,6 +802,38 @@ def test_finishing_the_reduced_loss(monkeypatch, rows, reduction, den, dtype):
     assert got.isnan() or rows == 0 or (reduction == MEAN and den == "zero")
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("case", ["some ignored", "all ignored", "out of range"])
+def test_forward_mean_sums_its_divisor_in_the_finish_kernel(monkeypatch, weighted, case):
+    # The loss alone (no gradient), mean over up to _FINISH_MAX_ROWS rows: two launches,
+    # the row kernel and _finish_loss_kernel, which sums W from the targets itself. Same
+    # bits as the forward with gradient (W from _total_weight_kernel, the same sum), the
+    # tensor-op path's value; nan for W = 0, as torch.
+    torch.manual_seed(11)
+    x = logits(40, 300)
+    t = targets((40,), 300)
+    if case == "all ignored":
+        t[:] = -100
+    elif case == "out of range":
+        t[5] = 300  # a nan row loss; W counts it 0
+    w = class_weight(300, torch.float32) if weighted else None
+    launched = []
+    real = ce.wrap_triton
+    monkeypatch.setattr(ce, "wrap_triton", lambda k: launched.append(k.__name__) or real(k))
+    loss = ce.cross_entropy_fwd(x, t, w, -100, 0.0, MEAN, False, False)[0]
+    assert launched == ["_ce_fwd_kernel", "_finish_loss_kernel"]  # (300 classes: rows)
+    with_grad = ce.cross_entropy_fwd(x, t, w, -100, 0.0, MEAN, False, True)[0]
+    monkeypatch.setattr(ce, "_FINISH_MAX_ROWS", -1)  # the tensor ops
+    ops = ce.cross_entropy_fwd(x, t, w, -100, 0.0, MEAN, False, False)[0]
+    torch.testing.assert_close(loss, with_grad, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(loss, ops, equal_nan=True)  # (torch.sum: another order)
+    if case != "some ignored":
+        assert loss.isnan()
+    else:
+        ref = F.cross_entropy(x.double(), t, weight=None if w is None else w.double())
+        torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("option", OPTIONS)
 def test_grad_launch_knobs_apply_to_the_gradient_launch_only(monkeypatch, option):
     # _GRAD_LAUNCH: another block, elements per thread, grid and prefetch for the

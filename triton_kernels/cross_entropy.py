@@ -34,6 +34,7 @@ torch ops and kernel launches, branch only on shapes, dtypes and flags, and neve
 a tensor value on the host.
 """
 
+import functools
 import math
 import os
 import struct
@@ -42,6 +43,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from torch._library.triton import is_wrap_triton_enabled as _wrap_triton_enabled
 from torch.library import wrap_triton as _torch_wrap_triton
 from triton.runtime.interpreter import InterpretedFunction
 
@@ -60,10 +62,15 @@ REDUCTION_NONE, REDUCTION_MEAN, REDUCTION_SUM = 0, 1, 2
 
 
 def wrap_triton(kernel):
-    """torch.library.wrap_triton, except for a kernel under Triton's interpreter
-    (TRITON_INTERPRET=1 makes @triton.jit return an InterpretedFunction), launched as
-    it is: torch 2.13 does that itself, torch 2.6 to 2.11 raise."""
-    return kernel if isinstance(kernel, InterpretedFunction) else _torch_wrap_triton(kernel)
+    """torch.library.wrap_triton, except where torch's wrapper would only launch the
+    kernel as it is: with wrap_triton off (an op's eager body, the public functions'
+    direct calls: the wrapper's two objects and checks per launch saved), and for a
+    kernel under Triton's interpreter (TRITON_INTERPRET=1 makes @triton.jit return an
+    InterpretedFunction), which torch 2.13 launches as it is and torch 2.6 to 2.11
+    refuse."""
+    if isinstance(kernel, InterpretedFunction) or not _wrap_triton_enabled():
+        return kernel
+    return _torch_wrap_triton(kernel)
 
 
 # ---------------------------------------------------------------------------------------
@@ -205,6 +212,31 @@ _TILE_ELEMS_UNIT = 512  # short rows of unit class stride
 _TILE_STRIDED_PIXELS = 64  # class-strided rows longer than _TILE_MAX_CLASSES: 128 B of bf16
 
 
+def _cdiv(a, b):
+    """ceil(a / b) for ints or SymInts. triton.cdiv is a constexpr_function in recent
+    Triton, whose call from host code costs a few microseconds; the launchers call this
+    on every launch."""
+    return (a + b - 1) // b
+
+
+def _next_pow2(n):
+    """The smallest power of two >= n (1 for n <= 1): host code's triton.next_power_of_2,
+    without its call overhead for plain ints."""
+    if isinstance(n, int):
+        return 1 if n <= 1 else 1 << (n - 1).bit_length()
+    return triton.next_power_of_2(n)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _sms(device: torch.device) -> int:
+    """The device's SM count (cached: the launchers ask on every call)."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def _ftz(acc: torch.dtype, device: torch.device) -> bool:
     """Whether the row kernels take their fp32 exps as single ex2.approx.ftz
     instructions (_exp_ftz): _FTZ_EXP, compiled code (the interpreter has no inline PTX)."""
@@ -217,8 +249,7 @@ def _programs(rows: int, device: torch.device, per_sm: int | None = None) -> int
     per_sm = _PROGRAMS_PER_SM if per_sm is None else per_sm
     if per_sm is None or device.type != "cuda":
         return rows
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(rows, per_sm * sms))
+    return max(1, min(rows, per_sm * _sms(device)))
 
 
 def _row_config(num_classes: int, element_size: int, heavy: bool = False,
@@ -228,7 +259,7 @@ def _row_config(num_classes: int, element_size: int, heavy: bool = False,
     ``per_thread`` override _MAX_BLOCK and _ELEMS_PER_THREAD (_GRAD_LAUNCH)."""
     max_block = (max_block or _MAX_BLOCK.get(element_size, 4096)) // (2 if heavy else 1)
     per_thread = (per_thread or _ELEMS_PER_THREAD) // (2 if heavy else 1)
-    block = min(max(triton.next_power_of_2(max(num_classes, 1)), _MIN_BLOCK), max_block)
+    block = min(max(_next_pow2(max(num_classes, 1)), _MIN_BLOCK), max_block)
     num_warps = min(32, max(4, block // (32 * per_thread)))
     return block, num_warps
 
@@ -1078,10 +1109,14 @@ def _ce_prob_bwd_kernel(gl_ptr, stride_gl, x_ptr, y_ptr, w_ptr, lse_ptr, g_ptr,
 
 
 @triton.jit
-def _finish_loss_kernel(loss_ptr, den_ptr, out_ptr, R, den_value, MEAN: tl.constexpr,
-                        DEN_TENSOR: tl.constexpr, BLOCK: tl.constexpr):
+def _finish_loss_kernel(loss_ptr, den_ptr, out_ptr, R, den_value, t_ptr, w_ptr, C,
+                        ignore_index, MEAN: tl.constexpr, DEN_TENSOR: tl.constexpr,
+                        DEN_TARGETS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                        BLOCK: tl.constexpr, T_BLOCK: tl.constexpr):
     """out = the sum of the R row losses (acc dtype), over den for the mean (den_ptr[0],
-    or den_value; nan when it is 0, as torch), cast to out's dtype; one program."""
+    or den_value, or with DEN_TARGETS the weight of the rows' targets, summed here as
+    _total_weight_kernel does, so that a forward without gradient needs no launch for
+    it; nan when it is 0, as torch), cast to out's dtype; one program."""
     ACC: tl.constexpr = loss_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK], ACC)
     for start in range(0, R, BLOCK):
@@ -1089,7 +1124,10 @@ def _finish_loss_kernel(loss_ptr, den_ptr, out_ptr, R, den_value, MEAN: tl.const
         acc += tl.load(loss_ptr + offs, mask=offs < R, other=0.0)
     total = tl.sum(acc, 0)
     if MEAN:
-        if DEN_TENSOR:
+        if DEN_TARGETS:
+            den = _weight_of_rows(t_ptr, w_ptr, 0, R, C, ignore_index, ACC, HAS_WEIGHT,
+                                  T_BLOCK).to(ACC)
+        elif DEN_TENSOR:
             den = tl.load(den_ptr).to(ACC)
         else:
             den = tl.zeros([], ACC) + den_value
@@ -1098,15 +1136,14 @@ def _finish_loss_kernel(loss_ptr, den_ptr, out_ptr, R, den_value, MEAN: tl.const
 
 
 @triton.jit
-def _total_weight_kernel(t_ptr, w_ptr, out_ptr, R, C, ignore_index, span,
-                         HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
-    """out[pid] = the weight of the counted rows (not ignored, class in range) among
-    rows [pid*span, (pid+1)*span) of the flat targets: sum of w[t_r], or their count
-    (int64, exact) without weights. One read of the targets."""
-    start = tl.program_id(0).to(tl.int64) * span
-    stop = tl.minimum(start + span, R)
+def _weight_of_rows(t_ptr, w_ptr, start, stop, C, ignore_index, OUT_TY: tl.constexpr,
+                    HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+    """The weight of the counted rows (not ignored, class in range) among rows
+    [start, stop) of the flat targets: the sum of w[t_r] in OUT_TY, or their count
+    (summed in int64, exact) without weights. One read of the targets; the two kernels
+    that need W sum it this way, so it has the same bits in both."""
     if HAS_WEIGHT:
-        total = tl.zeros([], out_ptr.dtype.element_ty)
+        total = tl.zeros([], OUT_TY)
     else:
         total = tl.zeros([], tl.int64)
     for first in range(start, stop, BLOCK):
@@ -1115,11 +1152,23 @@ def _total_weight_kernel(t_ptr, w_ptr, out_ptr, R, C, ignore_index, span,
         t = tl.load(t_ptr + offs, mask=mask, other=ignore_index).to(tl.int64)
         counted = mask & (t != ignore_index) & (t >= 0) & (t < C)
         if HAS_WEIGHT:
-            w = tl.load(w_ptr + t, mask=counted, other=0.0).to(out_ptr.dtype.element_ty)
+            w = tl.load(w_ptr + t, mask=counted, other=0.0).to(OUT_TY)
             total += tl.sum(w, 0)
         else:
             total += tl.sum(counted.to(tl.int32), 0).to(tl.int64)
-    tl.store(out_ptr + tl.program_id(0), total)
+    return total
+
+
+@triton.jit
+def _total_weight_kernel(t_ptr, w_ptr, out_ptr, R, C, ignore_index, span,
+                         HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+    """out[pid] = _weight_of_rows over rows [pid*span, (pid+1)*span), stored in out's
+    dtype (a count stays exact in an int64 out)."""
+    start = tl.program_id(0).to(tl.int64) * span
+    stop = tl.minimum(start + span, R)
+    total = _weight_of_rows(t_ptr, w_ptr, start, stop, C, ignore_index,
+                            out_ptr.dtype.element_ty, HAS_WEIGHT, BLOCK)
+    tl.store(out_ptr + tl.program_id(0), total.to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -1543,7 +1592,7 @@ class _TilePlan(NamedTuple):
 
     @property
     def n_sblocks(self) -> int:
-        return triton.cdiv(self.S, self.block_s)
+        return _cdiv(self.S, self.block_s)
 
     @property
     def grid(self) -> tuple[int]:
@@ -1556,12 +1605,14 @@ def _tile_plan(x: torch.Tensor, heavy: bool = False) -> "_TilePlan | None":
     ``heavy`` halves the tile, for kernels that keep two tiles (probability targets)."""
     N, C, S = x.shape
     stride_n, stride_c, stride_s = x.stride()
+    if not _TILE or (C > _TILE_MAX_CLASSES and stride_c == 1):  # (the LM case: quick)
+        return None
     g_stride_n, g_stride_c, g_stride_s = C * S, S, 1  # the gradient is contiguous (N, C, S)
     rows_as_pixels = S == 1
     if rows_as_pixels:
         N, S, stride_n, stride_s, g_stride_n, g_stride_s = 1, N, 0, stride_n, 0, C
     class_strided = stride_c != 1 and C > 1
-    classes = max(triton.next_power_of_2(C), 2)
+    classes = max(_next_pow2(C), 2)
     if not _TILE or (classes > _TILE_MAX_CLASSES and not class_strided):
         return None
     elems, elems_unit = (_TILE_ELEMS // 2, _TILE_ELEMS_UNIT // 2) if heavy else \
@@ -1575,7 +1626,7 @@ def _tile_plan(x: torch.Tensor, heavy: bool = False) -> "_TilePlan | None":
     else:
         block_s = _TILE_STRIDED_PIXELS
         block_c = max(elems // block_s, 2)
-    block_s = min(block_s, max(triton.next_power_of_2(S), 2))
+    block_s = min(block_s, max(_next_pow2(S), 2))
     num_warps = max(1, min(4, block_c * block_s // 128))
     return _TilePlan(N, S, stride_n, stride_c, stride_s, g_stride_n, g_stride_c, g_stride_s,
                      block_c, block_s, num_warps, rows_as_pixels)
@@ -1634,21 +1685,27 @@ def _total_weight(target: torch.Tensor, weight, ignore_index: int, C: int,
 
     One kernel reads the (contiguous, flat) targets once, each program summing a span
     of rows (a count in int64 without weights: exact past 2^24 rows); one program up to
-    _TOTAL_WEIGHT_SPAN rows, so an LM batch costs one launch; otherwise a deterministic
-    torch.sum over the programs' partial sums."""
+    _TOTAL_WEIGHT_SPAN rows, so an LM batch costs one launch, which writes W itself (a
+    count of at most 2^16 rows is exact in fp32); otherwise a deterministic torch.sum
+    over the programs' partial sums."""
     R = target.numel()
+    device = target.device
+    if isinstance(R, int) and R <= _TOTAL_WEIGHT_SPAN:
+        total = torch.empty((), dtype=acc, device=device)
+        wrap_triton(_total_weight_kernel)[(1,)](
+            target, weight if weight is not None else total, total, R, C, ignore_index,
+            max(R, 1), HAS_WEIGHT=weight is not None, BLOCK=_TOTAL_WEIGHT_BLOCK)
+        return total
     # (sym_min/sym_max: no guard on a dynamic batch size under torch.compile)
-    programs = torch.sym_max(1, torch.sym_min(triton.cdiv(R, _TOTAL_WEIGHT_SPAN),
+    programs = torch.sym_max(1, torch.sym_min(_cdiv(R, _TOTAL_WEIGHT_SPAN),
                                               _TOTAL_WEIGHT_MAX_PROGRAMS))
-    span = torch.sym_max(triton.cdiv(R, programs), 1)
+    span = torch.sym_max(_cdiv(R, programs), 1)
     partial = torch.empty(programs, dtype=torch.int64 if weight is None else acc,
-                          device=target.device)
+                          device=device)
     wrap_triton(_total_weight_kernel)[(programs,)](
         target, weight if weight is not None else partial, partial, R, C, ignore_index, span,
         HAS_WEIGHT=weight is not None, BLOCK=_TOTAL_WEIGHT_BLOCK)
-    single = isinstance(programs, int) and programs == 1  # (a SymInt: always sum)
-    total = partial.reshape(()) if single else partial.sum()
-    return total.to(acc)
+    return partial.sum().to(acc)
 
 
 def _checked_loss_dtype(loss_dtype, default: torch.dtype) -> torch.dtype:
@@ -1661,26 +1718,40 @@ def _checked_loss_dtype(loss_dtype, default: torch.dtype) -> torch.dtype:
     return loss_dtype
 
 
-def _reduce_loss(loss_rows: torch.Tensor, reduction: int, den, rows_shape, out_dtype):
+def _fused_finish(R, reduction: int, acc: torch.dtype, out_dtype: torch.dtype) -> bool:
+    """Whether _reduce_loss takes one _finish_loss_kernel program: a mean or sum of at
+    most _FINISH_MAX_ROWS rows (not a SymInt), and a cast the kernel rounds as torch
+    would (fp64 row losses into a half-precision loss: torch's rounding)."""
+    exact_cast = acc == torch.float32 or out_dtype == acc
+    return (reduction != REDUCTION_NONE and isinstance(R, int) and R <= _FINISH_MAX_ROWS
+            and exact_cast)
+
+
+def _reduce_loss(loss_rows: torch.Tensor, reduction: int, den, rows_shape, out_dtype,
+                 targets=None):
     """none -> per-row losses; sum -> the sum in acc; mean -> sum / den (nan for den = 0);
     then cast. Up to _FINISH_MAX_ROWS rows (an LM batch) one program does it all
-    (_finish_loss_kernel): one launch instead of four or five small tensor ops."""
+    (_finish_loss_kernel, see _fused_finish): one launch instead of four or five small
+    tensor ops. A mean with den None (only when _fused_finish): that program also sums
+    the divisor from targets = (flat targets, weight or None, C, ignore_index)."""
     if reduction == REDUCTION_NONE:
         return loss_rows.reshape(rows_shape).to(out_dtype)
     R = loss_rows.numel()
-    # (fp64 row losses into a half-precision loss: torch's rounding, not the kernel's)
-    exact_cast = loss_rows.dtype == torch.float32 or out_dtype == loss_rows.dtype
-    if isinstance(R, int) and R <= _FINISH_MAX_ROWS and exact_cast:
+    mean = reduction == REDUCTION_MEAN
+    if _fused_finish(R, reduction, loss_rows.dtype, out_dtype):
         out = torch.empty((), dtype=out_dtype, device=loss_rows.device)
-        mean = reduction == REDUCTION_MEAN
         den_tensor = isinstance(den, torch.Tensor)
+        den_targets = mean and den is None
+        t, w, C, ignore_index = targets if den_targets else (loss_rows, None, 0, 0)
         wrap_triton(_finish_loss_kernel)[(1,)](
             loss_rows, den if den_tensor else loss_rows, out, R,
-            float(den) if mean and not den_tensor else 0.0, MEAN=mean, DEN_TENSOR=den_tensor,
-            BLOCK=_FINISH_BLOCK, num_warps=8)
+            float(den) if mean and not den_tensor and not den_targets else 0.0,
+            t, w if w is not None else loss_rows, C, ignore_index, MEAN=mean,
+            DEN_TENSOR=den_tensor, DEN_TARGETS=den_targets, HAS_WEIGHT=w is not None,
+            BLOCK=_FINISH_BLOCK, T_BLOCK=_TOTAL_WEIGHT_BLOCK, num_warps=8)
         return out
     total = loss_rows.sum()
-    if reduction == REDUCTION_MEAN:
+    if mean:
         total = total / den
         if isinstance(den, torch.Tensor):  # W = 0: nan, as torch (smoothing alone: +inf)
             total = total.masked_fill(den == 0, float("nan"))
@@ -1753,14 +1824,17 @@ def _index_fwd(input, target, weight, ignore_index, label_smoothing, reduction, 
     lse = torch.empty(rows_shape, dtype=acc, device=device)
     smooth = label_smoothing != 0.0
     mean = reduction == REDUCTION_MEAN
-    den = _total_weight(t, weight, ignore_index, C, acc) if mean else None
+    out_dtype = _checked_loss_dtype(loss_dtype, input.dtype)
+    den = None  # W, for the gradient's scale; for the loss alone the finish kernel sums it
+    if mean and (compute_grad or not _fused_finish(R, reduction, acc, out_dtype)):
+        den = _total_weight(t, weight, ignore_index, C, acc)
     wsum = None
     if weight is not None and smooth and compute_grad and not log_probs:
         wsum = weight.sum(dtype=acc)
     parts = None
     if compute_grad and not log_probs and C >= _SPLIT_MIN_CLASSES and _SPLIT_PARTS:
         # "auto": chunks of one block (_SPLIT_MAX_BLOCK classes at most: kept in registers)
-        parts = triton.cdiv(C, _SPLIT_MAX_BLOCK) if _SPLIT_PARTS == "auto" else _SPLIT_PARTS
+        parts = _cdiv(C, _SPLIT_MAX_BLOCK) if _SPLIT_PARTS == "auto" else _SPLIT_PARTS
     tile = _tile_plan(x) if R > 0 else None
     if tile is not None:
         eps_hi, eps_lo = _split_float(label_smoothing)
@@ -1796,8 +1870,8 @@ def _index_fwd(input, target, weight, ignore_index, label_smoothing, reduction, 
             PREFETCH=prefetch, BLOCK=block,
             GRAD_EVICT_FIRST=bool(knobs.get("evict_first_store", False)),
             ONE_BLOCK=one_block, GROUP=group, FTZ=_ftz(acc, device), num_warps=num_warps)
-    out_dtype = _checked_loss_dtype(loss_dtype, input.dtype)
-    loss = _reduce_loss(loss_rows, reduction, den, rows_shape, out_dtype)
+    loss = _reduce_loss(loss_rows, reduction, den, rows_shape, out_dtype,
+                        (t, weight, C, ignore_index))
     return loss, lse
 
 
@@ -1811,9 +1885,9 @@ def _launch_split(x, t, weight, loss_rows, lse, grad, den, wsum, ignore_index,
     acc = lse.dtype
     smooth = label_smoothing != 0.0
     # one block per chunk where it fits (the chunk then stays in registers)
-    block = min(max(triton.next_power_of_2(triton.cdiv(C, parts)), _MIN_BLOCK), _SPLIT_MAX_BLOCK)
+    block = min(max(_next_pow2(_cdiv(C, parts)), _MIN_BLOCK), _SPLIT_MAX_BLOCK)
     num_warps = _SPLIT_NUM_WARPS or min(32, max(4, block // (32 * _SPLIT_ELEMS_PER_THREAD)))
-    chunk = triton.cdiv(triton.cdiv(C, parts), block) * block
+    chunk = _cdiv(_cdiv(C, parts), block) * block
     records = torch.empty(R * parts * 4, dtype=acc, device=device)
     x_t = torch.empty(R, dtype=acc, device=device)
     eps_hi, eps_lo = _split_float(label_smoothing)
@@ -1822,7 +1896,7 @@ def _launch_split(x, t, weight, loss_rows, lse, grad, den, wsum, ignore_index,
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     fused = _SPLIT_FUSED and device.type == "cuda" and not interpreted
     if fused:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = _sms(device)
         # Deadlock-free when at least `parts` programs can run at once. One per SM fits
         # (a few KB of registers), but kernels on other streams may hold SMs: keep a
         # margin of half the SMs; longer splits take two launches.
@@ -1844,7 +1918,7 @@ def _launch_split(x, t, weight, loss_rows, lse, grad, den, wsum, ignore_index,
             den if den is not None else lse, wsum if wsum is not None else lse,
             records, x_t, counters, R, C, S, x.stride(0), x.stride(1), x.stride(2),
             ignore_index, eps_hi, eps_lo, chunk, HAS_WEIGHT=weight is not None,
-            SMOOTH=smooth, MEAN=mean, PARTS=parts, RECORDS=triton.next_power_of_2(parts),
+            SMOOTH=smooth, MEAN=mean, PARTS=parts, RECORDS=_next_pow2(parts),
             PHASE=phase, ONE_BLOCK=chunk == block, BLOCK=block, FTZ=_ftz(acc, device),
             HOLD=_SPLIT_HOLD, num_warps=num_warps)
 
@@ -2006,7 +2080,7 @@ def scale_grad_(grad_input: torch.Tensor, grad_loss: torch.Tensor) -> None:
             grad_input.mul_(grad_loss.unsqueeze(1))
         return
     if grad_loss.dim() == 0 or grad_input.dim() == 1:
-        grid = (min(triton.cdiv(numel, _SCALE_BLOCK), _SCALE_MAX_PROGRAMS),)
+        grid = (min(_cdiv(numel, _SCALE_BLOCK), _SCALE_MAX_PROGRAMS),)
         wrap_triton(_scale_grad_kernel)[grid](grad_input, grad_loss.reshape(()), numel,
                                               BLOCK=_SCALE_BLOCK, num_warps=8)
         return

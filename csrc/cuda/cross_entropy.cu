@@ -73,6 +73,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <string>
@@ -127,6 +128,78 @@ __device__ __forceinline__ int pack_phase(const T* p) {
   return static_cast<int>((addr / sizeof(T)) % N);
 }
 
+// L2 cache policies for the forward with gradient (the Triton kernel's, which its
+// compiler emits for eviction_policy= on sm_80+): sweep 1 loads the row with
+// evict_last, so that it stays in L2 for the gradient sweep; the gradient sweep
+// re-reads it and writes the gradient with evict_first, so that neither pushes out
+// rows that other row groups have yet to re-read. A policy is a 64-bit operand of
+// `ld/st.global.L2::cache_hint` made by `createpolicy`; evict_normal is a plain
+// access's. Plain accesses on the CPU emulator and below sm_80.
+enum class L2 { kNormal, kLast, kFirst };
+
+#if defined(FUSED_NLL_CUDA_EMU) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800)
+#define FUSED_NLL_L2_HINTS 0
+#else
+#define FUSED_NLL_L2_HINTS 1
+#endif
+
+__device__ __forceinline__ uint64_t l2_policy(L2 which) {
+  uint64_t pol = 0;
+#if FUSED_NLL_L2_HINTS && defined(__CUDA_ARCH__)
+  if (which == L2::kLast) {
+    asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(pol));
+  } else if (which == L2::kFirst) {
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
+  } else {
+    asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(pol));
+  }
+#else
+  (void)which;
+#endif
+  return pol;
+}
+
+// A 16-byte pack loaded / stored under an L2 policy (l2_policy).
+template <typename P>
+__device__ __forceinline__ P load_l2(const P* p, uint64_t pol) {
+  static_assert(sizeof(P) == 16, "16-byte packs only");
+#if FUSED_NLL_L2_HINTS && defined(__CUDA_ARCH__)
+  uint4 v;
+  asm volatile("ld.global.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p), "l"(pol));
+  P out;
+  memcpy(&out, &v, sizeof(P));
+  return out;
+#else
+  (void)pol;
+  return *p;
+#endif
+}
+
+template <typename P>
+__device__ __forceinline__ void store_l2(P* p, const P& value, uint64_t pol) {
+  static_assert(sizeof(P) == 16, "16-byte packs only");
+#if FUSED_NLL_L2_HINTS && defined(__CUDA_ARCH__)
+  uint4 v;
+  memcpy(&v, &value, sizeof(P));
+  asm volatile("st.global.L2::cache_hint.v4.u32 [%0], {%1, %2, %3, %4}, %5;"
+               :
+               : "l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "l"(pol)
+               : "memory");
+#else
+  (void)pol;
+  *p = value;
+#endif
+}
+
+// The L2 policies of one row_apply / row_visit call (kL2 = true): for its vector packs
+// of x and y (loads) and of g (stores). Scalar heads, tails and strided layouts stay
+// plain.
+struct L2Policies {
+  uint64_t load = 0, store = 0;
+};
+
 // Visit the `len` classes of one row with the calling thread group
 // (threadIdx.x of blockDim.x). x and y are read when kX / kY, and the value
 // returned by f(c, x_c, y_c) is written to g when kG. The three arrays have
@@ -136,10 +209,11 @@ __device__ __forceinline__ int pack_phase(const T* p) {
 // before, mirrored): the forward's gradient sweep starts at the row's tail, which
 // sweep 1 read last and L2 most likely still holds (the Triton kernel's order too).
 template <int kVec, bool kX, bool kY, bool kG, typename acc_t, int kIlp = (kX && kY) ? 2 : 4,
-          bool kReverse = false, typename XT, typename YT, typename GT, typename F>
+          bool kReverse = false, bool kL2 = false, typename XT, typename YT, typename GT,
+          typename F>
 __device__ __forceinline__ void row_apply(int64_t len, const XT* x, int64_t xs,
                                           const YT* y, int64_t ys, GT* g, int64_t gs,
-                                          F&& f) {
+                                          F&& f, L2Policies l2 = {}) {
   const int64_t tid = threadIdx.x;
   const int64_t nt = blockDim.x;
   // kIlp: loads per thread issued before the first is used, so that a row group
@@ -215,7 +289,12 @@ __device__ __forceinline__ void row_apply(int64_t len, const XT* x, int64_t xs,
       const acc_t out = f(c0 + j, xa, ya);
       if constexpr (kG) gv.v[j] = static_cast<GT>(out);
     }
-    if constexpr (kG) gp[i] = gv;
+    if constexpr (kG) {
+      if constexpr (kL2) store_l2(gp + i, gv, l2.store); else gp[i] = gv;
+    }
+  };
+  auto load = [&](const auto* packs, int64_t k) {  // (kL2: the policy's load)
+    if constexpr (kL2) return load_l2(packs + k, l2.load); else return packs[k];
   };
   auto at = [&](int64_t k) { return kReverse ? npack - 1 - k : k; };  // k-th pack visited
   int64_t i = tid;
@@ -224,8 +303,8 @@ __device__ __forceinline__ void row_apply(int64_t len, const XT* x, int64_t xs,
     Pack<YT, kVec> yv[kIlp];
 #pragma unroll
     for (int j = 0; j < kIlp; ++j) {
-      if constexpr (kX) xv[j] = xp[at(i + j * nt)];
-      if constexpr (kY) yv[j] = yp[at(i + j * nt)];
+      if constexpr (kX) xv[j] = load(xp, at(i + j * nt));
+      if constexpr (kY) yv[j] = load(yp, at(i + j * nt));
     }
 #pragma unroll
     for (int j = 0; j < kIlp; ++j) one_pack(at(i + j * nt), xv[j], yv[j]);
@@ -233,8 +312,8 @@ __device__ __forceinline__ void row_apply(int64_t len, const XT* x, int64_t xs,
   for (; i < npack; i += nt) {
     Pack<XT, kVec> xv;
     Pack<YT, kVec> yv;
-    if constexpr (kX) xv = xp[at(i)];
-    if constexpr (kY) yv = yp[at(i)];
+    if constexpr (kX) xv = load(xp, at(i));
+    if constexpr (kY) yv = load(yp, at(i));
     one_pack(at(i), xv, yv);
   }
 
@@ -245,9 +324,10 @@ __device__ __forceinline__ void row_apply(int64_t len, const XT* x, int64_t xs,
 // thread-to-class split as row_apply: f_pack(c0, v) gets whole vector packs
 // (classes c0 .. c0 + kVec - 1, converted to acc_t), f_one(c, x_c) the scalar
 // head, tail and any layout without unit stride and alignment.
-template <int kVec, typename acc_t, int kIlp, typename XT, typename F1, typename FP>
+template <int kVec, typename acc_t, int kIlp, bool kL2 = false, typename XT, typename F1,
+          typename FP>
 __device__ __forceinline__ void row_visit(int64_t len, const XT* x, int64_t xs, F1&& f_one,
-                                          FP&& f_pack) {
+                                          FP&& f_pack, uint64_t l2_load = 0) {
   const int64_t tid = threadIdx.x;
   const int64_t nt = blockDim.x;
   const int phase = xs == 1 ? pack_phase<kVec>(x) : -1;
@@ -274,15 +354,18 @@ __device__ __forceinline__ void row_visit(int64_t len, const XT* x, int64_t xs, 
     for (int j = 0; j < kVec; ++j) v[j] = static_cast<acc_t>(xv.v[j]);
     f_pack(head + i * kVec, v);
   };
+  auto load = [&](int64_t k) {  // (kL2: under the policy l2_load)
+    if constexpr (kL2) return load_l2(xp + k, l2_load); else return xp[k];
+  };
   int64_t i = tid;
   for (; i + (kIlp - 1) * nt < npack; i += kIlp * nt) {
     Pack<XT, kVec> xv[kIlp];
 #pragma unroll
-    for (int j = 0; j < kIlp; ++j) xv[j] = xp[i + j * nt];
+    for (int j = 0; j < kIlp; ++j) xv[j] = load(i + j * nt);
 #pragma unroll
     for (int j = 0; j < kIlp; ++j) one_pack(i + j * nt, xv[j]);
   }
-  for (; i < npack; i += nt) one_pack(i, xp[i]);
+  for (; i < npack; i += nt) one_pack(i, load(i));
   for (int64_t c = head + npack * kVec + tid; c < len; c += nt) f_one(c, static_cast<acc_t>(x[c]));
 }
 
@@ -418,6 +501,7 @@ struct IndexArgs {
   const acc_t* grad_loss;  // (N, S) view; strides 0 for a 0-d grad_loss
   int64_t gN, gS;
   const acc_t* wsum;  // Σ_c w_c on the device, or nullptr (then C)
+  bool l2_hints;  // forward with gradient: the L2 policies of L2Policies (l2_hints_on)
 };
 
 // Forward (kBackward = false): loss, lse and optionally the gradient.
@@ -436,6 +520,14 @@ __global__ void __launch_bounds__(kMaxThreads)
   const bool smooth = eps != acc_t(0);
   const acc_t eps_c = eps / static_cast<acc_t>(C);
   const acc_t* w = p.weight;
+  // L2 policies of the forward with gradient (see L2Policies; evict_normal, a plain
+  // access's, with FUSED_NLL_CUDA_L2_HINTS=0)
+  uint64_t l2_keep = 0;
+  L2Policies l2_pass;
+  if (!kBackward && p.grad != nullptr) {
+    l2_keep = l2_policy(p.l2_hints ? L2::kLast : L2::kNormal);
+    l2_pass.load = l2_pass.store = l2_policy(p.l2_hints ? L2::kFirst : L2::kNormal);
+  }
 
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.y; base < p.rows.R;
        base += static_cast<int64_t>(gridDim.x) * blockDim.y) {
@@ -471,17 +563,25 @@ __global__ void __launch_bounds__(kMaxThreads)
         RowState<acc_t> st = empty_state<acc_t>();
         auto coef_of = [&](int64_t c) { return smooth ? (w ? w[c] : acc_t(1)) : acc_t(0); };
         auto add_one = [&](int64_t c, acc_t x) { state_add(st, x, coef_of(c)); };
-        if (smooth) {
-          // 2 / 4 packs in flight per thread (kIlp, see row_apply): the smoothing
-          // sums and weights leave registers for two
-          row_visit<kVec, acc_t, 2>(len, xrow, p.xC, add_one, [&](int64_t c0, const acc_t(&v)[kVec]) {
-            state_add_pack<kVec, true>(st, v, [&](int j) { return w ? w[c0 + j] : acc_t(1); });
-          });
-        } else {
-          row_visit<kVec, acc_t, 4>(len, xrow, p.xC, add_one, [&](int64_t, const acc_t(&v)[kVec]) {
-            state_add_pack<kVec, false>(st, v, [](int) { return acc_t(0); });
-          });
-        }
+        // With a gradient sweep to follow, under L2 policy l2_keep (evict_last, see
+        // L2Policies); plain loads otherwise (the forward alone reads at the floor).
+        auto sweep1 = [&](auto with_l2) {
+          constexpr bool kL2 = decltype(with_l2)::value;
+          if (smooth) {
+            // 2 / 4 packs in flight per thread (kIlp, see row_apply): the smoothing
+            // sums and weights leave registers for two
+            row_visit<kVec, acc_t, 2, kL2>(len, xrow, p.xC, add_one,
+                                           [&](int64_t c0, const acc_t(&v)[kVec]) {
+              state_add_pack<kVec, true>(st, v, [&](int j) { return w ? w[c0 + j] : acc_t(1); });
+            }, l2_keep);
+          } else {
+            row_visit<kVec, acc_t, 4, kL2>(len, xrow, p.xC, add_one,
+                                           [&](int64_t, const acc_t(&v)[kVec]) {
+              state_add_pack<kVec, false>(st, v, [](int) { return acc_t(0); });
+            }, l2_keep);
+          }
+        };
+        if (p.grad != nullptr) sweep1(std::true_type{}); else sweep1(std::false_type{});
         st = group_allreduce(st, Merge{}, smem_state);
         shift = st.m;
         logsum = dev_log(st.s);
@@ -541,14 +641,15 @@ __global__ void __launch_bounds__(kMaxThreads)
     const acc_t coef_t = sr * (acc_t(1) - eps) * wt;
     const acc_t coef_w = sr * eps_c;
     if (!p.log_probs) {
-      row_apply<kVec, true, false, true, acc_t, kBackward ? 4 : 1, !kBackward>(
+      // (forward: the row's tail first, under the evict_first policies l2_pass)
+      row_apply<kVec, true, false, true, acc_t, kBackward ? 4 : 1, !kBackward, !kBackward>(
           C, xrow, p.xC, (const scalar_t*)nullptr, 0, grow, S,
           [&](int64_t c, acc_t x, acc_t) {
             const acc_t pc = dev_exp((x - shift) - logsum);
             acc_t g = coef_t * (c == t ? pc - acc_t(1) : pc);
             if (smooth) g += coef_w * (pc * wsum - (w ? w[c] : acc_t(1)));
             return g;
-          });
+          }, l2_pass);
     } else {
       row_apply<kVec, false, false, true, acc_t>(
           C, (const scalar_t*)nullptr, 0, (const scalar_t*)nullptr, 0, grow, S,
@@ -991,6 +1092,16 @@ int row_threads_cap() {
   return (v >= 32 && v <= kMaxThreads && (v & (v - 1)) == 0) ? v : kDefault;
 }
 
+// The L2 policies of the forward with gradient (L2Policies), on by default;
+// FUSED_NLL_CUDA_L2_HINTS=0 (read on every call) turns them off, for the benchmark's
+// comparison. They are the Triton kernel's (eviction_policy=, _GRAD_LAUNCH), whose
+// forward with gradient, two sweeps as here, was 1.16x faster than this one at
+// 8192 x 128256 bf16 on the H100 (2026-11-27) without them. Not yet timed with them.
+bool l2_hints_on() {
+  const char* e = std::getenv("FUSED_NLL_CUDA_L2_HINTS");
+  return e == nullptr || std::strcmp(e, "0") != 0;
+}
+
 // class_strided: the rows' classes are not adjacent (x.stride(1) != 1, e.g.
 // (N, C, H, W) segmentation logits, where rows are pixels and a row's classes
 // sit H*W elements apart). There the lanes of a warp should run along rows,
@@ -1224,6 +1335,7 @@ at::Tensor run_index(const at::Tensor& input, const at::Tensor& target,
         a.log_probs = log_probs;
         a.total_weight = W.has_value() ? W->data_ptr<acc_t>() : nullptr;
         a.grad = compute_grad ? grad.data_ptr<x_t>() : nullptr;
+        a.l2_hints = !kBackward && compute_grad && l2_hints_on();
         if (!kBackward) {
           a.loss = row_loss.data_ptr<acc_t>();
           a.lse_out = lse_rows.data_ptr<acc_t>();

@@ -171,40 +171,24 @@ def implementations(device, wanted):
         run_per_vector.rows_only = True
         impls["fused_nll[triton] per-vector max"] = run_per_vector
         # The Triton split-row gradient path (module knobs, off by default): rows cut
-        # into 4096-class chunks, pipelined; a program's previous chunk read again from
-        # L2 or held in registers (8 warps, 4 programs per SM). fwd+bwd only
+        # into 4096-class chunks, pipelined, a program's previous chunk read again from
+        # L2 (8 warps, 4 programs per SM; its best on the H100, 2026-11-27). fwd+bwd only
         # (forward-only calls do not take it).
-        for label, hold, per_sm, per_thread in (("L2", False, 4, 16), ("registers", True, 4, 16)):
-            run_split = _triton_with(_SPLIT_PARTS="auto", _SPLIT_MAX_BLOCK=4096,
-                                     _SPLIT_HOLD=hold, _SPLIT_PROGRAMS_PER_SM=per_sm,
-                                     _SPLIT_ELEMS_PER_THREAD=per_thread)
-            run_split.fwdbwd_only = True
-            run_split.rows_only = True
-            run_split.index_only = True
-            impls[f"fused_nll[triton] split rows ({label})"] = run_split
+        run_split = _triton_with(_SPLIT_PARTS="auto", _SPLIT_MAX_BLOCK=4096, _SPLIT_HOLD=False,
+                                 _SPLIT_PROGRAMS_PER_SM=4, _SPLIT_ELEMS_PER_THREAD=16)
+        run_split.fwdbwd_only = True
+        run_split.rows_only = True
+        run_split.index_only = True
+        impls["fused_nll[triton] split rows (L2)"] = run_split
     if device == "cuda" and "fused_nll[cuda]" in impls:
-        # The Hopper cluster kernel of the CUDA backend (opt-in, csrc/cuda): only
-        # the forward with gradient takes it, so fwd+bwd only.
-        run_cluster = _cuda_with_env("FUSED_NLL_CUDA_CLUSTER", "1")
-        run_cluster.fwdbwd_only = True
-        run_cluster.rows_only = True
-        run_cluster.index_only = True
-        impls["fused_nll[cuda] cluster"] = run_cluster
-        # The same kernel without a cluster (FUSED_NLL_CUDA_ONE_BLOCK, opt-in, any GPU):
-        # a row of up to 32768 classes (16-bit) held in one block's registers.
-        run_one_block = _cuda_with_env("FUSED_NLL_CUDA_ONE_BLOCK", "1")
-        run_one_block.fwdbwd_only = True
-        run_one_block.rows_only = True
-        run_one_block.index_only = True
-        run_one_block.max_classes = 32768
-        impls["fused_nll[cuda] one block"] = run_one_block
-        # Other thread-group sizes for long rows (FUSED_NLL_CUDA_ROW_THREADS; default 256,
-        # csrc/cuda/cross_entropy.cu row_threads_cap): 1024 (1 row per SM, the default
-        # until 2026-11-27) and 128 (8 rows per SM).
-        for threads in ("1024", "128"):
-            run_rows = _cuda_with_env("FUSED_NLL_CUDA_ROW_THREADS", threads)
-            run_rows.rows_only = True
-            impls[f"fused_nll[cuda] {threads} threads/row"] = run_rows
+        # The CUDA forward with gradient without its L2 policies (FUSED_NLL_CUDA_L2_HINTS=0:
+        # plain loads and stores, as before 2026-11-27 session 15), fwd+bwd only. (The
+        # opt-in cluster and one-block kernels and other row-group sizes were timed on the
+        # H100 and H200, 2026-11-27, and lost: benchmarks/results/NOTES.md.)
+        run_plain = _cuda_with_env("FUSED_NLL_CUDA_L2_HINTS", "0")
+        run_plain.fwdbwd_only = True
+        run_plain.rows_only = True
+        impls["fused_nll[cuda] no L2 hints"] = run_plain
 
     def eager(x, t):
         return F.cross_entropy(x, t)

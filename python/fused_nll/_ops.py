@@ -298,7 +298,8 @@ class FusedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, triton: bool, prob: bool, inplace: bool, loss_dtype, input, target, weight,
                 *args):
-        family = triton_family() if triton else CPP
+        ctx.family = triton_family() if triton else CPP
+        family = ctx.family.direct if eager_direct(input, target, weight) else ctx.family
         if inplace:
             fwd = family.prob_fwd_inplace if prob else family.fwd_inplace
             loss, _ = fwd(input, target, weight, *args, loss_dtype=loss_dtype)
@@ -306,7 +307,7 @@ class FusedLoss(torch.autograd.Function):
         else:
             fwd = family.prob_fwd if prob else family.fwd
             loss, _, grad = fwd(input, target, weight, *args, True, loss_dtype=loss_dtype)
-        ctx.scale, ctx.first_grad_loss, ctx.n_args = family.scale, None, len(args)
+        ctx.first_grad_loss, ctx.n_args = None, len(args)
         ctx.save_for_backward(grad)
         return loss
 
@@ -320,14 +321,17 @@ class FusedLoss(torch.autograd.Function):
         if ctx.first_grad_loss is None:
             ctx.first_grad_loss = grad_loss.detach().clone()
             if torch.compiler.is_compiling():
-                ctx.scale(grad, grad_loss)  # Inductor keeps it in place (a reinplaced custom op)
+                # Inductor keeps it in place (a reinplaced custom op)
+                ctx.family.scale(grad, grad_loss)
+            elif eager_direct(grad, grad_loss):
+                ctx.family.direct.scale(grad, grad_loss)  # (no version bump either)
             else:
                 # Below ADInplaceOrView the in-place scale leaves the version
                 # counter alone, so a later backward can still unpack the saved
                 # tensor, and no other reference is kept, so autograd can hand
                 # this very buffer to .grad instead of copying it.
                 with torch._C._AutoDispatchBelowADInplaceOrView():
-                    ctx.scale(grad, grad_loss)
+                    ctx.family.scale(grad, grad_loss)
             return (None, None, None, None, grad) + none
         # A second backward (retain_graph): the only copy was scaled by the first
         # upstream gradient; rescale by new/first. Where the first was 0 the gradient
@@ -343,22 +347,66 @@ class FusedLoss(torch.autograd.Function):
         return (None, None, None, None, rescaled) + none
 
 
-def triton_family():
-    from ._triton_ops import TRITON
+_TRITON_FAMILY: list = []
 
-    return TRITON
+
+def triton_family():
+    """The Triton op family (_triton_ops.TRITON), imported on first use."""
+    if not _TRITON_FAMILY:
+        from ._triton_ops import TRITON
+
+        _TRITON_FAMILY.append(TRITON)
+    return _TRITON_FAMILY[0]
+
+
+# ---------------------------------------------------------------------------
+# Eager calls without the dispatcher's Python layers.
+# ---------------------------------------------------------------------------
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def eager_direct(*tensors) -> bool:
+    """Whether the public functions may call a family's `direct` kernels instead of its
+    ops: eager (not compiling, exporting or tracing), outside torch.func transforms and
+    forward AD, with no Python dispatch or function mode active (FakeTensorMode,
+    FlopCounterMode, ...), no profiler (which records the ops by name), and plain
+    tensors only (no subclass). There the op would only reach the same kernel through
+    Python layers: the autograd kernel above, and for a Triton op torch.library's
+    custom-op wrappers (about 50 us a call on a 2-core CPU). The callers decide
+    autograd themselves (FusedLoss, or no gradient needed)."""
+    return (not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active()
+            and _fwad._current_level < 0
+            and torch._C._len_torch_dispatch_stack() == 0
+            and not torch._C._is_torch_function_mode_enabled()
+            and not torch._C._autograd._profiler_enabled()
+            and all(t is None or type(t) in _PLAIN for t in tensors))
+
+
+def _below(op, guard):
+    """The C++ op called under a dispatch guard: straight to its kernel."""
+    def call(*args, **kwargs):
+        with guard():
+            return op(*args, **kwargs)
+    call.__name__ = call.__qualname__ = f"{op._opname}_direct"
+    return call
 
 
 def _cpp_op_family():
-    return SimpleNamespace(
-        fwd=ops.cross_entropy_fwd,
-        bwd=ops.cross_entropy_bwd,
-        prob_fwd=ops.cross_entropy_prob_fwd,
-        prob_bwd=ops.cross_entropy_prob_bwd,
-        fwd_inplace=ops.cross_entropy_fwd_inplace,
-        prob_fwd_inplace=ops.cross_entropy_prob_fwd_inplace,
-        scale=ops.scale_grad_,
-    )
+    names = dict(fwd="cross_entropy_fwd", bwd="cross_entropy_bwd",
+                 prob_fwd="cross_entropy_prob_fwd", prob_bwd="cross_entropy_prob_bwd",
+                 fwd_inplace="cross_entropy_fwd_inplace",
+                 prob_fwd_inplace="cross_entropy_prob_fwd_inplace", scale="scale_grad_")
+    # below the autograd keys; the in-place forwards' version bump (ADInplaceOrView)
+    # still runs, while scale_grad_, whose caller (FusedLoss.backward) must not bump the
+    # saved gradient's version, goes below ADInplaceOrView as well
+    direct = {k: _below(getattr(ops, n).default, torch._C._AutoDispatchBelowAutograd)
+              for k, n in names.items()}
+    direct["scale"] = _below(ops.scale_grad_.default,
+                             torch._C._AutoDispatchBelowADInplaceOrView)
+    return SimpleNamespace(**{k: getattr(ops, n) for k, n in names.items()},
+                           direct=SimpleNamespace(**direct))
 
 
 CPP = _cpp_op_family()

@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch._library.triton import set_wrap_triton_enabled
 
 import triton  # noqa: F401  (ImportError here = no Triton backend)
 
@@ -125,6 +126,20 @@ def triton_scale_grad_(grad_input: Tensor, grad_loss: Tensor) -> None:
     _kernels.scale_grad_(grad_input, grad_loss)
 
 
+def _direct(launcher, mutates_input: bool = False):
+    """A launcher called as the op's eager body is (with wrap_triton off: plain kernel
+    launches), for `_ops.eager_direct` calls. mutates_input: bump the input's version
+    counter, as the op does for its mutated argument (not for scale_grad_, which the
+    public path calls below ADInplaceOrView)."""
+    def call(*args, **kwargs):
+        if mutates_input:
+            torch.autograd.graph.increment_version(args[0])
+        with set_wrap_triton_enabled(False):
+            return launcher(*args, **kwargs)
+    call.__name__ = call.__qualname__ = f"{launcher.__name__}_direct"
+    return call
+
+
 # The Triton op family, with the same fields as _ops.CPP, and the same autograd.
 _triton = torch.ops.fused_nll
 TRITON = SimpleNamespace(
@@ -135,6 +150,15 @@ TRITON = SimpleNamespace(
     fwd_inplace=_triton.triton_cross_entropy_fwd_inplace,
     prob_fwd_inplace=_triton.triton_cross_entropy_prob_fwd_inplace,
     scale=_triton.triton_scale_grad_,
+    direct=SimpleNamespace(
+        fwd=_direct(_kernels.cross_entropy_fwd),
+        bwd=_direct(_kernels.cross_entropy_bwd),
+        prob_fwd=_direct(_kernels.cross_entropy_prob_fwd),
+        prob_bwd=_direct(_kernels.cross_entropy_prob_bwd),
+        fwd_inplace=_direct(_kernels.cross_entropy_fwd_inplace, mutates_input=True),
+        prob_fwd_inplace=_direct(_kernels.cross_entropy_prob_fwd_inplace, mutates_input=True),
+        scale=_direct(_kernels.scale_grad_),
+    ),
 )
 register_autograd("fused_nll::triton_cross_entropy_fwd", TRITON.bwd,
                   "fused_nll::triton_cross_entropy_prob_fwd", TRITON.prob_bwd)

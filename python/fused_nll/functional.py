@@ -142,6 +142,10 @@ def _run(prob: bool, inplace: bool, loss_dtype, input, target, weight, *args) ->
         return _ops.FusedLoss.apply(triton, prob, inplace, loss_dtype, input, target, weight,
                                     *args)
     family = _ops.triton_family() if triton else _ops.CPP
+    if _ops.eager_direct(input, target, weight) and not (
+            torch.is_grad_enabled() and (input.requires_grad
+                                         or weight is not None and weight.requires_grad)):
+        family = family.direct  # no autograd to record: straight to the kernels
     fwd = family.prob_fwd if prob else family.fwd
     return fwd(input, target, weight, *args, False, loss_dtype=loss_dtype)[0]
 
