@@ -35,7 +35,7 @@ from fused_nll.triton_kernels import cross_entropy as ck
 # forward with gradient). H100 2026-11-27, session 14 (h100_2026-11-27-s14_triton_sweep.txt):
 # pipelined split rows correct, slower (2.24-2.84 ms vs 1.857); per-vector max slower
 # forward (0.745 vs 0.700); "grad: prefetch 4/SM 8k evict-first" best (1.783), now the
-# default.
+# default. Session 15 (no GPU): its neighbours in programs per SM, below.
 def grad_launch(max_block, per_thread, per_sm, prefetch, evict_first_store=False):
     return {"_GRAD_LAUNCH": {"max_block": max_block, "elems_per_thread": per_thread,
                              "programs_per_sm": per_sm, "prefetch": prefetch,
@@ -49,33 +49,24 @@ def split(per_sm, per_thread=16, max_block=8192, hold=True):
 
 
 # Split rows pipelined (session 14): each row cut into one-block chunks, partial sums
-# exchanged inside the launch; a program's previous chunk held in registers ("hold") or
-# read again from L2 ("reload"). Registers with the GPU machine's triton 3.6 (ptxas,
-# sm_90, bf16) and the programs per SM they allow: 4k chunks hold 8 warps 79 (3/SM),
-# reload 8 warps 64 (4/SM), reload 4 warps 127 (4/SM); 8k chunks reload 16 warps 64
-# (2/SM), hold 8 warps 128 (2/SM); 2k chunks reload 4 warps 64 (8/SM). A grid larger
-# than what fits only starts programs that find no ticket left.
+# exchanged inside the launch, a program's previous chunk read again from L2 ("reload";
+# its best set on the H100, 2.24 ms). Session 15: the forward with gradient's rows in
+# flight (programs per SM, with evict-first stores): fewer rows in flight keep more of
+# each row in L2 for the gradient sweep's re-read, more keep more loads in flight.
 ROW_CONFIGS = [  # in order of interest: a sweep cut short by its timeout keeps the first
     ("default", {}),
-    ("split 4k hold 4/SM", split(4, 16, 4096, True)),
-    ("split 4k reload 4/SM 4 warps", split(4, 32, 4096, False)),
-    ("split 4k reload 4/SM", split(4, 16, 4096, False)),
-    ("split 8k reload 2/SM", split(2, 16, 8192, False)),
-    ("split 8k hold 2/SM 8 warps", split(2, 32, 8192, True)),
-    ("split 2k reload 8/SM", split(8, 16, 2048, False)),  # 256000: 125 parts, 2 launches
-    ("per-vector max", {"_PER_VECTOR_MAX": True}),
-    ("grad: forward's knobs", {"_GRAD_LAUNCH": None}),
-    ("grad: prefetch 8/SM 8k", grad_launch(8192, 16, 8, True)),
+    ("grad: prefetch 2/SM 8k evict-first", grad_launch(8192, 16, 2, True, True)),
+    ("grad: prefetch 3/SM 8k evict-first", grad_launch(8192, 16, 3, True, True)),
+    ("grad: prefetch 1/SM 16k evict-first", grad_launch(16384, 16, 1, True, True)),
+    ("grad: 4/SM 8k evict-first, no prefetch", grad_launch(8192, 16, 4, False, True)),
     ("grad: prefetch 4/SM 8k, stores kept", grad_launch(8192, 16, 4, True, False)),
+    ("split 4k reload 4/SM 4 warps", split(4, 32, 4096, False)),
 ]
-# Tile kernels at a segmentation shape (16 x 21 x 512 x 512: 12% of the floor on the
-# H100, 2026-11-27): elements per tile (a 32-class x BLOCK_S-pixel tile, 4 warps).
+# Tile kernels at a segmentation shape (16 x 21 x 512 x 512), where the default now
+# takes the CUDA C++ kernels when built (_backend.prefers_cuda_cpp); tile sizes from 2k
+# to 16k elements tied on the H100 and H200 (2026-11-27): the default only.
 TILE_CONFIGS = [
     ("default", {}),
-    ("tile 2k", {"_TILE_ELEMS": 2048}),
-    ("tile 8k", {"_TILE_ELEMS": 8192}),
-    ("tile 16k", {"_TILE_ELEMS": 16384}),
-    ("row kernels", {"_TILE": False}),
 ]
 ROW_SHAPES = [(8192, 128256), (4096, 256000), (8192, 32000)]
 TILE_SHAPES = []  # tile sizes tied on the H200 (2026-11-27): off this round

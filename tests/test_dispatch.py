@@ -86,3 +86,12 @@ def test_eager_direct_conditions(target):
 
 class _Sub(torch.Tensor):
     pass
+
+
+def test_jit_trace_records_the_op(target):
+    x, t = _case(target)
+    with torch.no_grad():
+        traced = torch.jit.trace(lambda x, t: fused_nll.cross_entropy(x, t), (x, t),
+                                 check_trace=False)
+        torch.testing.assert_close(traced(x, t), F.cross_entropy(x, t))
+    assert _family().fwd.default.name() in str(traced.graph)

@@ -368,10 +368,10 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 def eager_direct(*tensors) -> bool:
     """Whether the public functions may call a family's `direct` kernels instead of its
-    ops: eager (not compiling, exporting or tracing), outside torch.func transforms and
-    forward AD, with no Python dispatch or function mode active (FakeTensorMode,
-    FlopCounterMode, ...), no profiler (which records the ops by name), and plain
-    tensors only (no subclass). There the op would only reach the same kernel through
+    ops: eager (not compiling, exporting or tracing, torch.jit.trace included), outside
+    torch.func transforms and forward AD, with no Python dispatch or function mode active
+    (FakeTensorMode, FlopCounterMode, ...), no profiler (which records the ops by name),
+    and plain tensors only (no subclass). There the op would only reach the same kernel through
     Python layers: the autograd kernel above, and for a Triton op torch.library's
     custom-op wrappers (about 50 us a call on a 2-core CPU). The callers decide
     autograd themselves (FusedLoss, or no gradient needed)."""
@@ -381,6 +381,7 @@ def eager_direct(*tensors) -> bool:
             and torch._C._len_torch_dispatch_stack() == 0
             and not torch._C._is_torch_function_mode_enabled()
             and not torch._C._autograd._profiler_enabled()
+            and torch._C._get_tracing_state() is None  # (torch.jit.trace records ops)
             and all(t is None or type(t) in _PLAIN for t in tensors))
 
 
