@@ -678,6 +678,29 @@ def test_fewer_threads_per_row(monkeypatch, row_threads):
         check(grad, ref_grad, dtype, "prob grad")
 
 
+@pytest.mark.parametrize("rows_per_sm", ["1", "3"])
+def test_forward_with_gradient_rows_per_sm(monkeypatch, rows_per_sm):
+    # FUSED_NLL_CUDA_GRAD_ROWS_PER_SM caps the forward with gradient's grid (the
+    # benchmark's knob): blocks then loop over several rows each; the same results as
+    # the default grid, and as torch, index targets with every option; the forward
+    # alone and the backward keep their grid
+    if EMULATED:
+        monkeypatch.setenv("FUSED_NLL_EMU_SMS", "2")
+    torch.manual_seed(int(rows_per_sm))
+    for dtype in (torch.float32, torch.bfloat16):
+        x = logits((23, 4099), dtype)
+        t = targets(x, p_ignore=0.2)
+        w = class_weight(4099, dtype)
+        default = run_index(x, t, w, eps=0.1, reduction="mean")
+        monkeypatch.setenv("FUSED_NLL_CUDA_GRAD_ROWS_PER_SM", rows_per_sm)
+        capped = run_index(x, t, w, eps=0.1, reduction="mean")
+        for a, b in zip(default, capped):
+            assert torch.equal(a, b)  # (each row's arithmetic is its own: same bits)
+        check_index(x, t, w, eps=0.1, reduction="mean")
+        check_index(x, t, reduction="sum", log_probs=True, eps=0.2)
+        monkeypatch.delenv("FUSED_NLL_CUDA_GRAD_ROWS_PER_SM")
+
+
 # Class-strided rows ((N, C, H, W) logits) get as few threads per row as fill the
 # device, one when there are enough rows (row_launch): with the emulator's one SM,
 # 2048 rows. Shapes for 1, 2, 32 and 128 threads per row (a 300-class row would get

@@ -1102,6 +1102,21 @@ bool l2_hints_on() {
   return e == nullptr || std::strcmp(e, "0") != 0;
 }
 
+// The forward with gradient's rows in flight (unit class stride): by default as many
+// row groups as the SMs hold (4 of 256 threads). FUSED_NLL_CUDA_GRAD_ROWS_PER_SM=k
+// (read on every call; 1 to 8) caps the grid at k blocks per SM, which then loop over
+// the rows: fewer rows in flight keep more of each row in L2 for the gradient sweep's
+// re-read (the Triton kernel's _GRAD_LAUNCH "programs_per_sm"), more keep more loads in
+// flight. A knob for the benchmark's comparison; not yet timed.
+void cap_grad_rows(RowLaunch& rl, const at::Tensor& like) {
+  const char* e = std::getenv("FUSED_NLL_CUDA_GRAD_ROWS_PER_SM");
+  if (e == nullptr) return;
+  const int k = std::atoi(e);
+  if (k < 1 || k > 8) return;
+  const int64_t cap = static_cast<int64_t>(num_sms(like)) * k;
+  if (static_cast<int64_t>(rl.grid.x) > cap) rl.grid.x = static_cast<unsigned>(cap);
+}
+
 // class_strided: the rows' classes are not adjacent (x.stride(1) != 1, e.g.
 // (N, C, H, W) segmentation logits, where rows are pixels and a row's classes
 // sit H*W elements apart). There the lanes of a warp should run along rows,
@@ -1351,7 +1366,8 @@ at::Tensor run_index(const at::Tensor& input, const at::Tensor& target,
              launch_rows_in_registers<1>(a, x, stream)))
           return;
         const int vec = x.stride(1) == 1 ? vec_width<x_t>() : 1;
-        const RowLaunch rl = row_launch(input, R, l.C, vec, x.stride(1) != 1);
+        RowLaunch rl = row_launch(input, R, l.C, vec, x.stride(1) != 1);
+        if (!kBackward && compute_grad && x.stride(1) == 1) cap_grad_rows(rl, input);
         launch_kernel(index_kernel<x_t, index_t, kBackward>, rl.grid, rl.block, stream, a);
       });
     });

@@ -189,6 +189,12 @@ def implementations(device, wanted):
         run_plain.fwdbwd_only = True
         run_plain.rows_only = True
         impls["fused_nll[cuda] no L2 hints"] = run_plain
+        # ... and with 2 row groups per SM instead of 4 (FUSED_NLL_CUDA_GRAD_ROWS_PER_SM):
+        # fewer rows in flight, more of each still in L2 for the gradient sweep
+        run_two = _cuda_with_env("FUSED_NLL_CUDA_GRAD_ROWS_PER_SM", "2")
+        run_two.fwdbwd_only = True
+        run_two.rows_only = True
+        impls["fused_nll[cuda] 2 rows/SM"] = run_two
 
     def eager(x, t):
         return F.cross_entropy(x, t)
