@@ -19,7 +19,7 @@ status=0
 run python -m pytest -q "$@" || status=1
 TRITON_INTERPRET=1 FUSED_NLL_TEST_BACKENDS=cpu/triton run python -m pytest -q \
   tests/test_triton_kernels.py tests/test_parity.py tests/test_inplace_backward.py \
-  tests/test_func.py "$@" || status=1
+  tests/test_func.py tests/test_dispatch.py "$@" || status=1
 # The CUDA C++ kernels, on the CPU emulator of tests/cuda_emu, as fused_nll's CPU
 # kernels for this process: the public API's suite drives them (tests/conftest.py).
 FUSED_NLL_TEST_CUDA_EMU=1 FUSED_NLL_TEST_BACKENDS=cpu/cpp run python -m pytest -q \
