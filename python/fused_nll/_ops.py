@@ -371,10 +371,10 @@ def eager_direct(*tensors) -> bool:
     ops: eager (not compiling, exporting or tracing, torch.jit.trace included), outside
     torch.func transforms and forward AD, with no Python dispatch or function mode active
     (FakeTensorMode, FlopCounterMode, ...), no profiler (which records the ops by name),
-    and plain tensors only (no subclass). There the op would only reach the same kernel through
-    Python layers: the autograd kernel above, and for a Triton op torch.library's
-    custom-op wrappers (about 50 us a call on a 2-core CPU). The callers decide
-    autograd themselves (FusedLoss, or no gradient needed)."""
+    and plain tensors only (no subclass). There the op would only reach the same kernel
+    through Python layers: the autograd kernel above, and for a Triton op torch.library's
+    custom-op wrappers (about 50 us a call on a 2-core CPU). The callers decide autograd
+    themselves (FusedLoss, or no gradient needed)."""
     return (not torch.compiler.is_compiling()
             and not torch._C._are_functorch_transforms_active()
             and _fwad._current_level < 0
