@@ -18,6 +18,9 @@ def test_info_lists_every_backend():
     assert "torch" in out.stdout and "default:" in out.stdout
     # the opt-in CUDA kernels, and how to turn them on
     assert "FUSED_NLL_CUDA_CLUSTER=1" in out.stdout and "FUSED_NLL_CUDA_ONE_BLOCK=1" in out.stdout
+    # the CUDA tuning knobs and their current settings
+    assert "L2 policies on (FUSED_NLL_CUDA_L2_HINTS=0" in out.stdout
+    assert "FUSED_NLL_CUDA_GRAD_ROWS_PER_SM=k" in out.stdout
 
 
 def test_info_gives_the_recorded_reason_the_cuda_kernels_were_skipped(monkeypatch):

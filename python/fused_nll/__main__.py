@@ -88,6 +88,10 @@ def cmd_info(_args) -> int:
         value = os.environ.get(env, "")
         state = f"on ({value})" if value in ("1", "require") else "off"
         print(f"opt-in:   {kernel} {state} ({env}=1, {note}; docs/ops.md)")
+    l2 = "off" if os.environ.get("FUSED_NLL_CUDA_L2_HINTS") == "0" else "on"
+    rows = os.environ.get("FUSED_NLL_CUDA_GRAD_ROWS_PER_SM") or "as many as the SMs hold"
+    print(f"tuning:   CUDA forward with gradient: L2 policies {l2} (FUSED_NLL_CUDA_L2_HINTS=0: "
+          f"off), row groups per SM {rows} (FUSED_NLL_CUDA_GRAD_ROWS_PER_SM=k); docs/ops.md")
     return 0
 
 
