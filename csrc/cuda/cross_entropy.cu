@@ -520,12 +520,13 @@ __global__ void __launch_bounds__(kMaxThreads)
   const bool smooth = eps != acc_t(0);
   const acc_t eps_c = eps / static_cast<acc_t>(C);
   const acc_t* w = p.weight;
-  // L2 policies of the forward with gradient (see L2Policies; evict_normal, a plain
-  // access's, with FUSED_NLL_CUDA_L2_HINTS=0)
+  // L2 policies of the forward with gradient (see L2Policies). With
+  // FUSED_NLL_CUDA_L2_HINTS=0 sweep 1 loads plainly and the gradient sweep's accesses
+  // carry evict_normal, a plain access's priority.
   uint64_t l2_keep = 0;
   L2Policies l2_pass;
   if (!kBackward && p.grad != nullptr) {
-    l2_keep = l2_policy(p.l2_hints ? L2::kLast : L2::kNormal);
+    if (p.l2_hints) l2_keep = l2_policy(L2::kLast);
     l2_pass.load = l2_pass.store = l2_policy(p.l2_hints ? L2::kFirst : L2::kNormal);
   }
 
@@ -563,8 +564,9 @@ __global__ void __launch_bounds__(kMaxThreads)
         RowState<acc_t> st = empty_state<acc_t>();
         auto coef_of = [&](int64_t c) { return smooth ? (w ? w[c] : acc_t(1)) : acc_t(0); };
         auto add_one = [&](int64_t c, acc_t x) { state_add(st, x, coef_of(c)); };
-        // With a gradient sweep to follow, under L2 policy l2_keep (evict_last, see
-        // L2Policies); plain loads otherwise (the forward alone reads at the floor).
+        // With a gradient sweep to follow (and p.l2_hints), under L2 policy l2_keep
+        // (evict_last, see L2Policies); plain loads otherwise (the forward alone reads
+        // at the floor).
         auto sweep1 = [&](auto with_l2) {
           constexpr bool kL2 = decltype(with_l2)::value;
           if (smooth) {
@@ -581,7 +583,7 @@ __global__ void __launch_bounds__(kMaxThreads)
             }, l2_keep);
           }
         };
-        if (p.grad != nullptr) sweep1(std::true_type{}); else sweep1(std::false_type{});
+        if (p.l2_hints) sweep1(std::true_type{}); else sweep1(std::false_type{});
         st = group_allreduce(st, Merge{}, smem_state);
         shift = st.m;
         logsum = dev_log(st.s);

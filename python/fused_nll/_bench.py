@@ -182,7 +182,7 @@ def implementations(device, wanted):
         impls["fused_nll[triton] split rows (L2)"] = run_split
     if device == "cuda" and "fused_nll[cuda]" in impls:
         # The CUDA forward with gradient without its L2 policies (FUSED_NLL_CUDA_L2_HINTS=0:
-        # plain loads and stores, as before 2026-11-27 session 15), fwd+bwd only. (The
+        # plain sweep-1 loads, evict_normal in the gradient sweep), fwd+bwd only. (The
         # opt-in cluster and one-block kernels and other row-group sizes were timed on the
         # H100 and H200, 2026-11-27, and lost: benchmarks/results/NOTES.md.)
         run_plain = _cuda_with_env("FUSED_NLL_CUDA_L2_HINTS", "0")
