@@ -55,6 +55,7 @@ BAD_INPUTS = [
     ("nll-bad-reduction", nll, (x, idx), {"reduction": "avg"}, ValueError, ["avg is not a valid value"]),
     ("ce-probs-ignore-index", ce, (x, probs), {"ignore_index": 0}, RuntimeError, ["ignore_index is not supported for floating point target"]),
     ("ce-probs-wrong-shape", ce, (x, torch.rand(N, C + 1)), {}, RuntimeError, ["size mismatch", "[4, 6]"]),
+    ("ce-probs-weight-requires-grad", ce, (x, probs), {"weight": torch.ones(C, requires_grad=True)}, RuntimeError, ["with respect to argument 'weight'", "for probability targets", "weight.detach()", "F.cross_entropy"]),
     ("ce-probs-requires-grad", ce, (x, probs.clone().requires_grad_(True)), {}, RuntimeError, ["target.detach()"]),
     ("ce-target-out-of-range", ce, (x, torch.tensor([0, 5, 1, 2])), {}, IndexError, ["Target 5 is out of bounds.", "fused_nll.cross_entropy: target[1] = 5", "[0, 4]", "ignore_index=-100", "1 target(s)"]),
     ("nll-target-negative", nll, (x, torch.tensor([0, -1, 1, 7])), {}, IndexError, ["Target -1 is out of bounds.", "fused_nll.nll_loss: target[1] = -1", "2 target(s)"]),

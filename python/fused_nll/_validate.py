@@ -151,9 +151,10 @@ def index_target(target: torch.Tensor) -> torch.Tensor:
     return target.long()  # uint16/uint32/uint64: copies the targets only
 
 
-def weight(weight, input: torch.Tensor, fn: str):
+def weight(weight, input: torch.Tensor, fn: str, prob: bool = False):
     """The class weights as the kernels read them: 1-D, contiguous, in the
-    accumulation dtype (a C-element cast when the dtype differs)."""
+    accumulation dtype (a C-element cast when the dtype differs). prob: the targets
+    are probabilities (torch differentiates with respect to weight there)."""
     if weight is None:
         return None
     if not isinstance(weight, torch.Tensor):
@@ -172,10 +173,14 @@ def weight(weight, input: torch.Tensor, fn: str):
         )
     check_same_device(input, weight, "weight", fn)
     if weight.requires_grad and torch.is_grad_enabled():
+        torch_does = (
+            "torch's cross_entropy is, for probability targets, but fused_nll computes no "
+            "weight gradient. Fix: pass weight.detach(), or use F.cross_entropy where the "
+            "class weights are learned." if prob else
+            "nor is torch's nll_loss_forward. Fix: pass weight.detach().")
         raise RuntimeError(
-            f"fused_nll.{fn} is not differentiable with respect to argument 'weight' (nor is "
-            "torch's nll_loss_forward), but the weight passed requires grad. Fix: pass "
-            "weight.detach()."
+            f"fused_nll.{fn} is not differentiable with respect to argument 'weight', but the "
+            f"weight passed requires grad; {torch_does}"
         )
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
     return weight.to(acc).contiguous()

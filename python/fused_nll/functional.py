@@ -204,7 +204,7 @@ def cross_entropy(
     kind = _validate.target_kind(input, target, "cross_entropy")
     _validate.check_same_device(input, target, "target", "cross_entropy")
     ls = _validate.check_label_smoothing(label_smoothing)
-    w = _validate.weight(weight, input, "cross_entropy")
+    w = _validate.weight(weight, input, "cross_entropy", prob=kind == "prob")
     inplace = _validate.inplace_backward(inplace_backward, input, "cross_entropy")
     debug, verify = _checks_on()
     ref_input = input.detach().clone() if verify and inplace else input
