@@ -30,6 +30,8 @@ BAD_INPUTS = [
     ("ce-half-indices", ce, (x, idx.half()), {}, RuntimeError, ["target.long()"]),
     ("ce-int-onehot", ce, (x, onehot), {}, RuntimeError, ["one-hot", "target.argmax(dim=1)", "target.float()"]),
     ("nll-int-onehot", nll, (x, onehot), {}, RuntimeError, ["one-hot", "target.argmax(dim=1)"]),
+    ("ce-1d-int-onehot", ce, (torch.randn(C), onehot[0]), {}, RuntimeError, ["one-hot", "target.argmax(dim=0)"]),
+    ("nll-1d-float-onehot", nll, (torch.randn(C), onehot[0].float()), {}, RuntimeError, ["one-hot", "target.argmax(dim=0)"]),
     ("ce-int32-onehot", ce, (x, onehot.int()), {}, RuntimeError, ["one-hot"]),
     ("ce-bool-target", ce, (x, idx > 1), {}, RuntimeError, ["torch.bool", "mask, not class indices"]),
     ("nll-bool-target", nll, (x, idx > 1), {}, RuntimeError, ["mask"]),

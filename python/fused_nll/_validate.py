@@ -79,6 +79,7 @@ def target_kind(input: torch.Tensor, target, fn: str) -> str:
         raise TypeError(f"fused_nll.{fn}: target must be a torch.Tensor, got {type(target).__name__}.")
     index_shape = class_index_shape(input)
     same_as_input = list(target.shape) == list(input.shape)
+    argmax = f"target.argmax(dim={0 if input.dim() == 1 else 1})"  # the class dimension
     if target.dtype == torch.bool:
         raise RuntimeError(
             f"fused_nll.{fn}: target has dtype torch.bool, which is a mask, not class indices. "
@@ -92,7 +93,7 @@ def target_kind(input: torch.Tensor, target, fn: str) -> str:
             raise RuntimeError(
                 f"fused_nll.nll_loss: target of shape {_shape(target)} and dtype {target.dtype} "
                 "looks like one-hot or probability targets, but nll_loss expects class indices "
-                f"of shape {index_shape}. Fix: target.argmax(dim=1) for class indices, or "
+                f"of shape {index_shape}. Fix: {argmax} for class indices, or "
                 "fused_nll.cross_entropy(logits, target), which accepts probabilities."
             )
         if list(target.shape) == index_shape:
@@ -111,7 +112,7 @@ def target_kind(input: torch.Tensor, target, fn: str) -> str:
         raise RuntimeError(
             f"fused_nll.{fn}: integer target of shape {_shape(target)} has the input's shape, "
             f"so it looks like one-hot labels; expected class indices of shape {index_shape}. "
-            f"Fix: target.argmax(dim=1) for class indices, or {alt}."
+            f"Fix: {argmax} for class indices, or {alt}."
         )
     _check_index_shape(input, target, fn)
     return "index"
