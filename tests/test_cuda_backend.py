@@ -13,6 +13,7 @@ The contract is docs/ops.md.
   device memory) are skipped there, with that reason.
 """
 
+import math
 import os
 import shutil
 
@@ -270,6 +271,37 @@ def test_empty(dtype):
     assert torch.isnan(run_index(x, t, reduction="mean")[0])
     y = torch.empty(0, 10, device=DEV, dtype=dtype)
     assert torch.isnan(ops.cross_entropy_prob_fwd(x, y, None, 0.0, 1, True)[0])
+
+
+# A +inf logit makes its row's loss and gradient nan, as torch's (inf - inf in its
+# log_softmax), also where each row has a thread of its own: class-strided rows with
+# many pixels (from 2048 rows per SM), where no merge of thread states (whose
+# exp(inf - inf) made the nan) follows the per-value update. That update gave a loss
+# of inf, or 0 for one class with probability targets, before.
+@pytest.mark.parametrize("C", [1, 3])
+def test_plus_inf_logit_with_a_thread_per_row(C):
+    torch.manual_seed(C)
+    R = 8192 if EMULATED else 132 * 2048 * 2  # the emulator has 2 SMs
+    x = logits((1, C, R), torch.float32)
+    x[0, 0, 0] = math.inf
+    x[0, C - 1, 7] = math.inf
+    t = targets(x)
+    y = torch.softmax(logits((1, C, R), torch.float32), 1)
+
+    def same(out, ref, what):  # the nans exactly; values at 1e-6 (p - y cancels near 1)
+        assert torch.equal(out.isnan().cpu(), ref.isnan().cpu()), what
+        torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-6, equal_nan=True)
+
+    for reduction in ("none", "sum"):
+        loss, _, grad = run_index(x, t, reduction=reduction)
+        ref_loss, ref_grad = ref_index(x, t, None, -100, 0.0, reduction, False)
+        same(loss, ref_loss, "loss")
+        same(grad, ref_grad, "grad")
+        loss, _, grad = ops.cross_entropy_prob_fwd(x, y, None, 0.0, RED[reduction], True)
+        ref_loss, ref_grad = ref_prob(x, y, None, 0.0, reduction)
+        same(loss, ref_loss, "prob loss")
+        same(grad, ref_grad, "prob grad")
+    sync()
 
 
 def test_large_logits_label_smoothing():

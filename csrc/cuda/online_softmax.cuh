@@ -68,7 +68,9 @@ template <typename acc_t>
 FUSED_NLL_HD void state_add(RowState<acc_t>& st, acc_t x, acc_t coef) {
   if (x > st.m) {
     const acc_t d = st.m - x;  // < 0; -inf for the first finite value
-    st.s = st.s * dev_exp(d) + acc_t(1);
+    // exp(x - x): 1, or nan for x = +inf (inf - inf, as torch's log_softmax and
+    // state_add_pack give), without an exp
+    st.s = st.s * dev_exp(d) + (x - x + acc_t(1));
     if (st.m != neg_inf<acc_t>()) st.a += st.b * d;
     st.m = x;
   } else if (x != neg_inf<acc_t>()) {  // also nan: propagates through s

@@ -56,7 +56,7 @@ void check_row(int id, const std::vector<float>& x, const std::vector<float>& co
   long double m = ninf;
   bool has_nan = false;
   for (float v : x) {
-    if (std::isnan(v)) has_nan = true;
+    if (std::isnan(v) || v == -ninf) has_nan = true;  // +inf: x - m = inf - inf, as torch
     else if (v > m) m = v;
   }
   long double s = 0, a = 0, b = 0;
@@ -94,10 +94,10 @@ void run_all() {
   std::uniform_real_distribution<float> unit(0.1f, 2.0f);
   const float ninf = -std::numeric_limits<float>::infinity();
   const int len = 16 * N;
-  for (int id = 0; id < 400; ++id) {
+  for (int id = 0; id < 500; ++id) {
     std::vector<float> x(len), coef(len);
     for (int c = 0; c < len; ++c) x[c] = normal(gen), coef[c] = unit(gen);
-    switch (id % 8) {
+    switch (id % 10) {
       case 1:  // a -inf run over whole packs and part of one
         for (int c = 0; c < len / 2 + N / 2; ++c) x[c] = ninf;
         break;
@@ -119,6 +119,13 @@ void run_all() {
         break;
       case 7:  // decreasing then increasing maxima inside packs
         for (int c = 0; c < len; ++c) x[c] = static_cast<float>((c * 37) % 23) - 11.0f;
+        break;
+      case 8:  // a +inf: the row's lse is nan (inf - inf), as torch's
+        x[(id * 5) % len] = -ninf;
+        break;
+      case 9:  // a +inf first, into the empty state, then -inf and finite values
+        x[0] = -ninf;
+        x[1] = ninf;
         break;
     }
     check_row<N>(id, x, coef);
