@@ -3,6 +3,7 @@ gradients as eager, no graph breaks, also with dynamic shapes."""
 import pytest
 import torch
 import torch._dynamo
+import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 import fused_nll
@@ -52,6 +53,22 @@ def test_fullgraph_matches_eager_without_graph_breaks():
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
     explanation = torch._dynamo.explain(model)(h, t)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+def test_legacy_reduction_arguments_compile():
+    # torch's deprecated size_average / reduce, inside the compiled function too (the
+    # functions and the modules built there), with no graph break, as torch's own
+    x, t = torch.randn(6, 5, requires_grad=True), torch.randint(0, 5, (6,))
+
+    def f(x, t):
+        return (fused_nll.cross_entropy(x, t, size_average=False)
+                + fused_nll.nll_loss(torch.log_softmax(x, 1), t, reduce=False).sum()
+                + fused_nll.CrossEntropyLoss(size_average=True, reduce=True)(x, t))
+
+    want = (F.cross_entropy(x, t, reduction="sum")
+            + F.nll_loss(torch.log_softmax(x, 1), t, reduction="none").sum()
+            + F.cross_entropy(x, t))
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(x, t), want)
 
 
 def test_dynamic_batch_sizes():

@@ -3,10 +3,10 @@ and F.nll_loss, computed by one fused op (docs/ops.md)."""
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 import torch.autograd.forward_ad as _fwad
-from torch.nn import _reduction
 
 from . import _backend, _debug, _func, _ops, _validate
 
@@ -151,10 +151,19 @@ def _run(prob: bool, inplace: bool, loss_dtype, input, target, weight, *args) ->
 
 
 def _legacy_reduction(size_average, reduce, reduction: str) -> str:
-    """torch's deprecated size_average / reduce arguments (it warns, as torch does)."""
-    if size_average is not None or reduce is not None:
-        return _reduction.legacy_get_string(size_average, reduce)
-    return reduction
+    """torch's deprecated size_average / reduce arguments: torch's mapping
+    (torch.nn._reduction.legacy_get_string) and warning, written out so that Dynamo
+    traces it (it took torch's function for an op returning a str, a graph break),
+    and warning eagerly only (warnings.warn breaks the graph too)."""
+    if size_average is None and reduce is None:
+        return reduction
+    size_average = True if size_average is None else size_average
+    reduce = True if reduce is None else reduce
+    legacy = "mean" if size_average and reduce else "sum" if reduce else "none"
+    if not torch.compiler.is_compiling():
+        warnings.warn("size_average and reduce args will be deprecated, please use "
+                      f"reduction='{legacy}' instead.", stacklevel=3)
+    return legacy
 
 
 def cross_entropy(
