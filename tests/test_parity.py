@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_nll
-from conftest import check_parity, cpu_kernel_only
+from conftest import TARGETS, check_parity, cpu_kernel_only
 from fused_nll._reference import TOLERANCES, close, reference
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -239,6 +239,7 @@ def test_classes_innermost_out_of_range_position():
 # over 10^6 rows was 0.2% off, loss and gradient) and an unweighted count stopped
 # growing at 2^24 = 16777216 rows (a mean over 1.5 * 2^24 rows was 1.5x too big).
 @cpu_kernel_only
+@pytest.mark.skipif(("cpu", "cpp") not in TARGETS, reason="the C++ CPU kernel's test")
 def test_mean_divisor_over_many_rows():
     torch.manual_seed(0)
     x = torch.randn(1_000_000, 2)
@@ -657,6 +658,14 @@ def test_positional_and_legacy_arguments_like_torch(target):
         with pytest.warns(UserWarning, match="deprecated"):
             module = fused_nll.NLLLoss(size_average=size_average, reduce=reduce)
         assert module.reduction == _legacy(size_average, reduce)
+    # the warnings point at the caller's line, as torch's do
+    for call in (lambda: fused_nll.cross_entropy(x, t, size_average=False),
+                 lambda: fused_nll.nll_loss(lp, t, reduce=False),
+                 lambda: fused_nll.CrossEntropyLoss(size_average=False),
+                 lambda: fused_nll.NLLLoss(reduce=False)):
+        with pytest.warns(UserWarning, match="deprecated") as record:
+            call()
+        assert record[0].filename == __file__
 
 
 def _legacy(size_average, reduce):

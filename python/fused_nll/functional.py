@@ -150,11 +150,12 @@ def _run(prob: bool, inplace: bool, loss_dtype, input, target, weight, *args) ->
     return fwd(input, target, weight, *args, False, loss_dtype=loss_dtype)[0]
 
 
-def _legacy_reduction(size_average, reduce, reduction: str) -> str:
+def _legacy_reduction(size_average, reduce, reduction: str, stacklevel: int = 3) -> str:
     """torch's deprecated size_average / reduce arguments: torch's mapping
     (torch.nn._reduction.legacy_get_string) and warning, written out so that Dynamo
     traces it (it took torch's function for an op returning a str, a graph break),
-    and warning eagerly only (warnings.warn breaks the graph too)."""
+    and warning eagerly only (warnings.warn breaks the graph too). stacklevel: the
+    user's call, as seen from here."""
     if size_average is None and reduce is None:
         return reduction
     size_average = True if size_average is None else size_average
@@ -162,7 +163,7 @@ def _legacy_reduction(size_average, reduce, reduction: str) -> str:
     legacy = "mean" if size_average and reduce else "sum" if reduce else "none"
     if not torch.compiler.is_compiling():
         warnings.warn("size_average and reduce args will be deprecated, please use "
-                      f"reduction='{legacy}' instead.", stacklevel=3)
+                      f"reduction='{legacy}' instead.", stacklevel=stacklevel)
     return legacy
 
 

@@ -9,7 +9,9 @@ from . import functional
 class _WeightedLoss(torch.nn.Module):
     def __init__(self, weight, size_average, reduce, reduction):
         super().__init__()
-        self.reduction = functional._legacy_reduction(size_average, reduce, reduction)
+        # (stacklevel: the warning points at the user's constructor call)
+        self.reduction = functional._legacy_reduction(size_average, reduce, reduction,
+                                                      stacklevel=4)
         self.register_buffer("weight", weight)  # moves with .to()/.cuda(), as in torch
 
 
