@@ -311,7 +311,7 @@ def test_transforms_compiled_fullgraph(kind, reduction):
 
 @cpu_kernel_only
 def test_refusals_compiled_fullgraph():
-    # second order, and derivatives with respect to probability targets or the weight:
+    # second order, and derivatives with respect to the weight with class indices:
     # raised while torch.compile traces (never a silent 0)
     x = torch.randn(4, C, dtype=torch.float64)
     y = torch.softmax(torch.randn(4, C, dtype=torch.float64), 1)
@@ -321,12 +321,10 @@ def test_refusals_compiled_fullgraph():
     for name, call, message in [
         ("hessian", lambda: torch.func.hessian(f)(x), "second-order derivatives"),
         ("grad(grad)", lambda: grad(lambda x: grad(f)(x).sum())(x), "second-order derivatives"),
-        ("grad wrt targets", lambda: grad(lambda y: fused_nll.cross_entropy(x, y))(y),
-         "probability targets are not supported"),
-        ("jvp wrt targets", lambda: jvp(lambda y: fused_nll.cross_entropy(x, y), (y,), (y,)),
-         "probability targets are not supported"),
-        ("grad wrt weight", lambda: grad(lambda w: fused_nll.cross_entropy(x, t, weight=w))(w),
-         "weight"),
+        ("hessian wrt targets", lambda: torch.func.hessian(
+            lambda y: fused_nll.cross_entropy(x, y))(y), "second-order derivatives"),
+        ("grad wrt weight, class indices",
+         lambda: grad(lambda w: fused_nll.cross_entropy(x, t, weight=w))(w), "weight"),
     ]:
         torch._dynamo.reset()
         with pytest.raises(Exception, match=message):
@@ -497,16 +495,87 @@ def test_torch_func_derivative_of_recorded_parameters_warns(target):
         assert ok, f"{k}: {detail}"
 
 
-def test_derivatives_wrt_targets_or_weight_are_refused(target):
+def _target_weight_transforms(f, x, y, w, vx, vy, vw):
+    """torch.func derivatives of the loss f(x, y, w) with respect to all three
+    (probability targets y, class weight w): vmap(grad) over dim 0, the rest on sample 0."""
+    def total(a, b, c):
+        return f(a, b, c).sum()
+
+    x0, y0 = x[0], y[0]
+    return {
+        "grad": lambda: grad(total, argnums=(0, 1, 2))(x0, y0, w),
+        "vmap(grad)": lambda: vmap(grad(total, argnums=(1, 2)), in_dims=(0, 0, None))(x, y, w),
+        "vjp": lambda: vjp(f, x0, y0, w)[1](torch.ones_like(f(x0, y0, w)) * 1.5),
+        "jacrev": lambda: jacrev(f, argnums=(0, 1, 2))(x0, y0, w),
+        "jvp": lambda: jvp(f, (x0, y0, w), (vx[0], vy[0], vw))[1],
+        "jvp targets only": lambda: jvp(lambda b: f(x0, b, w), (y0,), (vy[0],))[1],
+        "jacfwd": lambda: jacfwd(f, argnums=(1, 2))(x0, y0, w),
+    }
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("per_sample", [(C,), (5, C), (2, C, 3, 2)], ids=["C", "NC", "NCHW"])
+def test_derivatives_wrt_probability_targets_and_weight(target, reduction, per_sample):
+    # torch differentiates its probability-target loss with respect to the targets and
+    # the class weight; so does fused_nll, in every transform (fp64, against torch's)
+    x, y, w = _case("prob", per_sample, torch.float64, target, seed=21)
+    g = torch.Generator().manual_seed(22)
+    vx, vy = (torch.randn(x.shape, dtype=torch.float64, generator=g).to(target) for _ in "xy")
+    vw = torch.randn(C, dtype=torch.float64, generator=g).to(target)
+    kw = dict(reduction=reduction, label_smoothing=0.1)
+    fused = _target_weight_transforms(
+        lambda a, b, c: fused_nll.cross_entropy(a, b, weight=c, **kw), x, y, w, vx, vy, vw)
+    ref = _target_weight_transforms(
+        lambda a, b, c: F.cross_entropy(a, b, weight=c, **kw), x, y, w, vx, vy, vw)
+    for name, call in fused.items():
+        got, want = call(), ref[name]()
+        for i, (a, b) in enumerate(zip(torch.utils._pytree.tree_leaves(got),
+                                       torch.utils._pytree.tree_leaves(want))):
+            ok, detail = close(a, b, torch.float64, scale_floor=0.1)
+            assert ok, f"{name}[{i}]: {detail}"
+
+
+@cpu_kernel_only
+def test_derivatives_wrt_probability_targets_and_weight_compiled_fullgraph():
+    # under torch.compile the same derivatives come from the op's own autograd
+    x, y, w = _case("prob", (5, C), torch.float64, "cpu", seed=23)
+    g = torch.Generator().manual_seed(24)
+    vx, vy = (torch.randn(x.shape, dtype=torch.float64, generator=g) for _ in "xy")
+    vw = torch.randn(C, dtype=torch.float64, generator=g)
+    kw = dict(reduction="mean", label_smoothing=0.2)
+    fused = _target_weight_transforms(
+        lambda a, b, c: fused_nll.cross_entropy(a, b, weight=c, **kw), x, y, w, vx, vy, vw)
+    ref = _target_weight_transforms(
+        lambda a, b, c: F.cross_entropy(a, b, weight=c, **kw), x, y, w, vx, vy, vw)
+    for name in ("grad", "vmap(grad)", "jvp"):
+        torch._dynamo.reset()
+        got = torch.compile(fused[name], fullgraph=True)()
+        for i, (a, b) in enumerate(zip(torch.utils._pytree.tree_leaves(got),
+                                       torch.utils._pytree.tree_leaves(ref[name]()))):
+            ok, detail = close(a, b, torch.float64, scale_floor=0.1)
+            assert ok, f"{name}[{i}]: {detail}"
+    # plain autograd of a compiled loss: the targets' and the weight's .grad
+    leaves = [t.clone().requires_grad_() for t in (x[0], y[0], w)]
+    refs = [t.clone().requires_grad_() for t in (x[0], y[0], w)]
+    torch._dynamo.reset()
+    torch.compile(lambda a, b, c: fused_nll.cross_entropy(a, b, weight=c, **kw),
+                  fullgraph=True)(*leaves).backward()
+    F.cross_entropy(refs[0], refs[1], weight=refs[2], **kw).backward()
+    for name, a, b in zip(("input", "target", "weight"), leaves, refs):
+        ok, detail = close(a.grad, b.grad, torch.float64, scale_floor=0.1)
+        assert ok, f"{name}: {detail}"
+
+
+def test_derivatives_wrt_the_weight_with_class_indices_are_refused(target):
+    # (torch has none either: "the derivative for 'weight' is not implemented")
     x = torch.randn(3, C, dtype=torch.float64, device=target)
-    y = torch.softmax(torch.randn(3, C, dtype=torch.float64, device=target), 1)
     t = torch.randint(0, C, (3,), device=target)
     w = torch.rand(C, dtype=torch.float64, device=target)
-    with pytest.raises(RuntimeError, match="probability targets are not supported"):
-        jvp(lambda y: fused_nll.cross_entropy(x, y), (y,), (torch.randn_like(y),))
-    with pytest.raises(RuntimeError, match="with respect to argument 'weight'"):
+    with pytest.raises(RuntimeError, match="weight.*class-index targets"):
         grad(lambda w: fused_nll.cross_entropy(x, t, weight=w))(w)
-    with pytest.raises(RuntimeError, match="with respect to argument 'weight'"):
+    with pytest.raises(RuntimeError, match="weight.*class-index targets"):
+        jvp(lambda w: fused_nll.cross_entropy(x, t, weight=w), (w,), (w,))
+    with pytest.raises(RuntimeError, match="weight.*class-index targets"):
         fused_nll.cross_entropy(x, t, weight=w.clone().requires_grad_(True))
 
 

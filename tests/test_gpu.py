@@ -66,6 +66,10 @@ def test_opcheck_triton_ops(dtype):
             torch.library.opcheck(ops.triton_cross_entropy_fwd.default, (x, t, None, -100, 0.0, reduction, False, True))
             y = torch.softmax(torch.randn(6, 11, device="cuda"), 1).to(dtype)
             torch.library.opcheck(ops.triton_cross_entropy_prob_fwd.default, (x, y, w, 0.1, reduction, False))
+            if requires_grad:  # the targets' and the weight's gradients too
+                torch.library.opcheck(ops.triton_cross_entropy_prob_fwd.default,
+                                      (x, y.clone().requires_grad_(True),
+                                       w.clone().requires_grad_(True), 0.1, reduction, False))
     torch.library.opcheck(ops.triton_scale_grad_.default, (torch.randn(6, 11, device="cuda", dtype=dtype),
                                                             torch.tensor(0.5, device="cuda", dtype=dtype)))
     x = torch.randn(6, 11, device="cuda", dtype=dtype)

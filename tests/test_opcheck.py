@@ -38,6 +38,9 @@ def test_cross_entropy_prob_fwd(dtype, requires_grad, reduction):
     y = torch.softmax(torch.randn(6, 11), 1).to(dtype)
     for compute_grad in (False, True):
         torch.library.opcheck(ops.cross_entropy_prob_fwd.default, (x, y, w, 0.1, reduction, compute_grad))
+    if requires_grad:  # the targets' and the weight's gradients (from the saved lse)
+        y, w = y.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        torch.library.opcheck(ops.cross_entropy_prob_fwd.default, (x, y, w, 0.1, reduction, False))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

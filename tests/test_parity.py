@@ -154,6 +154,55 @@ def test_probability_targets_row_blocks(target, dtype, reduction, layout):
         check_parity("cross_entropy", wide, y.to(dtype).to(target), weight=w, reduction=reduction)
 
 
+# Probability targets and a class weight that require grad (torch differentiates both:
+# a distillation target from a model being trained, learned class weights): their
+# gradients, and the logits' (then recomputed from the saved log-sum-exp), against
+# torch's autograd in fp64. Shapes: one sample (C,), rows, K-dim, channels-last (run
+# through its (R, C) view); a -inf logit (torch: an infinite target gradient there).
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape", ["C", "NC", "NCHW", "channels_last"])
+def test_gradients_wrt_probability_targets_and_weight(target, dtype, reduction, shape):
+    torch.manual_seed(11)
+    dims = {"C": (9,), "NC": (13, 9), "NCHW": (2, 9, 3, 4), "channels_last": (2, 9, 3, 4)}[shape]
+    x64 = logits(*dims, dtype=torch.float64)
+    x64.view(-1)[4] = float("-inf")
+    y64 = torch.softmax(torch.randn(dims, dtype=torch.float64), 1 if len(dims) > 1 else 0)
+    w_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    w64 = (torch.rand(dims[1] if len(dims) > 1 else dims[0], dtype=torch.float64) + 0.1)
+    x, w = x64.to(dtype).to(target), w64.to(w_dtype).to(target)
+    if shape == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    for y_dtype in {dtype, torch.float32}:
+        y = y64.to(y_dtype).to(target)
+        for wants in ((True, True, True), (False, True, False), (False, False, True)):
+            leaves = [t.detach().clone().requires_grad_(want) for t, want in zip((x, y, w), wants)]
+            if shape == "channels_last":
+                leaves[0] = leaves[0].detach().contiguous(
+                    memory_format=torch.channels_last).requires_grad_(wants[0])
+            loss = fused_nll.cross_entropy(*leaves, reduction=reduction, label_smoothing=0.15)
+            upstream = torch.randn(loss.shape, dtype=torch.float64).to(loss.dtype).to(target)
+            refs = [t.detach().double().cpu().requires_grad_(want)
+                    for t, want in zip(leaves, wants)]
+            ref = F.cross_entropy(*refs, reduction=reduction, label_smoothing=0.15)
+            ok, detail = close(loss, ref, dtype)
+            assert ok, f"loss: {detail}"
+            got = torch.autograd.grad(loss, [t for t in leaves if t.requires_grad], upstream)
+            want = torch.autograd.grad(ref, [t for t in refs if t.requires_grad],
+                                       upstream.double().cpu())
+            rows = max(1, x.numel() // dims[1 if len(dims) > 1 else 0])
+            floor = upstream.abs().max().item() / (rows if reduction == "mean" else 1)
+            names = [n for n, want_it in zip(("input", "target", "weight"), wants) if want_it]
+            leaf_of = dict(zip(("input", "target", "weight"), leaves))
+            for name, g, r in zip(names, got, want):
+                leaf = leaf_of[name]
+                assert g.dtype == leaf.dtype and g.shape == leaf.shape, name
+                # each gradient in its tensor's dtype, from the inputs' rounded values
+                tol_dtype = max((dtype, leaf.dtype), key=lambda d: TOLERANCES[d][0])
+                ok, detail = close(g, r, tol_dtype, scale_floor=floor)
+                assert ok, f"{name} ({y_dtype} target): {detail}"
+
+
 # Layouts whose classes are not contiguous in the row layout the kernels index
 # (the CPU kernel gathers blocks of such rows into a class-major scratch): channels-last
 # (N, C, H, W) (S = 63 pixels: blocks that end inside an image), a transposed (C, N)

@@ -23,7 +23,9 @@ Differentiating transforms (grad, vjp, jacrev, jvp, jacfwd, linearize):
   innermost differentiating level only; so there a transform nested in another
   differentiating one, or over tensors that plain autograd records too, raises
   (`refuse_unrecorded_levels`) instead of losing those levels' derivatives.
-Second-order transforms (hessian, jacfwd(jacrev)) raise (`refuse_second_order`):
+Both also differentiate the probability-target loss with respect to the targets and
+the class weight, as torch does (`prob_target_weight_grads`, torch ops from the saved
+lse). Second-order transforms (hessian, jacfwd(jacrev)) raise (`refuse_second_order`):
 the backward op has no derivative of its own.
 """
 from __future__ import annotations
@@ -334,18 +336,93 @@ def refuse_unrecorded_levels(input: torch.Tensor) -> None:
             "model.named_parameters()}), or call it eagerly.")
 
 
-def refuse_target_or_weight_derivative(target: bool, weight: bool) -> None:
-    """Raises when a derivative is asked with respect to the probability targets or
-    the class weight (a tangent, or a gradient in backward). The public functions
-    refuse tensors that require grad up front; this catches the rest (torch.func
-    transforms under torch.compile, direct op calls)."""
-    if target or weight:
-        what, fix = (("probability targets", "target.detach()") if target
-                     else ("class weight", "weight.detach()"))
+def refuse_target_or_weight_derivative(target: bool, weight: bool, prob: bool) -> None:
+    """Raises when a derivative is asked with respect to the class weight with class
+    indices (a tangent, or a gradient in backward), which torch does not have either, or
+    with respect to probability targets or the weight where the op computed its gradient
+    in the forward pass (`compute_grad=True`, a direct op call: the logits' log-sum-exp
+    is not kept). The public functions refuse a weight that requires grad with class
+    indices up front; this catches the rest (torch.func transforms under torch.compile,
+    direct op calls)."""
+    if not (target or weight):
+        return
+    if not prob:
         raise RuntimeError(
-            f"fused_nll: derivatives with respect to the {what} are not "
-            f"supported; pass {fix} (no tangent, no requires_grad), or use "
-            "torch.nn.functional.cross_entropy for those derivatives.")
+            "fused_nll: derivatives with respect to the class weight are not supported with "
+            "class-index targets (nor by torch's nll_loss); pass weight.detach() (no "
+            "tangent, no requires_grad).")
+    raise RuntimeError(
+        "fused_nll: derivatives with respect to the probability targets or the class weight "
+        "of an op called with compute_grad=True are not supported: that call keeps its "
+        "gradient, not the log-sum-exp they need. Call it with compute_grad=False, or use "
+        "fused_nll.cross_entropy, which differentiates them.")
+
+
+def _prob_terms(input, target, weight, lse, args):
+    """What the derivatives of the probability-target loss with respect to the targets
+    and the class weight need (torch's formula, docs/ops.md): (lp, y', w, smoothing,
+    reduction, rows), lp = input - lse (log_softmax, from the saved log-sum-exp, in its
+    accumulation dtype: a float32 copy of half-precision logits, as torch's own
+    log_softmax output), y' = (1 - eps) y + eps/C, w the weight shaped to broadcast over
+    the classes' dimension (or None), rows the number of rows (a mean's divisor)."""
+    label_smoothing, reduction = args
+    acc = lse.dtype
+    per_class = [input.shape[1]] + [1] * (input.dim() - 2) if input.dim() > 1 else [-1]
+    classes = per_class[0] if input.dim() > 1 else input.shape[0]
+    lp = input.to(acc) - (lse.unsqueeze(1) if input.dim() > 1 else lse)
+    y = target.to(acc) * (1.0 - label_smoothing) + label_smoothing / max(classes, 1)
+    w = None if weight is None else weight.to(acc).reshape(per_class)
+    return lp, y, w, label_smoothing, reduction, lse.numel()
+
+
+def _upstream_per_row(grad, reduction: int, rows: int, input: torch.Tensor):
+    """The loss's upstream gradient (or tangent) as each row sees it, to broadcast over
+    the classes: per row for "none", a mean's divided by the row count (torch's
+    probability-target mean)."""
+    if reduction == _NONE:
+        return grad.unsqueeze(1) if input.dim() > 1 else grad
+    return grad / rows if reduction == _MEAN and rows else grad
+
+
+def prob_target_weight_grads(grad_loss, input, target, weight, lse, args, need_target: bool,
+                             need_weight: bool):
+    """Gradients of the probability-target loss with respect to the targets and the
+    class weight (None where not needed), torch's: dL/dy_c = -(1 - eps) w_c lp_c g_r and
+    dL/dw_c = -sum_r y'_rc lp_rc g_r (g_r: the row's upstream gradient). Torch ops, in
+    the accumulation dtype; only when one of them is asked for (a target or weight that
+    requires grad), so the fused path keeps its single pass otherwise. `args`:
+    (label_smoothing, reduction)."""
+    lp, y, w, smoothing, reduction, rows = _prob_terms(input, target, weight, lse, args)
+    g = _upstream_per_row(grad_loss.to(lp.dtype), reduction, rows, input)
+    grad_target = grad_weight = None
+    if need_weight and weight is not None:
+        dims = [d for d in range(lp.dim()) if d != (1 if input.dim() > 1 else 0)]
+        grad_weight = -(y * lp * g).sum(dims) if dims else -(y * lp * g)
+        grad_weight = grad_weight.to(weight.dtype)
+    if need_target:  # (out of place: in place fails under vmap with a batched g)
+        coef = g * -(1.0 - smoothing)
+        grad_target = (lp * (coef if w is None else w * coef)).to(target.dtype)
+    return grad_target, grad_weight
+
+
+def _prob_target_weight_tangent(input, target, weight, lse, args, target_t, weight_t):
+    """The loss's tangent from the probability targets' and the weight's tangents (the
+    contraction of prob_target_weight_grads with them), per row or reduced, in the
+    accumulation dtype; None when neither has a tangent."""
+    if target_t is None and weight_t is None:
+        return None
+    lp, y, w, smoothing, reduction, rows = _prob_terms(input, target, weight, lse, args)
+    terms = []
+    if target_t is not None:
+        dy = target_t.to(lp.dtype) * (1.0 - smoothing)
+        terms.append(dy if w is None else dy * w)
+    if weight_t is not None:
+        terms.append(y * weight_t.to(lp.dtype).reshape(w.shape))
+    per_row = -(sum(terms) * lp).sum(1 if input.dim() > 1 else 0)
+    if reduction == _NONE:
+        return per_row
+    total = per_row.sum()
+    return total / rows if reduction == _MEAN and rows else total
 
 
 def loss_jvp(bwd_op, prob: bool, args, precomputed: bool, loss_dtype, saved, input_t,
@@ -356,9 +433,15 @@ def loss_jvp(bwd_op, prob: bool, args, precomputed: bool, loss_dtype, saved, inp
     (input, target, weight, lse), or (grad, target, weight) when the op computed
     its gradient."""
     refuse_second_order("jvp", saved[0])
-    refuse_target_or_weight_derivative(target_t is not None, weight_t is not None)
+    if not prob or precomputed:  # (torch has no weight derivative with class indices)
+        refuse_target_or_weight_derivative(target_t is not None, weight_t is not None,
+                                           prob=prob)
+    extra = None
+    if prob and not precomputed:
+        with torch.no_grad():
+            extra = _prob_target_weight_tangent(*saved, args, target_t, weight_t)
     if input_t is None:
-        return None
+        return None if extra is None else extra.to(loss_dtype)
     reduction = args[-1] if prob else args[-2]
     with torch.no_grad():
         if precomputed:
@@ -384,6 +467,8 @@ def loss_jvp(bwd_op, prob: bool, args, precomputed: bool, loss_dtype, saved, inp
         # as torch's (for probability targets torch's nan is a constant)
         den, _ = _denominator(_MEAN, False, target, weight, args[0], 1, target.numel(), acc)
         tangent = torch.where(den.reshape(()) == 0, float("nan"), tangent)
+    if extra is not None:
+        tangent = tangent + extra
     return tangent.to(loss_dtype)
 
 
@@ -430,9 +515,17 @@ class FuncLoss(torch.autograd.Function):
         if grad_loss is None:
             return (None,) * (6 + len(ctx.args))
         refuse_second_order("grad", input)
+        need_input, need_target, need_weight = ctx.needs_input_grad[3:6]
+        if not ctx.prob:  # (an integer target has no gradient)
+            refuse_target_or_weight_derivative(False, need_weight, prob=False)
+        grad = grad_target = grad_weight = None
         with torch.no_grad():  # first order only (above): nothing to record
-            grad = ctx.bwd(grad_loss, input, target, weight, lse, *ctx.args)
-        return (None, None, None, grad, None, None) + (None,) * len(ctx.args)
+            if need_input:
+                grad = ctx.bwd(grad_loss, input, target, weight, lse, *ctx.args)
+            if ctx.prob and (need_target or need_weight):
+                grad_target, grad_weight = prob_target_weight_grads(
+                    grad_loss, input, target, weight, lse, ctx.args, need_target, need_weight)
+        return (None, None, None, grad, grad_target, grad_weight) + (None,) * len(ctx.args)
 
     @staticmethod
     def jvp(ctx, _triton, _prob, _loss_dtype, input_t, target_t, weight_t, *_args_t):

@@ -243,18 +243,25 @@ def _register_op_autograd(name: str, bwd_op, n_args: int) -> None:
             none = (None,) * (n_args + 4)  # target, weight, args, compute_grad, loss_dtype
             if grad_loss is None:
                 return (None,) + none
-            _func.refuse_target_or_weight_derivative(ctx.needs_input_grad[1],
-                                                     ctx.needs_input_grad[2])
+            need_input, need_target, need_weight = ctx.needs_input_grad[:3]
+            if not prob or ctx.precomputed:
+                _func.refuse_target_or_weight_derivative(need_target, need_weight, prob)
             saved = ctx.saved_tensors
             _func.refuse_second_order("grad", saved[0])
+            grad = grad_target = grad_weight = None
             with torch.no_grad():  # first order only: nothing to record
                 if ctx.precomputed:
                     (grad,) = saved
                     grad = _times_upstream(grad, grad_loss).to(grad.dtype)
                 else:
                     input, target, weight, lse = saved
-                    grad = bwd_op(grad_loss, input, target, weight, lse, *ctx.args)
-            return (grad,) + none
+                    if need_input:
+                        grad = bwd_op(grad_loss, input, target, weight, lse, *ctx.args)
+                    if need_target or need_weight:  # probability targets (above)
+                        grad_target, grad_weight = _func.prob_target_weight_grads(
+                            grad_loss, input, target, weight, lse, ctx.args, need_target,
+                            need_weight)
+            return (grad, grad_target, grad_weight) + none[2:]
 
         @staticmethod
         def jvp(ctx, input_t, target_t, weight_t, *_rest_t):

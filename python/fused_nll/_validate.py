@@ -154,8 +154,9 @@ def index_target(target: torch.Tensor) -> torch.Tensor:
 
 def weight(weight, input: torch.Tensor, fn: str, prob: bool = False):
     """The class weights as the kernels read them: 1-D, contiguous, in the
-    accumulation dtype (a C-element cast when the dtype differs). prob: the targets
-    are probabilities (torch differentiates with respect to weight there)."""
+    accumulation dtype (a C-element cast when the dtype differs, differentiable). prob:
+    the targets are probabilities (torch differentiates with respect to weight there,
+    and so does fused_nll; with class indices neither does)."""
     if weight is None:
         return None
     if not isinstance(weight, torch.Tensor):
@@ -173,15 +174,12 @@ def weight(weight, input: torch.Tensor, fn: str, prob: bool = False):
             "Fix: weight.float()."
         )
     check_same_device(input, weight, "weight", fn)
-    if weight.requires_grad and torch.is_grad_enabled():
-        torch_does = (
-            "torch's cross_entropy is, for probability targets, but fused_nll computes no "
-            "weight gradient. Fix: pass weight.detach(), or use F.cross_entropy where the "
-            "class weights are learned." if prob else
-            "nor is torch's nll_loss_forward. Fix: pass weight.detach().")
+    if weight.requires_grad and torch.is_grad_enabled() and not prob:
         raise RuntimeError(
-            f"fused_nll.{fn} is not differentiable with respect to argument 'weight', but the "
-            f"weight passed requires grad; {torch_does}"
+            f"fused_nll.{fn} is not differentiable with respect to argument 'weight' with "
+            "class-index targets (nor is torch's nll_loss_forward), but the weight passed "
+            "requires grad. Fix: pass weight.detach() (class weights are learned only with "
+            "probability targets, where both differentiate them)."
         )
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
     return weight.to(acc).contiguous()

@@ -6,7 +6,9 @@ the loss must have torch's autocast dtype, float32 for fp16/bf16, at fp32 precis
 on logits in another memory layout (channels-last (N, C, H, W), a transposed (C, N)
 matrix) with class-index ("ce-layout") and probability ("prob-layout") targets, and
 per-sample losses and gradients by torch.func.vmap(grad(...)) over two halves of the
-batch ("ce-vmap", against torch's module on each half).
+batch ("ce-vmap", against torch's module on each half), and the gradients with respect
+to probability targets and the class weight ("prob-grads": both require grad, as a
+distillation target from a model being trained or learned class weights).
 Shapes: LM-like rows, short rows, (N, C, H, W) with a few and with many pixels, and
 70000 rows of 3 classes for "ce" and "nll" (not fp16): a mean's divisor summed over more
 rows than one GPU program or block sums (and than a serial fp32 sum keeps exact enough)."""
@@ -58,6 +60,7 @@ def cases(quick: bool, many_rows: bool = True):
             yield "ce", shape, weighted, ignore_index, ls
         for ls in [0.0, 0.1]:
             yield "ce-prob", shape, weighted, -100, ls
+            yield "prob-grads", shape, weighted, -100, ls
         for ignore_index in [-100, 1]:
             yield "nll", shape, weighted, ignore_index, 0.0
         for ls in [0.0, 0.1]:  # inplace_backward=True: the gradient over the logits
@@ -92,6 +95,33 @@ def _per_sample_case(x, target, weight, ignore_index, reduction, ls, gen, device
             grad_out)
 
 
+def _target_weight_case(x, target, weight, reduction, ls, gen, device):
+    """"prob-grads": the gradients of cross_entropy with respect to the logits, the
+    probability targets and the weight (when given), against torch's in fp64.
+    Returns (ok, max error, fraction of the tolerance) over the loss and the three."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, target, weight)
+              if t is not None]
+    loss = fused_nll.cross_entropy(*leaves[:2], weight=leaves[2] if weight is not None else None,
+                                   reduction=reduction, label_smoothing=ls)
+    refs = [t.detach().double().requires_grad_(True) for t in leaves]
+    ref = nn.functional.cross_entropy(*refs[:2], weight=refs[2] if weight is not None else None,
+                                      reduction=reduction, label_smoothing=ls)
+    grad_out = (torch.randn(loss.shape, generator=gen, dtype=torch.float64).to(loss.dtype).to(device)
+                if reduction == "none" else torch.ones((), dtype=loss.dtype, device=device))
+    grads = torch.autograd.grad(loss, leaves, grad_out)
+    ref_grads = torch.autograd.grad(ref, refs, grad_out.double())
+    rows = max(1, x.numel() // x.shape[1]) if reduction == "mean" else 1
+    floor = grad_out.abs().max().item() / rows
+    results = [compare(loss, ref, x.dtype)]
+    for leaf, g, r in zip(leaves, grads, ref_grads):
+        # each in its tensor's dtype, at the looser of its and the logits' tolerance
+        dtype = max((x.dtype, leaf.dtype), key=lambda d: tolerance(d)[0])
+        results.append(compare(g, r, dtype, scale_floor=floor) if g.dtype == leaf.dtype
+                       else (False, float("inf"), float("inf"), f"dtype {g.dtype}"))
+    return (all(r[0] for r in results), max(r[1] for r in results),
+            max(r[2] for r in results))
+
+
 def run_case(kind, shape, weighted, ignore_index, ls, dtype, reduction, device):
     gen = torch.Generator().manual_seed(hash((kind, shape, weighted, ignore_index, ls)) % 2**31)
     classes = shape[1]
@@ -100,7 +130,7 @@ def run_case(kind, shape, weighted, ignore_index, ls, dtype, reduction, device):
     if kind.endswith("-layout"):  # the same values; K-dim: classes innermost in memory
         # (channels-last); 2-D: a transposed (C, N) matrix, classes N apart
         x = x.movedim(1, -1).contiguous().movedim(-1, 1) if x.dim() > 2 else x.t().contiguous().t()
-    if kind in ("ce-prob", "prob-layout"):
+    if kind in ("ce-prob", "prob-layout", "prob-grads"):
         target = torch.softmax(torch.randn(shape, generator=gen, dtype=torch.float64), 1).to(dtype).to(device)
     else:
         target = torch.randint(0, classes, rows_shape, generator=gen)
@@ -109,6 +139,8 @@ def run_case(kind, shape, weighted, ignore_index, ls, dtype, reduction, device):
     weight = (torch.rand(classes, generator=gen) + 0.2).to(device) if weighted else None
     if kind == "nll":  # nll_loss takes log-probabilities
         x = torch.log_softmax(x.double(), 1).to(dtype)
+    if kind == "prob-grads":
+        return _target_weight_case(x, target, weight, reduction, ls, gen, device)
     if kind == "ce-vmap":
         loss, grad, ref_loss, ref_grad, grad_out = _per_sample_case(
             x, target, weight, ignore_index, reduction, ls, gen, device)
@@ -172,7 +204,8 @@ def run(device: str | None = None, backend: str | None = None, quick: bool = Fal
         with fused_nll.use_backend(name):
             for dtype, kind, reduction in itertools.product(DTYPES, ["ce", "ce-prob", "nll", "ce-inpl",
                                                                     "ce-amp", "ce-layout",
-                                                                    "prob-layout", "ce-vmap"],
+                                                                    "prob-layout", "ce-vmap",
+                                                                    "prob-grads"],
                                                             REDUCTIONS):
                 # (MANY_ROWS not in fp16, whose sum of 70000 losses overflows and whose
                 # mean's gradient, ~1/70000, is subnormal, so no longer at fp16's rtol)

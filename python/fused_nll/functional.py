@@ -136,15 +136,17 @@ def _run(prob: bool, inplace: bool, loss_dtype, input, target, weight, *args) ->
         loss = _run(prob, inplace, loss_dtype, *view, weight, *args)
         return loss.reshape(_ops.rows_shape(input)) if reduction == 0 else loss
     triton = _backend.select(input.device, input) == "triton"
+    # probability targets or a weight that require grad: their gradients need the
+    # logits and the lse in backward, which only the op's own autograd keeps
+    others_need_grad = (target.requires_grad or weight is not None and weight.requires_grad)
     precompute = (reduction != 0 and input.requires_grad and torch.is_grad_enabled()
-                  and not torch.compiler.is_compiling())
+                  and not torch.compiler.is_compiling() and not others_need_grad)
     if inplace or precompute:
         return _ops.FusedLoss.apply(triton, prob, inplace, loss_dtype, input, target, weight,
                                     *args)
     family = _ops.triton_family() if triton else _ops.CPP
     if _ops.eager_direct(input, target, weight) and not (
-            torch.is_grad_enabled() and (input.requires_grad
-                                         or weight is not None and weight.requires_grad)):
+            torch.is_grad_enabled() and (input.requires_grad or others_need_grad)):
         family = family.direct  # no autograd to record: straight to the kernels
     fwd = family.prob_fwd if prob else family.fwd
     return fwd(input, target, weight, *args, False, loss_dtype=loss_dtype)[0]
@@ -225,10 +227,14 @@ def cross_entropy(
                 f"got probability targets with ignore_index={ignore_index}. Drop ignore_index "
                 "(or pass class indices), or zero the rows' probabilities instead."
             )
-        if target.requires_grad and torch.is_grad_enabled():
+        if inplace and torch.is_grad_enabled() and (
+                target.requires_grad or weight is not None and weight.requires_grad):
+            what = "target" if target.requires_grad else "weight"
             raise RuntimeError(
-                "fused_nll.cross_entropy: gradients with respect to probability targets are "
-                "not supported; pass target.detach() (e.g. a teacher's probabilities)."
+                f"fused_nll.cross_entropy: inplace_backward=True with a {what} that requires "
+                f"grad: the {what}'s gradient needs the logits, which the in-place pass "
+                f"overwrites with their gradient. Drop inplace_backward, or pass "
+                f"{what}.detach()."
             )
         loss = _run(True, inplace, _loss_dtype(True, input, target, weight), input, target, w,
                     ls, red)
