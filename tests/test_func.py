@@ -438,6 +438,24 @@ def test_forward_ad_and_linearize(target):
         assert ok, f"linearize, {reduction}: {detail}"
 
 
+def test_linearize_of_a_gradient_is_refused(target):
+    # forward-over-reverse through torch.func.linearize (a Hessian-vector product): it
+    # traces grad(f) on dual logits with make_fx, where fused_nll cannot see the tangent;
+    # second order, so refused (it silently gave zeros), like jvp(grad(f))
+    x, t, _ = _case("ce", (4, C), torch.float64, target, seed=12)
+    x, t = x[0], t[0].clamp_min(0)
+    f = grad(lambda a: fused_nll.cross_entropy(a, t))
+    with pytest.raises(RuntimeError, match="second-order derivatives"):
+        torch.func.linearize(f, x)
+    with pytest.raises(RuntimeError, match="second-order derivatives"):
+        jvp(f, (x,), (x,))
+    # first order inside a forward-AD level still works: linearize of the loss itself
+    _, linear = torch.func.linearize(lambda a: fused_nll.cross_entropy(a, t), x)
+    want = jvp(lambda a: F.cross_entropy(a, t), (x,), (x.cos(),))[1]
+    ok, detail = close(linear(x.cos()), want, torch.float64)
+    assert ok, detail
+
+
 def test_vmap_inside_grad_and_jacfwd(target):
     x, t, _ = _case("ce", (4, C), torch.float64, target, seed=10)
     t = t[0].clamp_min(0)

@@ -271,7 +271,14 @@ def refuse_second_order(transform: str, tensor: torch.Tensor) -> None:
     if (transform == "grad" and _fwad._current_level >= 0
             and _fwad.unpack_dual(base).tangent is not None):
         # a backward whose logits carry a plain forward-mode tangent (forward-over-reverse:
-        # torch.func.linearize(grad(f)), or forward_ad dual logits then autograd.grad)
+        # forward_ad dual logits then autograd.grad)
+        raise RuntimeError(_SECOND_ORDER)
+    if (transform == "grad" and _fwad._current_level >= 0 and diffs
+            and not any(i.key() == TransformType.Jvp for i in diffs)):
+        # a torch.func derivative inside a plain forward-AD level (not torch.func.jvp's,
+        # which is a transform of its own, above): torch.func.linearize(grad(f)) traces
+        # grad(f) on dual logits with make_fx, where the tangent is invisible here (the
+        # saved logits carry none), so the gradient's tangent would silently be 0
         raise RuntimeError(_SECOND_ORDER)
     if dead:
         first_order = not diffs
