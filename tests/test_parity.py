@@ -717,6 +717,30 @@ def test_positional_and_legacy_arguments_like_torch(target):
         assert record[0].filename == __file__
 
 
+def test_modules_are_torchs_modules(target):
+    # drop-ins for code that checks isinstance(loss_fn, nn.CrossEntropyLoss), reads its
+    # attributes, or loads a state_dict saved with torch's module (and the other way)
+    w = torch.rand(9) + 0.5
+    pairs = [(fused_nll.CrossEntropyLoss(w, ignore_index=2, reduction="sum", label_smoothing=0.1),
+              torch.nn.CrossEntropyLoss(w, ignore_index=2, reduction="sum", label_smoothing=0.1)),
+             (fused_nll.NLLLoss(w, ignore_index=2, reduction="none"),
+              torch.nn.NLLLoss(w, ignore_index=2, reduction="none"))]
+    x = logits(6, 9, device=target)
+    t = index_targets(6, 9, target, ignore_every=0)
+    for ours, theirs in pairs:
+        assert isinstance(ours, type(theirs)) and ours.inplace_backward is False
+        assert (ours.ignore_index, ours.reduction) == (theirs.ignore_index, theirs.reduction)
+        assert ours.state_dict().keys() == theirs.state_dict().keys() == {"weight"}
+        theirs.weight.mul_(2)
+        ours.load_state_dict(theirs.state_dict())
+        ours.to(target), theirs.to(target)  # the weight buffer moves with the module
+        assert ours.weight.device.type == target and torch.equal(ours.weight, theirs.weight)
+        inp = x if isinstance(ours, torch.nn.CrossEntropyLoss) else torch.log_softmax(x, 1)
+        ok, detail = close(ours(inp, t), theirs.double()(inp.double(), t), torch.float32)
+        assert ok, f"{type(ours).__name__}: {detail}"
+    assert repr(fused_nll.CrossEntropyLoss()) == "CrossEntropyLoss()"
+
+
 def _legacy(size_average, reduce):
     from torch.nn import _reduction
 

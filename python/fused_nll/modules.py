@@ -1,4 +1,6 @@
-"""nn.Module twins of torch.nn.CrossEntropyLoss and torch.nn.NLLLoss."""
+"""nn.Module twins of torch.nn.CrossEntropyLoss and torch.nn.NLLLoss: subclasses of
+torch's modules (so ``isinstance(loss_fn, torch.nn.CrossEntropyLoss)`` holds, and the
+attributes, the ``weight`` buffer and the state_dict are torch's), with a fused forward."""
 from __future__ import annotations
 
 import torch
@@ -6,24 +8,16 @@ import torch
 from . import functional
 
 
-class _WeightedLoss(torch.nn.Module):
-    def __init__(self, weight, size_average, reduce, reduction):
-        super().__init__()
-        # (stacklevel: the warning points at the user's constructor call)
-        self.reduction = functional._legacy_reduction(size_average, reduce, reduction,
-                                                      stacklevel=4)
-        self.register_buffer("weight", weight)  # moves with .to()/.cuda(), as in torch
-
-
-class CrossEntropyLoss(_WeightedLoss):
-    """Same constructor and call as ``torch.nn.CrossEntropyLoss``, plus the
-    keyword ``inplace_backward``; see :func:`fused_nll.cross_entropy`."""
+class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    """Same constructor and call as ``torch.nn.CrossEntropyLoss`` (a subclass of it),
+    plus the keyword ``inplace_backward``; see :func:`fused_nll.cross_entropy`."""
 
     def __init__(self, weight=None, size_average=None, ignore_index=-100, reduce=None,
                  reduction="mean", label_smoothing=0.0, *, inplace_backward=False):
-        super().__init__(weight, size_average, reduce, reduction)
-        self.ignore_index = ignore_index
-        self.label_smoothing = label_smoothing
+        # torch's deprecated size_average / reduce mapped here, so that the warning
+        # points at the user's constructor call (stacklevel), not inside torch
+        reduction = functional._legacy_reduction(size_average, reduce, reduction, stacklevel=3)
+        super().__init__(weight, None, ignore_index, None, reduction, label_smoothing)
         self.inplace_backward = inplace_backward
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -33,14 +27,15 @@ class CrossEntropyLoss(_WeightedLoss):
                                         inplace_backward=self.inplace_backward)
 
 
-class NLLLoss(_WeightedLoss):
-    """Same constructor and call as ``torch.nn.NLLLoss`` (input: log-probabilities);
-    see :func:`fused_nll.nll_loss`."""
+class NLLLoss(torch.nn.NLLLoss):
+    """Same constructor and call as ``torch.nn.NLLLoss`` (a subclass of it; input:
+    log-probabilities), plus the keyword ``inplace_backward``; see
+    :func:`fused_nll.nll_loss`."""
 
     def __init__(self, weight=None, size_average=None, ignore_index=-100, reduce=None,
                  reduction="mean", *, inplace_backward=False):
-        super().__init__(weight, size_average, reduce, reduction)
-        self.ignore_index = ignore_index
+        reduction = functional._legacy_reduction(size_average, reduce, reduction, stacklevel=3)
+        super().__init__(weight, None, ignore_index, None, reduction)
         self.inplace_backward = inplace_backward
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
