@@ -58,6 +58,7 @@ BAD_INPUTS = [
     ("ce-probs-ignore-index", ce, (x, probs), {"ignore_index": 0}, RuntimeError, ["ignore_index is not supported for floating point target"]),
     ("ce-probs-wrong-shape", ce, (x, torch.rand(N, C + 1)), {}, RuntimeError, ["size mismatch", "[4, 6]"]),
     ("ce-probs-requires-grad-inplace", ce, (x.clone().requires_grad_(True) * 1, probs.clone().requires_grad_(True)), {"inplace_backward": True}, RuntimeError, ["inplace_backward=True with a target that requires grad", "overwrites", "Drop inplace_backward", "target.detach()"]),
+    ("ce-probs-and-weight-require-grad-inplace", ce, (x.clone().requires_grad_(True) * 1, probs.clone().requires_grad_(True)), {"weight": torch.ones(C, requires_grad=True), "inplace_backward": True}, RuntimeError, ["with a target and weight that require grad", "target.detach() and weight.detach()"]),
     ("ce-probs-weight-requires-grad-inplace", ce, (x.clone().requires_grad_(True) * 1, probs), {"weight": torch.ones(C, requires_grad=True), "inplace_backward": True}, RuntimeError, ["with a weight that requires grad", "weight.detach()"]),
     ("ce-target-out-of-range", ce, (x, torch.tensor([0, 5, 1, 2])), {}, IndexError, ["Target 5 is out of bounds.", "fused_nll.cross_entropy: target[1] = 5", "[0, 4]", "ignore_index=-100", "1 target(s)"]),
     ("nll-target-negative", nll, (x, torch.tensor([0, -1, 1, 7])), {}, IndexError, ["Target -1 is out of bounds.", "fused_nll.nll_loss: target[1] = -1", "2 target(s)"]),

@@ -584,6 +584,60 @@ def test_derivatives_wrt_probability_targets_and_weight_compiled_fullgraph():
         assert ok, f"{name}: {detail}"
 
 
+def test_targets_and_weight_recorded_outside_torch_func(target):
+    # probability targets or a weight that require grad outside a torch.func derivative
+    # of the logits: eager, fused_nll warns (the derivative has no history through them,
+    # as for recorded parameters above); forward-over-reverse through their plain
+    # forward-mode tangents is second order: refused
+    import torch.autograd.forward_ad as fwAD
+
+    x, y, w = _case("prob", (4, C), torch.float64, target, seed=25)
+    x, y = x[0], y[0]
+    for kw in ({"target": y.clone().requires_grad_()},
+               {"target": y, "weight": w.clone().requires_grad_()}):
+        with pytest.warns(UserWarning, match="gradient penalty"):
+            grad(lambda a: fused_nll.cross_entropy(a, kw["target"], kw.get("weight")))(x)
+    for dual in ("target", "weight"):
+        with fwAD.dual_level():
+            yy = fwAD.make_dual(y, torch.randn_like(y)) if dual == "target" else y
+            ww = fwAD.make_dual(w, torch.randn_like(w)) if dual == "weight" else w
+            for reduction in REDUCTIONS:
+                xx = x.clone().requires_grad_()
+                loss = fused_nll.cross_entropy(xx, yy, ww, reduction=reduction)
+                with pytest.raises(RuntimeError, match="second-order derivatives"):
+                    torch.autograd.grad(loss.sum(), xx)
+
+
+@cpu_kernel_only
+def test_targets_and_weight_recorded_outside_torch_func_compiled():
+    # compiled, the op is recorded at the innermost transform only, so plain autograd
+    # cannot see a target or weight that requires grad outside it: refused, not dropped
+    x, y, w = _case("prob", (4, C), torch.float64, "cpu", seed=26)
+    x, y = x[0], y[0]
+    for yy, ww in ((y.clone().requires_grad_(), w), (y, w.clone().requires_grad_())):
+        for name, call in (("vjp", lambda: vjp(lambda a: fused_nll.cross_entropy(a, yy, ww), x)[0]),
+                           ("grad", lambda: grad(lambda a: fused_nll.cross_entropy(a, yy, ww))(x))):
+            torch._dynamo.reset()
+            with pytest.raises(Exception, match="plain autograd would not"):
+                torch.compile(call, fullgraph=True)()
+            assert name
+
+
+def test_backward_through_vmap_to_probability_targets(target):
+    # plain autograd after a vmap of the loss, with only the targets requiring grad
+    x, y, w = _case("prob", (4, C), torch.float64, target, seed=27)
+    yy, yr = y.clone().requires_grad_(), y.clone().requires_grad_()
+    call = lambda: vmap(lambda a, b: fused_nll.cross_entropy(a, b, w))(x, yy).sum().backward()  # noqa: E731
+    if OLD_TORCH_VMAP_BACKWARD:
+        with pytest.raises(RuntimeError, match=REVERSE_THROUGH_VMAP):
+            call()
+        return
+    call()
+    torch.stack([F.cross_entropy(x[b], yr[b], w) for b in range(B)]).sum().backward()
+    ok, detail = close(yy.grad, yr.grad, torch.float64)
+    assert ok, detail
+
+
 def test_derivatives_wrt_the_weight_with_class_indices_are_refused(target):
     # (torch has none either: "the derivative for 'weight' is not implemented")
     x = torch.randn(3, C, dtype=torch.float64, device=target)

@@ -175,11 +175,12 @@ def test_gradients_wrt_probability_targets_and_weight(target, dtype, reduction, 
         x = x.contiguous(memory_format=torch.channels_last)
     for y_dtype in {dtype, torch.float32}:
         y = y64.to(y_dtype).to(target)
+        if shape == "channels_last" and y_dtype == dtype:  # (the (R, C) view of both)
+            y = y.contiguous(memory_format=torch.channels_last)
         for wants in ((True, True, True), (False, True, False), (False, False, True)):
             leaves = [t.detach().clone().requires_grad_(want) for t, want in zip((x, y, w), wants)]
-            if shape == "channels_last":
-                leaves[0] = leaves[0].detach().contiguous(
-                    memory_format=torch.channels_last).requires_grad_(wants[0])
+            if shape == "channels_last":  # (clone keeps the layouts: the view runs or not)
+                assert leaves[0].stride() == x.stride() and leaves[1].stride() == y.stride()
             loss = fused_nll.cross_entropy(*leaves, reduction=reduction, label_smoothing=0.15)
             upstream = torch.randn(loss.shape, dtype=torch.float64).to(loss.dtype).to(target)
             refs = [t.detach().double().cpu().requires_grad_(want)

@@ -216,7 +216,7 @@ def _unwrapped(t: torch.Tensor) -> torch.Tensor:
 _VMAP_BACKWARD_TAKES_NONE = torch.torch_version.TorchVersion(torch.__version__) >= (2, 7)
 
 
-def refuse_reverse_mode_through_vmap(input: torch.Tensor) -> None:
+def refuse_reverse_mode_through_vmap(*tensors: torch.Tensor | None) -> None:
     """On torch < 2.7, raises a clear error up front for a vmap of the loss that
     reverse mode will differentiate (grad(vmap(f)), jacrev(vmap(f)), or plain autograd
     after vmap(f), e.g. an ensemble's loss.backward()), which would otherwise fail
@@ -229,9 +229,9 @@ def refuse_reverse_mode_through_vmap(input: torch.Tensor) -> None:
     vmaps = [i.level() for i in interpreters if i.key() == TransformType.Vmap]
     if not vmaps:
         return
-    base = _unwrapped(input)
+    recorded = any(_unwrapped(t).requires_grad for t in tensors if t is not None)
     outer_grad = any(i.key() == TransformType.Grad and i.level() < max(vmaps) for i in interpreters)
-    if outer_grad or (base.requires_grad and torch.is_grad_enabled()):
+    if outer_grad or (recorded and torch.is_grad_enabled()):
         raise RuntimeError(
             f"fused_nll: on torch {torch.__version__}, reverse-mode derivatives through a "
             "torch.func.vmap of the loss (grad(vmap(f)), jacrev(vmap(f)), or backward() "
@@ -241,10 +241,20 @@ def refuse_reverse_mode_through_vmap(input: torch.Tensor) -> None:
             "and jacfwd work here.")
 
 
-def refuse_second_order(transform: str, tensor: torch.Tensor) -> None:
+def _has_tangent(t: torch.Tensor | None) -> bool:
+    """Whether `t` (under its torch.func wrappers) carries a plain forward-mode tangent."""
+    return (t is not None and _fwad._current_level >= 0
+            and _fwad.unpack_dual(_unwrapped(t)).tangent is not None)
+
+
+def refuse_second_order(transform: str, tensor: torch.Tensor, others=(),
+                        input_grad: bool = True) -> None:
     """Raises when this backward (transform "grad") or jvp ("jvp") is itself being
     differentiated: a second-order derivative (hessian, jacfwd(jacrev), grad(grad)),
-    which the fused kernels cannot give. `tensor`: the saved logits.
+    which the fused kernels cannot give. `tensor`: the saved logits; `others`: the
+    saved probability targets and weight (their gradients and tangents come from torch
+    ops, which carry a forward-mode tangent themselves, but the logits' gradient, when
+    `input_grad`, comes from the kernel and would drop theirs).
 
     - Their wrapper is dead (a vjp_fn called after its vjp exited, as jacrev does):
       first order unless some differentiating transform is still live around it.
@@ -268,10 +278,11 @@ def refuse_second_order(transform: str, tensor: torch.Tensor) -> None:
         levels.append(functorch.maybe_get_level(base))
         base = functorch.get_unwrapped(base)
     dead = -2 in levels  # (inside vmap's generated rule, under a batched wrapper)
-    if (transform == "grad" and _fwad._current_level >= 0
-            and _fwad.unpack_dual(base).tangent is not None):
-        # a backward whose logits carry a plain forward-mode tangent (forward-over-reverse:
-        # forward_ad dual logits then autograd.grad)
+    if transform == "grad" and (_has_tangent(base) or input_grad and any(
+            _has_tangent(t) for t in others)):
+        # a backward whose logits (or, for the logits' gradient, probability targets or
+        # weight) carry a plain forward-mode tangent (forward-over-reverse: forward_ad
+        # dual tensors then autograd.grad)
         raise RuntimeError(_SECOND_ORDER)
     if (transform == "grad" and _fwad._current_level >= 0 and diffs
             and not any(i.key() == TransformType.Jvp for i in diffs)):
@@ -295,8 +306,10 @@ def refuse_second_order(transform: str, tensor: torch.Tensor) -> None:
     # a derivative computed here (under no_grad) that plain autograd would otherwise
     # record: torch.func.grad / vjp / jacrev (a grad level, live or dead) or a jvp on
     # tensors that require grad outside the transform
-    recorded = base.requires_grad and (transform == "jvp" and torch.is_grad_enabled()
-                                       or transform == "grad" and (bool(diffs) or dead))
+    requires_grad = base.requires_grad or any(
+        _unwrapped(t).requires_grad for t in others if t is not None)
+    recorded = requires_grad and (transform == "jvp" and torch.is_grad_enabled()
+                                  or transform == "grad" and (bool(diffs) or dead))
     if recorded:
         warnings.warn(
             "fused_nll: a torch.func derivative (grad, vjp, jacrev, jvp, ...) through the fused "
@@ -308,7 +321,8 @@ def refuse_second_order(transform: str, tensor: torch.Tensor) -> None:
             stacklevel=3)
 
 
-def refuse_unrecorded_levels(input: torch.Tensor) -> None:
+def refuse_unrecorded_levels(input: torch.Tensor, target: torch.Tensor | None = None,
+                             weight: torch.Tensor | None = None) -> None:
     """For the ops' own autograd (_ops.register_autograd), which records the op at the
     innermost live differentiating torch.func level only: raises when another level
     would need to record it too, i.e. another differentiating transform around that
@@ -332,8 +346,7 @@ def refuse_unrecorded_levels(input: torch.Tensor) -> None:
             "under torch.compile (or calling the op itself): there the loss is recorded at "
             "the innermost transform only. Call it eagerly (first-order combinations work "
             "there), or use torch.nn.functional.cross_entropy for higher-order derivatives.")
-    base = _unwrapped(input)
-    if base.requires_grad:
+    if any(_unwrapped(t).requires_grad for t in (input, target, weight) if t is not None):
         raise RuntimeError(
             "fused_nll: under torch.compile (or calling the op itself), a torch.func "
             "transform (grad, vjp, jacrev, jvp, ...) of the loss over tensors that plain "
@@ -370,16 +383,20 @@ def _prob_terms(input, target, weight, lse, args):
     and the class weight need (torch's formula, docs/ops.md): (lp, y', w, smoothing,
     reduction, rows), lp = input - lse (log_softmax, from the saved log-sum-exp, in its
     accumulation dtype: a float32 copy of half-precision logits, as torch's own
-    log_softmax output), y' = (1 - eps) y + eps/C, w the weight shaped to broadcast over
+    log_softmax output), a function giving y' = (1 - eps) y + eps/C, w the weight
+    shaped to broadcast over
     the classes' dimension (or None), rows the number of rows (a mean's divisor)."""
     label_smoothing, reduction = args
     acc = lse.dtype
     per_class = [input.shape[1]] + [1] * (input.dim() - 2) if input.dim() > 1 else [-1]
     classes = per_class[0] if input.dim() > 1 else input.shape[0]
     lp = input.to(acc) - (lse.unsqueeze(1) if input.dim() > 1 else lse)
-    y = target.to(acc) * (1.0 - label_smoothing) + label_smoothing / max(classes, 1)
+
+    def smoothed_targets():  # (only the weight's terms need them)
+        return target.to(acc) * (1.0 - label_smoothing) + label_smoothing / max(classes, 1)
+
     w = None if weight is None else weight.to(acc).reshape(per_class)
-    return lp, y, w, label_smoothing, reduction, lse.numel()
+    return lp, smoothed_targets, w, label_smoothing, reduction, lse.numel()
 
 
 def _upstream_per_row(grad, reduction: int, rows: int, input: torch.Tensor):
@@ -404,7 +421,8 @@ def prob_target_weight_grads(grad_loss, input, target, weight, lse, args, need_t
     grad_target = grad_weight = None
     if need_weight and weight is not None:
         dims = [d for d in range(lp.dim()) if d != (1 if input.dim() > 1 else 0)]
-        grad_weight = -(y * lp * g).sum(dims) if dims else -(y * lp * g)
+        terms = y() * lp * g  # (out of place: y may be unbatched under vmap)
+        grad_weight = -(terms.sum(dims) if dims else terms)
         grad_weight = grad_weight.to(weight.dtype)
     if need_target:  # (out of place: in place fails under vmap with a batched g)
         coef = g * -(1.0 - smoothing)
@@ -424,7 +442,7 @@ def _prob_target_weight_tangent(input, target, weight, lse, args, target_t, weig
         dy = target_t.to(lp.dtype) * (1.0 - smoothing)
         terms.append(dy if w is None else dy * w)
     if weight_t is not None:
-        terms.append(y * weight_t.to(lp.dtype).reshape(w.shape))
+        terms.append(y() * weight_t.to(lp.dtype).reshape(w.shape))
     per_row = -(sum(terms) * lp).sum(1 if input.dim() > 1 else 0)
     if reduction == _NONE:
         return per_row
@@ -439,7 +457,7 @@ def loss_jvp(bwd_op, prob: bool, args, precomputed: bool, loss_dtype, saved, inp
     classes of each row (reduction none) or over everything (mean, sum). `saved`:
     (input, target, weight, lse), or (grad, target, weight) when the op computed
     its gradient."""
-    refuse_second_order("jvp", saved[0])
+    refuse_second_order("jvp", saved[0], saved[1:3] if prob else saved[2:3])
     if not prob or precomputed:  # (torch has no weight derivative with class indices)
         refuse_target_or_weight_derivative(target_t is not None, weight_t is not None,
                                            prob=prob)
@@ -521,8 +539,9 @@ class FuncLoss(torch.autograd.Function):
         input, target, weight, lse, _ = ctx.saved_tensors
         if grad_loss is None:
             return (None,) * (6 + len(ctx.args))
-        refuse_second_order("grad", input)
         need_input, need_target, need_weight = ctx.needs_input_grad[3:6]
+        refuse_second_order("grad", input, (target, weight) if ctx.prob else (weight,),
+                            input_grad=need_input)
         if not ctx.prob:  # (an integer target has no gradient)
             refuse_target_or_weight_derivative(False, need_weight, prob=False)
         grad = grad_target = grad_weight = None

@@ -223,15 +223,15 @@ def _register_op_autograd(name: str, bwd_op, n_args: int) -> None:
     class OpAutograd(_SingleLevelFunction):
         @staticmethod
         def forward(ctx, input, target, weight, *rest):  # rest: args, compute_grad, loss_dtype
-            _func.refuse_unrecorded_levels(input)
+            _func.refuse_unrecorded_levels(input, target, weight)
             with torch._C._AutoDispatchBelowAutograd():
                 loss, lse, grad = op(input, target, weight, *rest)
             ctx.args, ctx.precomputed, ctx.loss_dtype = rest[:n_args], rest[n_args], loss.dtype
             ctx.mark_non_differentiable(lse, grad)
             # no zeros for an unused loss gradient, nor for the inputs without a tangent
             ctx.set_materialize_grads(False)
-            if ctx.precomputed:
-                ctx.save_for_backward(grad)
+            if ctx.precomputed:  # (target, weight: for refuse_second_order)
+                ctx.save_for_backward(grad, target, weight)
                 ctx.save_for_forward(grad, target, weight)
             else:
                 ctx.save_for_backward(input, target, weight, lse)
@@ -247,11 +247,13 @@ def _register_op_autograd(name: str, bwd_op, n_args: int) -> None:
             if not prob or ctx.precomputed:
                 _func.refuse_target_or_weight_derivative(need_target, need_weight, prob)
             saved = ctx.saved_tensors
-            _func.refuse_second_order("grad", saved[0])
+            others = saved[1:3]  # (target, weight) on both paths
+            _func.refuse_second_order("grad", saved[0], others if prob else others[1:],
+                                      input_grad=need_input)
             grad = grad_target = grad_weight = None
             with torch.no_grad():  # first order only: nothing to record
                 if ctx.precomputed:
-                    (grad,) = saved
+                    grad = saved[0]
                     grad = _times_upstream(grad, grad_loss).to(grad.dtype)
                 else:
                     input, target, weight, lse = saved

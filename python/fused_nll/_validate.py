@@ -179,7 +179,7 @@ def weight(weight, input: torch.Tensor, fn: str, prob: bool = False):
             f"fused_nll.{fn} is not differentiable with respect to argument 'weight' with "
             "class-index targets (nor is torch's nll_loss_forward), but the weight passed "
             "requires grad. Fix: pass weight.detach() (class weights are learned only with "
-            "probability targets, where both differentiate them)."
+            "cross_entropy's probability targets, where both differentiate them)."
         )
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
     return weight.to(acc).contiguous()

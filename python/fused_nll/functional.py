@@ -128,7 +128,7 @@ def _run(prob: bool, inplace: bool, loss_dtype, input, target, weight, *args) ->
         # (inplace is refused in torch.func: _validate.inplace_backward; the backend by
         # device only: a batched tensor has no strides to read)
         triton = _backend.select(input.device) == "triton"
-        _func.refuse_reverse_mode_through_vmap(input)
+        _func.refuse_reverse_mode_through_vmap(input, target, weight)
         return _func.FuncLoss.apply(triton, prob, loss_dtype, input, target, weight, *args)[0]
     reduction = args[-1] if prob else args[-2]
     view = _classes_innermost(prob, inplace, input, target)
@@ -227,14 +227,15 @@ def cross_entropy(
                 f"got probability targets with ignore_index={ignore_index}. Drop ignore_index "
                 "(or pass class indices), or zero the rows' probabilities instead."
             )
-        if inplace and torch.is_grad_enabled() and (
-                target.requires_grad or weight is not None and weight.requires_grad):
-            what = "target" if target.requires_grad else "weight"
+        named = [n for n, t in (("target", target), ("weight", weight))
+                 if t is not None and t.requires_grad]
+        if inplace and torch.is_grad_enabled() and named:
+            what = " and ".join(named)
             raise RuntimeError(
-                f"fused_nll.cross_entropy: inplace_backward=True with a {what} that requires "
-                f"grad: the {what}'s gradient needs the logits, which the in-place pass "
-                f"overwrites with their gradient. Drop inplace_backward, or pass "
-                f"{what}.detach()."
+                f"fused_nll.cross_entropy: inplace_backward=True with a {what} that require"
+                f"{'' if len(named) > 1 else 's'} grad: their gradient needs the logits, which "
+                "the in-place pass overwrites with their own gradient. Drop inplace_backward, "
+                f"or pass {' and '.join(n + '.detach()' for n in named)}."
             )
         loss = _run(True, inplace, _loss_dtype(True, input, target, weight), input, target, w,
                     ls, red)
