@@ -381,11 +381,11 @@ def refuse_target_or_weight_derivative(target: bool, weight: bool, prob: bool) -
 def _prob_terms(input, target, weight, lse, args):
     """What the derivatives of the probability-target loss with respect to the targets
     and the class weight need (torch's formula, docs/ops.md): (lp, y', w, smoothing,
-    reduction, rows), lp = input - lse (log_softmax, from the saved log-sum-exp, in its
-    accumulation dtype: a float32 copy of half-precision logits, as torch's own
-    log_softmax output), a function giving y' = (1 - eps) y + eps/C, w the weight
-    shaped to broadcast over
-    the classes' dimension (or None), rows the number of rows (a mean's divisor)."""
+    reduction, rows). lp = input - lse: log_softmax from the saved log-sum-exp, in its
+    accumulation dtype (a float32 copy of half-precision logits, as torch's own
+    log_softmax output). y': a function giving (1 - eps) y + eps/C, built only when
+    called. w: the weight shaped to broadcast over the classes' dimension, or None.
+    rows: the number of rows (a mean's divisor)."""
     label_smoothing, reduction = args
     acc = lse.dtype
     per_class = [input.shape[1]] + [1] * (input.dim() - 2) if input.dim() > 1 else [-1]
