@@ -438,6 +438,19 @@ def test_forward_ad_and_linearize(target):
         assert ok, f"linearize, {reduction}: {detail}"
 
 
+def test_autograd_functional_jvp_points_at_torch_func_jvp(target):
+    # torch.autograd.functional.jvp computes a first-order jvp by a double backward
+    # (create_graph=True), which fused_nll refuses; the message names the way that works
+    x, t, _ = _case("ce", (4, C), torch.float64, target, seed=14)
+    x, t, v = x[0], t[0].clamp_min(0), torch.randn_like(x[0])
+    f = lambda a: fused_nll.cross_entropy(a, t)  # noqa: E731
+    with pytest.raises(RuntimeError, match="use torch.func.jvp"):
+        torch.autograd.functional.jvp(f, x, v)
+    want = torch.autograd.functional.jvp(lambda a: F.cross_entropy(a, t), x, v)[1]
+    ok, detail = close(jvp(f, (x,), (v,))[1], want, torch.float64)
+    assert ok, detail
+
+
 def test_linearize_of_a_gradient_is_refused(target):
     # forward-over-reverse through torch.func.linearize (a Hessian-vector product): it
     # traces grad(f) on dual logits with make_fx, where fused_nll cannot see the tangent;
