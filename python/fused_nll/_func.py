@@ -430,6 +430,22 @@ def prob_target_weight_grads(grad_loss, input, target, weight, lse, args, need_t
     return grad_target, grad_weight
 
 
+def grads_from_lse(bwd_op, prob: bool, grad_loss, input, target, weight, lse, args,
+                   need_input: bool, need_target: bool, need_weight: bool):
+    """(logits', targets', weight's gradient), None where not needed, from the saved
+    lse: the backward op for the logits, `prob_target_weight_grads` for the others
+    (probability targets only; the callers refuse the weight's with class indices).
+    Shared by the ops' autograd (_ops) and `FuncLoss`; first order only: no_grad."""
+    grad = grad_target = grad_weight = None
+    with torch.no_grad():
+        if need_input:
+            grad = bwd_op(grad_loss, input, target, weight, lse, *args)
+        if prob and (need_target or need_weight):
+            grad_target, grad_weight = prob_target_weight_grads(
+                grad_loss, input, target, weight, lse, args, need_target, need_weight)
+    return grad, grad_target, grad_weight
+
+
 def _prob_target_weight_tangent(input, target, weight, lse, args, target_t, weight_t):
     """The loss's tangent from the probability targets' and the weight's tangents (the
     contraction of prob_target_weight_grads with them), per row or reduced, in the
@@ -544,14 +560,9 @@ class FuncLoss(torch.autograd.Function):
                             input_grad=need_input)
         if not ctx.prob:  # (an integer target has no gradient)
             refuse_target_or_weight_derivative(False, need_weight, prob=False)
-        grad = grad_target = grad_weight = None
-        with torch.no_grad():  # first order only (above): nothing to record
-            if need_input:
-                grad = ctx.bwd(grad_loss, input, target, weight, lse, *ctx.args)
-            if ctx.prob and (need_target or need_weight):
-                grad_target, grad_weight = prob_target_weight_grads(
-                    grad_loss, input, target, weight, lse, ctx.args, need_target, need_weight)
-        return (None, None, None, grad, grad_target, grad_weight) + (None,) * len(ctx.args)
+        grads = grads_from_lse(ctx.bwd, ctx.prob, grad_loss, input, target, weight, lse,
+                               ctx.args, need_input, need_target, need_weight)
+        return (None, None, None, *grads) + (None,) * len(ctx.args)
 
     @staticmethod
     def jvp(ctx, _triton, _prob, _loss_dtype, input_t, target_t, weight_t, *_args_t):

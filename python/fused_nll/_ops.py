@@ -252,20 +252,13 @@ def _register_op_autograd(name: str, bwd_op, n_args: int) -> None:
             others = saved[1:3]  # (target, weight) on both paths
             _func.refuse_second_order("grad", saved[0], others if prob else others[1:],
                                       input_grad=need_input)
-            grad = grad_target = grad_weight = None
-            with torch.no_grad():  # first order only: nothing to record
-                if ctx.precomputed:
-                    grad = saved[0]
-                    grad = _times_upstream(grad, grad_loss).to(grad.dtype)
-                else:
-                    input, target, weight, lse = saved
-                    if need_input:
-                        grad = bwd_op(grad_loss, input, target, weight, lse, *ctx.args)
-                    if need_target or need_weight:  # probability targets (above)
-                        grad_target, grad_weight = _func.prob_target_weight_grads(
-                            grad_loss, input, target, weight, lse, ctx.args, need_target,
-                            need_weight)
-            return (grad, grad_target, grad_weight) + none[2:]
+            if ctx.precomputed:  # (the targets' and weight's refused above)
+                with torch.no_grad():  # first order only: nothing to record
+                    grad = _times_upstream(saved[0], grad_loss).to(saved[0].dtype)
+                return (grad,) + none
+            grads = _func.grads_from_lse(bwd_op, prob, grad_loss, *saved, ctx.args,
+                                         need_input, need_target, need_weight)
+            return grads + none[2:]
 
         @staticmethod
         def jvp(ctx, input_t, target_t, weight_t, *_rest_t):
