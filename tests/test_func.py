@@ -1,6 +1,7 @@
 """torch.func: vmap (the ops' batching rules: one call, no per-sample loop),
 per-sample gradients vmap(grad), vjp / jacrev / jvp / jacfwd, against torch's fp64
-reference on every backend runnable here; second-order transforms refused."""
+reference on every backend runnable here; second-order transforms (computed with torch's
+ops) against torch's."""
 import warnings
 
 import pytest
@@ -215,39 +216,155 @@ def test_vmapped_forward_then_plain_backward(target):
     assert ok, detail
 
 
-def _grad_of_dual(f, x):
-    """Forward-over-reverse with plain forward AD: the gradient's tangent would be a
-    Hessian-vector product (torch gives one)."""
+def _second_order(f, x, v):
+    """Second-order derivatives of the scalar f at x (v: a direction), by name."""
+    def hvp_by_linearize():
+        return torch.func.linearize(grad(f), x)[1](v)
+
+    return {
+        "hessian": lambda: torch.func.hessian(f)(x),
+        "grad(grad)": lambda: grad(lambda a: (grad(f)(a) * v).sum())(x),
+        "jacfwd(jacfwd)": lambda: jacfwd(jacfwd(f))(x),
+        "jacrev(jacrev)": lambda: jacrev(jacrev(f))(x),
+        "jvp(grad)": lambda: jvp(grad(f), (x,), (v,))[1],
+        "grad(jvp)": lambda: grad(lambda a: jvp(f, (a,), (v,))[1])(x),
+        "vjp(grad)": lambda: vjp(grad(f), x)[1](v)[0],
+        "linearize(grad)": hvp_by_linearize,
+        "vmap(hessian)": None,  # (filled in by the caller: needs a batch)
+        "forward AD over autograd.grad": lambda: _grad_of_dual(f, x, v),
+    }
+
+
+def _grad_of_dual(f, x, v):
+    """Forward-over-reverse with plain forward AD: the gradient's tangent is a
+    Hessian-vector product."""
     import torch.autograd.forward_ad as fwAD
 
     with fwAD.dual_level():
-        xd = fwAD.make_dual(x.clone().requires_grad_(True), torch.ones_like(x))
-        return torch.autograd.grad(f(xd), xd)
+        xd = fwAD.make_dual(x.clone().requires_grad_(True), v)
+        g, = torch.autograd.grad(f(xd), xd)
+        tangent = fwAD.unpack_dual(g).tangent  # (None where the gradient is constant: nll_loss)
+        return torch.zeros_like(x) if tangent is None else tangent
 
 
-def test_second_order_is_refused(target):
+@pytest.mark.parametrize("kind", ["ce", "nll", "prob"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_second_order_derivatives_match_torch(target, kind, reduction):
+    # second-order transforms are seen at the forward (_func.second_order_ahead) and
+    # computed with torch's own ops: the results are torch's, in fp64 and in fp32
+    for dtype, per_sample in ((torch.float64, (5, C)), (torch.float32, (2, C, 3))):
+        x, t, w = _case(kind, per_sample, dtype, target, seed=31)
+        kw = _options(kind, True, 0.1, w)
+        fused, ref = _fused(kind, reduction=reduction, **kw), _torch64(kind, reduction=reduction, **kw)
+        v = torch.randn_like(x[0])
+        got = _second_order(lambda a: fused(a, t[0]).sum(), x[0], v)
+        want = _second_order(lambda a: ref(a, t[0]).sum().to(dtype), x[0].double(), v.double())
+        got["vmap(hessian)"] = lambda: vmap(torch.func.hessian(lambda a, b: fused(a, b).sum()))(x, t)
+        want["vmap(hessian)"] = lambda: torch.stack(
+            [torch.func.hessian(lambda a: ref(a, t[b]).sum())(x[b].double()) for b in range(B)])
+        for name, call in got.items():
+            ok, detail = close(call(), want[name](), dtype, scale_floor=0.1)
+            assert ok, f"{dtype}, {name}: {detail}"
+
+
+def test_second_order_derivatives_wrt_probability_targets_and_weight(target):
+    # the Hessian of the loss in (logits, targets, weight) together, and jvp(grad) mixed
+    x, y, w = _case("prob", (4, C), torch.float64, target, seed=32)
+    x, y = x[0], y[0]
+    kw = dict(reduction="mean", label_smoothing=0.2)
+    for fn, ref in ((fused_nll.cross_entropy, F.cross_entropy),):
+        got = torch.func.hessian(lambda a, b, c: fn(a, b, weight=c, **kw), argnums=(0, 1, 2))(x, y, w)
+        want = torch.func.hessian(lambda a, b, c: ref(a, b, weight=c, **kw), argnums=(0, 1, 2))(x, y, w)
+        for i, (a, b) in enumerate(zip(torch.utils._pytree.tree_leaves(got),
+                                       torch.utils._pytree.tree_leaves(want))):
+            ok, detail = close(a, b, torch.float64, scale_floor=0.1)
+            assert ok, f"hessian[{i}]: {detail}"
+        vy = torch.randn_like(y)
+        got = jvp(lambda b: grad(lambda a: fn(a, b, **kw))(x), (y,), (vy,))[1]
+        want = jvp(lambda b: grad(lambda a: ref(a, b, **kw))(x), (y,), (vy,))[1]
+        ok, detail = close(got, want, torch.float64, scale_floor=0.1)
+        assert ok, f"jvp over the targets of grad over the logits: {detail}"
+
+
+def test_second_order_with_a_bf16_loss_under_autocast(target):
+    # the loss dtype and values of the fused path (float32 under autocast), and torch's
+    # Hessian for bf16 logits
+    x, t, _ = _case("ce", (4, C), torch.bfloat16, target, seed=33)
+    x, t = x[0], t[0]
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        h = torch.func.hessian(lambda a: fused_nll.cross_entropy(a, t))(x)
+        loss = torch.func.grad_and_value(lambda a: fused_nll.cross_entropy(a, t))(x)[1]
+    assert h.dtype == torch.bfloat16 and loss.dtype == torch.float32, (h.dtype, loss.dtype)
+    want = torch.func.hessian(lambda a: F.cross_entropy(a.double(), t))(x.double())
+    ok, detail = close(h.double(), want, torch.bfloat16, scale_floor=0.1)
+    assert ok, detail
+
+
+def test_second_order_out_of_range_target(target):
+    # never a device-side assert: on the backends whose kernels give a nan row (Triton,
+    # CUDA C++) the second-order path gives a nan row too (loss and derivatives), the
+    # other rows torch's with that row ignored; the C++ CPU kernels raise torch's
+    # IndexError, and so does this path there
     x = torch.randn(4, C, dtype=torch.float64, device=target)
+    t = torch.tensor([1, C, -100, 2], device=target)
+    v, ok_rows = torch.randn_like(x), torch.tensor([0, 2, 3])
+    cpp = fused_nll._backend.select(x.device) == "cpp"
+    for reduction in REDUCTIONS:
+        def hvp(fn, t):  # (gradient, loss as returned, Hessian-vector product)
+            def f(a):
+                loss = fn(a, t, reduction=reduction)
+                return loss.sum(), loss
+            (g, loss), (hv, _) = jvp(grad(f, has_aux=True), (x,), (v,))
+            return g, loss, hv
+
+        if cpp:
+            with pytest.raises(IndexError, match="out of bounds"):
+                hvp(fused_nll.cross_entropy, t)
+            continue
+        g, loss, hv = hvp(fused_nll.cross_entropy, t)
+        assert g[1].isnan().all() and hv[1].isnan().all(), reduction
+        assert loss.isnan().any() and (loss.isnan().all() or reduction == "none"), loss
+        # the other rows as if that one were ignored (a mean's divisor too), as the kernels
+        want_g, want_loss, want_hv = hvp(F.cross_entropy, t.where(t < C, -100))
+        for name, a, b in (("grad", g[ok_rows], want_g[ok_rows]),
+                           ("hvp", hv[ok_rows], want_hv[ok_rows])) + (
+                (("loss", loss[ok_rows], want_loss[ok_rows]),) if reduction == "none" else ()):
+            ok, detail = close(a, b, torch.float64)
+            assert ok, f"{reduction}, {name}: {detail}"
+
+
+def test_second_order_wrt_the_weight_with_class_indices_is_refused(target):
+    # as on the fused path (torch's nll_loss has no reverse-mode derivative for the
+    # weight, and a forward-mode one of 0): raised, never a silent 0
+    x, t, w = _case("ce", (4, C), torch.float64, target, seed=34)
+    x, t = x[0], t[0]
+    for fn in (fused_nll.cross_entropy, fused_nll.nll_loss):
+        for name, call in [
+            ("grad of a jvp over the weight",
+             lambda: grad(lambda a: jvp(lambda c: fn(a, t, weight=c), (w,), (w,))[1])(x)),
+            ("jacfwd(jacfwd)", lambda: jacfwd(lambda a: jacfwd(lambda c: fn(a, t, weight=c))(w))(x)),
+            ("hessian over both", lambda: torch.func.hessian(
+                lambda a, c: fn(a, t, weight=c), argnums=(0, 1))(x, w)),
+        ]:
+            with pytest.raises(RuntimeError, match="class weight|with respect to argument 'weight'"):
+                call()
+            assert name
+        # the weight as a constant, next to a second order in the logits: torch's
+        got = torch.func.hessian(lambda a: fn(a, t, weight=w))(x)
+        want = torch.func.hessian(lambda a: getattr(F, fn.__name__)(a, t, weight=w))(x)
+        ok, detail = close(got, want, torch.float64)
+        assert ok, detail
+
+
+def test_second_order_refused_where_it_cannot_be_seen_at_the_forward(target):
+    # create_graph=True is decided after the forward: still a clear error, never 0
     xs = torch.randn(2, 4, C, dtype=torch.float64, device=target, requires_grad=True)
     t = torch.randint(0, C, (4,), device=target)
     f = lambda x: fused_nll.cross_entropy(x, t)  # noqa: E731
-    for name, call in [
-        ("hessian", lambda: torch.func.hessian(f)(x)),
-        ("grad(grad)", lambda: grad(lambda x: grad(f)(x).sum())(x)),
-        ("jacfwd(jacfwd)", lambda: jacfwd(jacfwd(f))(x)),
-        ("jacrev(jacrev)", lambda: jacrev(jacrev(f))(x)),
-        ("jvp(grad)", lambda: jvp(grad(f), (x,), (x,))),
-        ("grad(jvp)", lambda: grad(lambda x: jvp(f, (x,), (x,))[1])(x)),
-        ("vjp(grad)", lambda: vjp(grad(f), x)[1](x)),
-        ("create_graph after a vmapped forward",
-         lambda: torch.autograd.grad(vmap(f)(xs).sum(), xs, create_graph=True)),
-        ("backward of logits with a forward-mode tangent", lambda: _grad_of_dual(f, x)),
-    ]:
-        refused = REVERSE_THROUGH_VMAP if OLD_TORCH_VMAP_BACKWARD and "vmapped" in name else None
-        # (plain autograd's create_graph=True: the public path's "double backward" message)
-        with pytest.raises(RuntimeError, match=refused or "second-order derivatives|double "
-                                                          "backward .* not supported"):
-            call()
-        assert name
+    refused = REVERSE_THROUGH_VMAP if OLD_TORCH_VMAP_BACKWARD else (
+        "second-order derivatives|double backward .* not supported")
+    with pytest.raises(RuntimeError, match=refused):
+        torch.autograd.grad(vmap(f)(xs).sum(), xs, create_graph=True)
 
 
 def test_inplace_backward_is_refused_inside_torch_func(target):
@@ -451,18 +568,22 @@ def test_autograd_functional_jvp_points_at_torch_func_jvp(target):
     assert ok, detail
 
 
-def test_linearize_of_a_gradient_is_refused(target):
-    # forward-over-reverse through torch.func.linearize (a Hessian-vector product): it
-    # traces grad(f) on dual logits with make_fx, where fused_nll cannot see the tangent;
-    # second order, so refused (it silently gave zeros), like jvp(grad(f))
+def test_torch_func_derivative_inside_a_forward_ad_level(target):
+    # torch.func.linearize(grad(f)) traces grad(f) on dual logits with make_fx, where the
+    # tangent is invisible to fused_nll (it silently gave zeros from session 7 to 16,
+    # then was refused): any torch.func derivative inside a plain forward-AD level now
+    # takes torch's ops, so linearize(grad(f)) (test above) and a first-order grad
+    # inside the user's own dual_level() both give torch's results
+    import torch.autograd.forward_ad as fwAD
+
     x, t, _ = _case("ce", (4, C), torch.float64, target, seed=12)
     x, t = x[0], t[0].clamp_min(0)
-    f = grad(lambda a: fused_nll.cross_entropy(a, t))
-    with pytest.raises(RuntimeError, match="second-order derivatives"):
-        torch.func.linearize(f, x)
-    with pytest.raises(RuntimeError, match="second-order derivatives"):
-        jvp(f, (x,), (x,))
-    # first order inside a forward-AD level still works: linearize of the loss itself
+    with fwAD.dual_level():
+        got = grad(lambda a: fused_nll.cross_entropy(a, t))(x)
+    want = grad(lambda a: F.cross_entropy(a, t))(x)
+    ok, detail = close(got, want, torch.float64)
+    assert ok, detail
+    # first order inside a forward-AD level: linearize of the loss itself (fused path)
     _, linear = torch.func.linearize(lambda a: fused_nll.cross_entropy(a, t), x)
     want = jvp(lambda a: F.cross_entropy(a, t), (x,), (x.cos(),))[1]
     ok, detail = close(linear(x.cos()), want, torch.float64)
@@ -601,7 +722,7 @@ def test_targets_and_weight_recorded_outside_torch_func(target):
     # probability targets or a weight that require grad outside a torch.func derivative
     # of the logits: eager, fused_nll warns (the derivative has no history through them,
     # as for recorded parameters above); forward-over-reverse through their plain
-    # forward-mode tangents is second order: refused
+    # forward-mode tangents is second order: seen at the forward, torch's ops
     import torch.autograd.forward_ad as fwAD
 
     x, y, w = _case("prob", (4, C), torch.float64, target, seed=25)
@@ -615,10 +736,12 @@ def test_targets_and_weight_recorded_outside_torch_func(target):
             yy = fwAD.make_dual(y, torch.randn_like(y)) if dual == "target" else y
             ww = fwAD.make_dual(w, torch.randn_like(w)) if dual == "weight" else w
             for reduction in REDUCTIONS:
-                xx = x.clone().requires_grad_()
-                loss = fused_nll.cross_entropy(xx, yy, ww, reduction=reduction)
-                with pytest.raises(RuntimeError, match="second-order derivatives"):
-                    torch.autograd.grad(loss.sum(), xx)
+                got, want = (fwAD.unpack_dual(torch.autograd.grad(
+                    fn(xx, yy, ww, reduction=reduction).sum(), xx)[0]).tangent
+                    for fn, xx in ((fused_nll.cross_entropy, x.clone().requires_grad_()),
+                                   (F.cross_entropy, x.clone().requires_grad_())))
+                ok, detail = close(got, want, torch.float64, scale_floor=0.1)
+                assert ok, f"{dual}, {reduction}: {detail}"
 
 
 @cpu_kernel_only

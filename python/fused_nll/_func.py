@@ -25,8 +25,10 @@ Differentiating transforms (grad, vjp, jacrev, jvp, jacfwd, linearize):
   (`refuse_unrecorded_levels`) instead of losing those levels' derivatives.
 Both also differentiate the probability-target loss with respect to the targets and
 the class weight, as torch does (`prob_target_weight_grads`, torch ops from the saved
-lse). Second-order transforms (hessian, jacfwd(jacrev)) raise (`refuse_second_order`):
-the backward op has no derivative of its own.
+lse). The backward op has no derivative of its own, so second-order transforms
+(hessian, jacfwd(jacrev), jvp(grad)), seen at the forward (`second_order_ahead`), take
+torch's ops instead (functional._second_order_loss); those that cannot be seen there
+(create_graph=True) raise (`refuse_second_order`).
 """
 from __future__ import annotations
 
@@ -195,12 +197,14 @@ def register_batching_rules(fwd: str, bwd: str, prob_fwd: str, prob_bwd: str) ->
 
 
 _SECOND_ORDER = (
-    "fused_nll: second-order derivatives (torch.func.hessian, jacfwd(jacrev(...)), "
-    "grad(grad(...)), create_graph=True, a backward of logits that carry a forward-mode "
-    "tangent) through the fused loss are not supported: its "
+    "fused_nll: this derivative through the fused loss (second order: create_graph=True, "
+    "or a derivative not visible when the loss was computed; or the derivative of a "
+    "vjp function with respect to its cotangent) is not supported: its "
     "gradient comes from a fused kernel that has no derivative of its own. Use "
     "torch.nn.functional.cross_entropy (or nll_loss) for the loss whose higher-order "
-    "derivatives you need.")
+    "derivatives you need, or torch.func's second-order transforms around the loss "
+    "(torch.func.hessian, jvp(grad(f)), grad(grad(f))), which fused_nll sees at the "
+    "forward and computes with torch's ops.")
 
 
 def _unwrapped(t: torch.Tensor) -> torch.Tensor:
@@ -245,6 +249,36 @@ def _has_tangent(t: torch.Tensor | None) -> bool:
     """Whether `t` (under its torch.func wrappers) carries a plain forward-mode tangent."""
     return (t is not None and _fwad._current_level >= 0
             and _fwad.unpack_dual(_unwrapped(t)).tangent is not None)
+
+
+def second_order_ahead(input: torch.Tensor, others=()) -> bool:
+    """Eager, at the forward: whether the loss is about to be differentiated twice, as
+    far as can be told there: inside two live differentiating torch.func transforms
+    (hessian, jacfwd(jacrev), grad(grad), jvp(grad), vjp(grad): the same rule as
+    `refuse_second_order`, which would refuse its backward or jvp), a torch.func
+    derivative inside a plain forward-AD level (torch.func.linearize(grad(f))), or
+    logits (or, in `others`, probability targets or weight) that carry a plain
+    forward-mode tangent while plain autograd records them (forward-over-reverse).
+    The public functions then compute the loss with torch's own ops, which have
+    derivatives of every order. Not knowable there, so still refused at backward:
+    create_graph=True (a MAML inner step, a gradient penalty, torch.autograd.functional's
+    hvp) and a plain autograd graph around a torch.func derivative (warned). Not
+    under torch.compile (refuse_unrecorded_levels refuses those)."""
+    if torch.compiler.is_compiling():
+        return False
+    forward_ad = _fwad._current_level >= 0
+    if torch._C._are_functorch_transforms_active():
+        from torch._functorch.pyfunctorch import TransformType, retrieve_all_functorch_interpreters
+
+        diffs = [i.key() for i in retrieve_all_functorch_interpreters()
+                 if i.key() in (TransformType.Grad, TransformType.Jvp)]
+        if len(diffs) > 1 or diffs and forward_ad and TransformType.Jvp not in diffs:
+            return True
+    if not (forward_ad and torch.is_grad_enabled()):
+        return False
+    tensors = [t for t in (input, *others) if t is not None]
+    return (any(_unwrapped(t).requires_grad for t in tensors)
+            and any(_has_tangent(t) for t in tensors))
 
 
 def refuse_second_order(transform: str, tensor: torch.Tensor, others=(),
@@ -376,6 +410,33 @@ def refuse_target_or_weight_derivative(target: bool, weight: bool, prob: bool) -
         "of an op called with compute_grad=True are not supported: that call keeps its "
         "gradient, not the log-sum-exp they need. Call it with compute_grad=False, or use "
         "fused_nll.cross_entropy, which differentiates them.")
+
+
+class WeightWithoutDerivative(torch.autograd.Function):
+    """The class weight as it is (a copy of C values), refusing a derivative with
+    respect to it, in backward and jvp: for the public functions' torch-ops path
+    (functional._second_order_loss) with class indices, where torch's nll_loss has
+    no reverse-mode derivative for the weight and a forward-mode one of 0 (which the
+    fused path refuses too, `refuse_target_or_weight_derivative`). Recorded only where
+    the weight is being differentiated (functorch decides), so free otherwise."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(weight):
+        return weight.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        refuse_target_or_weight_derivative(False, True, prob=False)
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        refuse_target_or_weight_derivative(False, True, prob=False)
 
 
 def _prob_terms(input, target, weight, lse, args):

@@ -181,9 +181,12 @@ def refuse_double_backward():
             "fused_nll: double backward (create_graph=True) through the fused loss is "
             "not supported: its gradient comes from a fused kernel that has no derivative "
             "of its own. Use torch.nn.functional.cross_entropy (or nll_loss) for the loss "
-            "whose higher-order gradients you need. (torch.autograd.functional.jvp, hvp "
-            "and vhp take a double backward too; for a first-order Jacobian-vector product "
-            "use torch.func.jvp, which fused_nll supports.)")
+            "whose higher-order gradients you need, or torch.func: its second-order "
+            "transforms (torch.func.hessian; jvp(grad(f)) for a Hessian-vector product; "
+            "grad(grad(f))) are seen when the loss is computed, which fused_nll then "
+            "computes with torch's ops. (torch.autograd.functional.jvp, hvp, vhp and "
+            "hessian take a double backward too; for a first-order Jacobian-vector "
+            "product use torch.func.jvp, which fused_nll supports.)")
 
 
 # The keys of the autograd kernels below: the devices fused_nll has kernels for (and

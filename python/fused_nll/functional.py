@@ -152,6 +152,49 @@ def _run(prob: bool, inplace: bool, loss_dtype, input, target, weight, *args) ->
     return fwd(input, target, weight, *args, False, loss_dtype=loss_dtype)[0]
 
 
+def _second_order_loss(prob: bool, log_probs: bool, loss_dtype, input, target, weight,
+                       ignore_index: int, reduction: str, label_smoothing: float):
+    """The loss computed with torch's own ops, for a call that will be differentiated
+    twice (`_func.second_order_ahead`: hessian, jvp(grad(f)), ...), where the fused
+    kernels cannot serve: their gradient has no derivative of its own. torch's
+    function on the logits in the accumulation dtype (fp32, fp64 for fp64), as the
+    kernels accumulate, with the result in fused_nll's (and torch's) loss dtype: so
+    the loss and its derivatives of every order are torch's, the log-probabilities
+    are materialised as torch does (an fp32 copy for fp16/bf16 logits). A derivative
+    with respect to the weight with class indices raises, as on the fused path. A class
+    index out of range gives a nan row (loss and derivatives) and the other rows as if
+    it were ignored, as the Triton and CUDA kernels do, never a device-side assert; on
+    the C++ CPU kernels' backend torch raises its error (IndexError; RuntimeError
+    under vmap), as those kernels raise."""
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    out = loss_dtype or (torch.promote_types(input.dtype, target.dtype) if prob else input.dtype)
+    fn = torch.nn.functional.nll_loss if log_probs else torch.nn.functional.cross_entropy
+    kw = {} if log_probs else {"label_smoothing": label_smoothing}
+    input = input.to(acc)
+    if prob:
+        w = None if weight is None else weight.to(acc)
+        return fn(input, target.to(acc), w, reduction=reduction, **kw).to(out)
+    w = None if weight is None else _func.WeightWithoutDerivative.apply(weight.to(acc))
+    target = target.long()
+    if _backend.select(input.device) == "cpp":
+        return fn(input, target, w, ignore_index=ignore_index, reduction=reduction, **kw).to(out)
+    # an out-of-range row: class 0 of logits times nan (a product: a where would give it
+    # 0 derivatives), the mean's divisor summed over the other counted rows
+    classes = input.shape[1] if input.dim() > 1 else input.shape[0]
+    bad = ((target < 0) | (target >= classes)) & (target != ignore_index)
+    safe = torch.where(bad, 0, target)
+    input = input * torch.where(bad.unsqueeze(1) if input.dim() > 1 else bad, float("nan"),
+                                1.0).to(acc)
+    loss = fn(input, safe, w, ignore_index=ignore_index, reduction="none", **kw)
+    if reduction == "none":
+        return loss.to(out)
+    if reduction == "mean":
+        counted = (target != ignore_index) & ~bad
+        den = counted.to(acc) if w is None else torch.where(counted, w.detach()[safe * counted], 0.0)
+        return (loss.sum() / den.sum()).to(out)
+    return loss.sum().to(out)
+
+
 def _legacy_reduction(size_average, reduce, reduction: str, stacklevel: int = 3) -> str:
     """torch's deprecated size_average / reduce arguments: torch's mapping
     (torch.nn._reduction.legacy_get_string) and warning, written out so that Dynamo
@@ -237,13 +280,22 @@ def cross_entropy(
                 "the in-place pass overwrites with their own gradient. Drop inplace_backward, "
                 f"or pass {' and '.join(n + '.detach()' for n in named)}."
             )
-        loss = _run(True, inplace, _loss_dtype(True, input, target, weight), input, target, w,
-                    ls, red)
+        loss_dtype = _loss_dtype(True, input, target, weight)
+        if _func.second_order_ahead(input, (target, weight)):
+            loss = _second_order_loss(True, False, loss_dtype, input, target, weight, -100,
+                                      reduction, ls)
+        else:
+            loss = _run(True, inplace, loss_dtype, input, target, w, ls, red)
     else:
         if debug or _host_targets(input, target):
             _debug.check_targets(input, target, ignore_index, "cross_entropy")
-        loss = _run(False, inplace, _loss_dtype(False, input, target, weight), input,
-                    _validate.index_target(target), w, int(ignore_index), ls, red, False)
+        loss_dtype = _loss_dtype(False, input, target, weight)
+        if _func.second_order_ahead(input):
+            loss = _second_order_loss(False, False, loss_dtype, input, target, weight,
+                                      int(ignore_index), reduction, ls)
+        else:
+            loss = _run(False, inplace, loss_dtype, input, _validate.index_target(target), w,
+                        int(ignore_index), ls, red, False)
     if verify:
         _debug.shadow_verify("cross_entropy", loss, ref_input, target, weight, ignore_index,
                              reduction, ls)
@@ -284,8 +336,13 @@ def nll_loss(
         _debug.check_targets(input, target, ignore_index, "nll_loss")
     if debug:
         _debug.check_log_probs(input, target, ignore_index)
-    loss = _run(False, inplace, _loss_dtype(False, input, target, weight), input,
-                _validate.index_target(target), w, int(ignore_index), 0.0, red, True)
+    loss_dtype = _loss_dtype(False, input, target, weight)
+    if _func.second_order_ahead(input):
+        loss = _second_order_loss(False, True, loss_dtype, input, target, weight,
+                                  int(ignore_index), reduction, 0.0)
+    else:
+        loss = _run(False, inplace, loss_dtype, input, _validate.index_target(target), w,
+                    int(ignore_index), 0.0, red, True)
     if verify:
         _debug.shadow_verify("nll_loss", loss, ref_input, target, weight, ignore_index, reduction)
     return loss
