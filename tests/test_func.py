@@ -356,15 +356,34 @@ def test_second_order_wrt_the_weight_with_class_indices_is_refused(target):
         assert ok, detail
 
 
+DIFFERENTIATED_GRADIENT = "a gradient of the fused loss is being differentiated"
+
+
 def test_second_order_refused_where_it_cannot_be_seen_at_the_forward(target):
     # create_graph=True is decided after the forward: still a clear error, never 0
     xs = torch.randn(2, 4, C, dtype=torch.float64, device=target, requires_grad=True)
     t = torch.randint(0, C, (4,), device=target)
     f = lambda x: fused_nll.cross_entropy(x, t)  # noqa: E731
     refused = REVERSE_THROUGH_VMAP if OLD_TORCH_VMAP_BACKWARD else (
-        "second-order derivatives|double backward .* not supported")
+        "second-order derivative|double backward .* not supported")
     with pytest.raises(RuntimeError, match=refused):
         torch.autograd.grad(vmap(f)(xs).sum(), xs, create_graph=True)
+    # inside one torch.func.grad, a create_graph=True gradient differentiated by that
+    # same transform (it gave zeros: indistinguishable from torch.func's own backward)
+    x, y = xs[0].detach(), torch.softmax(xs[1].detach(), 1)
+    for target_ in (t, y):
+        g = lambda a: torch.autograd.grad(  # noqa: E731
+            fused_nll.cross_entropy(a, target_), a, create_graph=True)[0]
+        for name, call in [("grad", lambda: grad(lambda a: g(a).pow(2).sum())(x)),
+                           ("jacrev", lambda: jacrev(g)(x))]:
+            with pytest.raises(RuntimeError, match=DIFFERENTIATED_GRADIENT):
+                call()
+            assert name
+    # ... and the same thing through two transforms works (seen at the forward)
+    got = grad(lambda a: grad(lambda b: fused_nll.cross_entropy(b, t))(a).pow(2).sum())(x)
+    want = grad(lambda a: grad(lambda b: F.cross_entropy(b, t))(a).pow(2).sum())(x)
+    ok, detail = close(got, want, torch.float64)
+    assert ok, detail
 
 
 def test_inplace_backward_is_refused_inside_torch_func(target):

@@ -507,6 +507,51 @@ def grads_from_lse(bwd_op, prob: bool, grad_loss, input, target, weight, lse, ar
     return grad, grad_target, grad_weight
 
 
+_DIFFERENTIATED_GRADIENT = (
+    "fused_nll: a gradient of the fused loss is being differentiated (a second-order "
+    "derivative: torch.autograd.grad(..., create_graph=True) inside torch.func.grad, "
+    "vjp or jacrev, differentiated by that same transform): that gradient comes from a "
+    "fused kernel that has no derivative of its own. Use torch.func's transforms for "
+    "both derivatives (torch.func.hessian, grad(grad(f)), jvp(grad(f)): fused_nll sees "
+    "those at the forward and computes them with torch's ops), or "
+    "torch.nn.functional.cross_entropy for this loss.")
+
+
+def _under_vmap() -> bool:
+    """Whether the innermost live torch.func transform is a vmap (a backward run batched:
+    jacrev's, or vmap's generated rule), where DelayedError cannot alias a tensor."""
+    if not torch._C._are_functorch_transforms_active():
+        return False
+    from torch._functorch.pyfunctorch import TransformType, retrieve_current_functorch_interpreter
+
+    return retrieve_current_functorch_interpreter().key() == TransformType.Vmap
+
+
+def first_order_only(grads, *recorded):
+    """`grads` (FuncLoss's backward's, None where not needed) as tensors whose own
+    derivative raises, where grad mode is on in that backward and one of `recorded`
+    (the saved logits, targets, weight) requires grad: there a gradient from the kernels
+    would otherwise be a constant, and a derivative of it silently 0. That is every
+    torch.func.grad / vjp / jacrev (torch.func differentiates with create_graph=True),
+    among which a user's torch.autograd.grad(..., create_graph=True) inside one
+    transform cannot be told apart at the forward or in backward. torch's own
+    once_differentiable mechanism (an alias of each gradient behind a DelayedError
+    node, recorded at that level): no copy, one small C++ node. Not for a backward run
+    batched by vmap, where that node cannot alias: jacrev's final backward (which
+    differentiates nothing further), and a user's create_graph backward under a vmap
+    inside the transform (that gap remains). (Plain autograd around a torch.func derivative does not
+    record it: `refuse_second_order` warns there.)"""
+    anchor = next((t for t in recorded if t is not None and t.requires_grad), None)
+    present = [g for g in grads if g is not None]
+    if not torch.is_grad_enabled() or anchor is None or not present or _under_vmap():
+        return grads
+    # (a tensor that requires grad as an input makes the node record; requires_grad_()
+    # is refused inside torch.func transforms)
+    err = torch._C._functions.DelayedError(_DIFFERENTIATED_GRADIENT.encode(), len(present) + 1)
+    it = iter(err(*present, anchor)[:-1])
+    return tuple(None if g is None else next(it) for g in grads)
+
+
 def _prob_target_weight_tangent(input, target, weight, lse, args, target_t, weight_t):
     """The loss's tangent from the probability targets' and the weight's tangents (the
     contraction of prob_target_weight_grads with them), per row or reduced, in the
@@ -623,6 +668,7 @@ class FuncLoss(torch.autograd.Function):
             refuse_target_or_weight_derivative(False, need_weight, prob=False)
         grads = grads_from_lse(ctx.bwd, ctx.prob, grad_loss, input, target, weight, lse,
                                ctx.args, need_input, need_target, need_weight)
+        grads = first_order_only(grads, input, target, weight)
         return (None, None, None, *grads) + (None,) * len(ctx.args)
 
     @staticmethod
