@@ -158,8 +158,10 @@ def _second_order_loss(prob: bool, log_probs: bool, loss_dtype, input, target, w
     twice (`_func.second_order_ahead`: hessian, jvp(grad(f)), ...), where the fused
     kernels cannot serve: their gradient has no derivative of its own. torch's
     function on the logits in the accumulation dtype (fp32, fp64 for fp64), as the
-    kernels accumulate, with the result in fused_nll's (and torch's) loss dtype: so
-    the loss and its derivatives of every order are torch's, the log-probabilities
+    kernels accumulate, with the result in fused_nll's (and torch's) loss dtype; class
+    indices per row (reduction="none"), then summed, and a mean divided by torch's
+    divisor here (one code path for every backend): so the loss and its derivatives of
+    every order are torch's, the log-probabilities
     are materialised as torch does (an fp32 copy for fp16/bf16 logits). A derivative
     with respect to the weight with class indices raises, as on the fused path. A class
     index out of range gives a nan row (loss and derivatives) and the other rows as if
@@ -176,21 +178,20 @@ def _second_order_loss(prob: bool, log_probs: bool, loss_dtype, input, target, w
         return fn(input, target.to(acc), w, reduction=reduction, **kw).to(out)
     w = None if weight is None else _func.WeightWithoutDerivative.apply(weight.to(acc))
     target = target.long()
-    if _backend.select(input.device) == "cpp":
-        return fn(input, target, w, ignore_index=ignore_index, reduction=reduction, **kw).to(out)
-    # an out-of-range row: class 0 of logits times nan (a product: a where would give it
-    # 0 derivatives), the mean's divisor summed over the other counted rows
-    classes = input.shape[1] if input.dim() > 1 else input.shape[0]
-    bad = ((target < 0) | (target >= classes)) & (target != ignore_index)
-    safe = torch.where(bad, 0, target)
-    input = input * torch.where(bad.unsqueeze(1) if input.dim() > 1 else bad, float("nan"),
-                                1.0).to(acc)
-    loss = fn(input, safe, w, ignore_index=ignore_index, reduction="none", **kw)
+    counted = target != ignore_index
+    if _backend.select(input.device) != "cpp":
+        # an out-of-range row: class 0 of logits times nan (a product: a where would give
+        # it 0 derivatives), not counted in a mean's divisor
+        classes = input.shape[1] if input.dim() > 1 else input.shape[0]
+        bad = ((target < 0) | (target >= classes)) & counted
+        target, counted = torch.where(bad, 0, target), counted & ~bad
+        input = input * torch.where(bad.unsqueeze(1) if input.dim() > 1 else bad,
+                                    float("nan"), 1.0).to(acc)
+    loss = fn(input, target, w, ignore_index=ignore_index, reduction="none", **kw)
     if reduction == "none":
         return loss.to(out)
-    if reduction == "mean":
-        counted = (target != ignore_index) & ~bad
-        den = counted.to(acc) if w is None else torch.where(counted, w.detach()[safe * counted], 0.0)
+    if reduction == "mean":  # (torch's divisor: the weights of the counted rows)
+        den = counted.to(acc) if w is None else torch.where(counted, w.detach()[target * counted], 0.0)
         return (loss.sum() / den.sum()).to(out)
     return loss.sum().to(out)
 
