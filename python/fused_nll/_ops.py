@@ -173,9 +173,10 @@ def refuse_double_backward():
     recomputed from the saved log-sum-exp by a backward op that has no
     derivative itself), so every second-order term through the loss would be
     silently 0 or an obscure autograd error: gradient penalties, MAML,
-    Hessian-vector products need torch's own cross_entropy. (Compiled, AOTAutograd
-    traces backward with grad mode on; it refuses a double backward through a compiled
-    graph itself.)"""
+    Hessian-vector products need torch's own cross_entropy (or torch.func's
+    transforms, which the public functions see at the forward:
+    _func.second_order_ahead). (Compiled, AOTAutograd traces backward with grad mode
+    on; it refuses a double backward through a compiled graph itself.)"""
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
         raise RuntimeError(
             "fused_nll: double backward (create_graph=True) through the fused loss is "
