@@ -77,6 +77,25 @@ def test_verify_passes_and_prints_a_table():
     assert "max err" in out.stdout and "PASS" in out.stdout and "FAIL" not in out.stdout
     assert "cases passed" in out.stdout and " ce-inpl " in out.stdout and " ce-amp " in out.stdout
     assert " ce-layout " in out.stdout and " prob-layout " in out.stdout and " ce-vmap " in out.stdout
+    assert " prob-grads " in out.stdout and " ce-hvp " in out.stdout
+
+
+def test_verify_checks_the_second_order_path(tmp_path):
+    # a wrong torch-ops path for second-order transforms (functional._second_order_loss)
+    # fails the "ce-hvp" cases, and only those
+    (tmp_path / "sitecustomize.py").write_text(
+        "from fused_nll import functional\n"
+        "real = functional._second_order_loss\n"
+        "functional._second_order_loss = lambda *a, **k: real(*a, **k) * 1.001\n"
+    )
+    import os
+
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    out = subprocess.run([sys.executable, "-m", "fused_nll", "verify", "--quick", "--backend", "cpp",
+                          "--device", "cpu"], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 1, out.stdout + out.stderr
+    failed = [line for line in out.stdout.splitlines() if line.startswith("FAIL ")]
+    assert failed and all("'ce-hvp'" in line for line in failed), out.stdout
 
 
 @pytest.mark.parametrize("op", ["fwd", "fwd_inplace"])

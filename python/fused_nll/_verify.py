@@ -8,7 +8,9 @@ matrix) with class-index ("ce-layout") and probability ("prob-layout") targets, 
 per-sample losses and gradients by torch.func.vmap(grad(...)) over two halves of the
 batch ("ce-vmap", against torch's module on each half), and the gradients with respect
 to probability targets and the class weight ("prob-grads": both require grad, as a
-distillation target from a model being trained or learned class weights).
+distillation target from a model being trained or learned class weights), and a
+Hessian-vector product by torch.func.jvp(grad(...)) ("ce-hvp": second order, which
+fused_nll computes with torch's ops, in the accumulation dtype).
 Shapes: LM-like rows, short rows, (N, C, H, W) with a few and with many pixels, and
 70000 rows of 3 classes for "ce" and "nll" (not fp16): a mean's divisor summed over more
 rows than one GPU program or block sums (and than a serial fp32 sum keeps exact enough)."""
@@ -72,6 +74,8 @@ def cases(quick: bool, many_rows: bool = True):
             yield "prob-layout", shape, weighted, -100, ls
         for ls in [0.0, 0.1]:  # torch.func: per-sample gradients
             yield "ce-vmap", shape, weighted, -100, ls
+        for ls in [0.0, 0.1]:  # torch.func: second order
+            yield "ce-hvp", shape, weighted, -100, ls
 
 
 def _per_sample_case(x, target, weight, ignore_index, reduction, ls, gen, device):
@@ -122,6 +126,29 @@ def _target_weight_case(x, target, weight, reduction, ls, gen, device):
             max(r[2] for r in results))
 
 
+def _hvp_case(x, target, weight, ignore_index, reduction, ls, gen, device):
+    """"ce-hvp": the gradient and a Hessian-vector product of the loss (summed for
+    reduction="none"), by torch.func.jvp(grad(...)), against torch's in fp64.
+    Returns (ok, max error, fraction of the tolerance) over the two."""
+    v = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.dtype).to(device)
+
+    def loss_of(fn, w):
+        return lambda a: fn(a, target, weight=w, ignore_index=ignore_index,
+                            reduction=reduction, label_smoothing=ls).sum()
+
+    grad, hvp = torch.func.jvp(torch.func.grad(loss_of(fused_nll.cross_entropy, weight)),
+                               (x,), (v,))
+    w64 = None if weight is None else weight.double()
+    ref_grad, ref_hvp = torch.func.jvp(torch.func.grad(loss_of(nn.functional.cross_entropy, w64)),
+                                       (x.double(),), (v.double(),))
+    rows = max(1, x.numel() // x.shape[1]) if reduction == "mean" else 1
+    results = [compare(grad, ref_grad, x.dtype, scale_floor=1 / rows),
+               compare(hvp, ref_hvp, x.dtype, scale_floor=v.abs().max().item() / rows)]
+    dtypes_ok = grad.dtype == hvp.dtype == x.dtype
+    return (dtypes_ok and all(r[0] for r in results), max(r[1] for r in results),
+            max(r[2] for r in results))
+
+
 def run_case(kind, shape, weighted, ignore_index, ls, dtype, reduction, device):
     gen = torch.Generator().manual_seed(hash((kind, shape, weighted, ignore_index, ls)) % 2**31)
     classes = shape[1]
@@ -141,6 +168,8 @@ def run_case(kind, shape, weighted, ignore_index, ls, dtype, reduction, device):
         x = torch.log_softmax(x.double(), 1).to(dtype)
     if kind == "prob-grads":
         return _target_weight_case(x, target, weight, reduction, ls, gen, device)
+    if kind == "ce-hvp":
+        return _hvp_case(x, target, weight, ignore_index, reduction, ls, gen, device)
     if kind == "ce-vmap":
         loss, grad, ref_loss, ref_grad, grad_out = _per_sample_case(
             x, target, weight, ignore_index, reduction, ls, gen, device)
@@ -205,7 +234,7 @@ def run(device: str | None = None, backend: str | None = None, quick: bool = Fal
             for dtype, kind, reduction in itertools.product(DTYPES, ["ce", "ce-prob", "nll", "ce-inpl",
                                                                     "ce-amp", "ce-layout",
                                                                     "prob-layout", "ce-vmap",
-                                                                    "prob-grads"],
+                                                                    "prob-grads", "ce-hvp"],
                                                             REDUCTIONS):
                 # (MANY_ROWS not in fp16, whose sum of 70000 losses overflows and whose
                 # mean's gradient, ~1/70000, is subnormal, so no longer at fp16's rtol)
