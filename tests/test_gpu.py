@@ -179,6 +179,30 @@ def test_out_of_range_target_is_nan_not_device_assert(backend):
     assert torch.isfinite(fused_nll.cross_entropy(x, t.clamp(0, 49)))
 
 
+def test_second_order_hvp_parity_and_out_of_range_target(backend):
+    # torch.func second order takes torch's ops (functional._second_order_loss): a
+    # Hessian-vector product matches torch's in fp64, and an out-of-range class index
+    # is a nan row there too, never a device-side assert
+    x, t = _data(16, 300, torch.float32)
+    v = torch.randn_like(x)
+
+    def hvp(fn, t):
+        return torch.func.jvp(torch.func.grad(lambda a: fn(a, t, label_smoothing=0.1)),
+                              (x,), (v,))
+
+    got = hvp(fused_nll.cross_entropy, t)
+    want = hvp(torch.nn.functional.cross_entropy, t)
+    for a, b in zip(got, want):
+        ok, detail = close(a, b, torch.float32)
+        assert ok, detail
+    bad = t.clone()
+    bad[3] = 300
+    grad, hv = hvp(fused_nll.cross_entropy, bad)
+    torch.cuda.synchronize()  # a device assert would surface here
+    assert hv[3].isnan().all() and grad[3].isnan().all()
+    assert torch.isfinite(hv[[0, 1, 2, 4]]).all()
+
+
 def test_large_vocab_parity(backend):
     for v in (128256, 256000):
         x, t = _data(16, v)
