@@ -539,8 +539,8 @@ def first_order_only(grads, *recorded):
     node, recorded at that level): no copy, one small C++ node. Not for a backward run
     batched by vmap, where that node cannot alias: jacrev's final backward (which
     differentiates nothing further), and a user's create_graph backward under a vmap
-    inside the transform (that gap remains). (Plain autograd around a torch.func derivative does not
-    record it: `refuse_second_order` warns there.)"""
+    inside the transform (that gap remains). (Plain autograd around a torch.func
+    derivative does not record it: `refuse_second_order` warns there.)"""
     anchor = next((t for t in recorded if t is not None and t.requires_grad), None)
     present = [g for g in grads if g is not None]
     if not torch.is_grad_enabled() or anchor is None or not present or _under_vmap():

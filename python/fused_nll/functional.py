@@ -161,8 +161,8 @@ def _second_order_loss(prob: bool, log_probs: bool, loss_dtype, input, target, w
     kernels accumulate, with the result in fused_nll's (and torch's) loss dtype; class
     indices per row (reduction="none"), then summed, and a mean divided by torch's
     divisor here (one code path for every backend): so the loss and its derivatives of
-    every order are torch's, the log-probabilities
-    are materialised as torch does (an fp32 copy for fp16/bf16 logits). A derivative
+    every order are torch's, the log-probabilities are materialised as torch does (an
+    fp32 copy for fp16/bf16 logits). A derivative
     with respect to the weight with class indices raises, as on the fused path. A class
     index out of range gives a nan row (loss and derivatives) and the other rows as if
     it were ignored, as the Triton and CUDA kernels do, never a device-side assert; on
@@ -191,7 +191,8 @@ def _second_order_loss(prob: bool, log_probs: bool, loss_dtype, input, target, w
     if reduction == "none":
         return loss.to(out)
     if reduction == "mean":  # (torch's divisor: the weights of the counted rows)
-        den = counted.to(acc) if w is None else torch.where(counted, w.detach()[target * counted], 0.0)
+        den = (counted.to(acc) if w is None
+               else torch.where(counted, w.detach()[target * counted], 0.0))
         return (loss.sum() / den.sum()).to(out)
     return loss.sum().to(out)
 
