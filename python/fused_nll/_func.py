@@ -251,6 +251,15 @@ def _has_tangent(t: torch.Tensor | None) -> bool:
             and _fwad.unpack_dual(_unwrapped(t)).tangent is not None)
 
 
+def _differentiating_transforms() -> list:
+    """The live differentiating torch.func interpreters (grad and jvp levels),
+    outermost first."""
+    from torch._functorch.pyfunctorch import TransformType, retrieve_all_functorch_interpreters
+
+    return [i for i in retrieve_all_functorch_interpreters()
+            if i.key() in (TransformType.Grad, TransformType.Jvp)]
+
+
 def second_order_ahead(input: torch.Tensor, others=()) -> bool:
     """Eager, at the forward: whether the loss is about to be differentiated twice, as
     far as can be told there: inside two live differentiating torch.func transforms
@@ -268,10 +277,9 @@ def second_order_ahead(input: torch.Tensor, others=()) -> bool:
         return False
     forward_ad = _fwad._current_level >= 0
     if torch._C._are_functorch_transforms_active():
-        from torch._functorch.pyfunctorch import TransformType, retrieve_all_functorch_interpreters
+        from torch._functorch.pyfunctorch import TransformType
 
-        diffs = [i.key() for i in retrieve_all_functorch_interpreters()
-                 if i.key() in (TransformType.Grad, TransformType.Jvp)]
+        diffs = [i.key() for i in _differentiating_transforms()]
         if len(diffs) > 1 or diffs and forward_ad and TransformType.Jvp not in diffs:
             return True
     if not (forward_ad and torch.is_grad_enabled()):
@@ -301,12 +309,11 @@ def refuse_second_order(transform: str, tensor: torch.Tensor, others=(),
     grad outside it) cannot get the loss's second-order term either: warned. (The
     gradient of a vjp_fn with respect to its cotangent, first order, raises too:
     its wrapper is dead.)"""
-    from torch._functorch.pyfunctorch import TransformType, retrieve_all_functorch_interpreters
+    from torch._functorch.pyfunctorch import TransformType
 
     functorch = torch._C._functorch
     kind = {"grad": TransformType.Grad, "jvp": TransformType.Jvp}[transform]
-    diffs = [i for i in retrieve_all_functorch_interpreters()
-             if i.key() in (TransformType.Grad, TransformType.Jvp)]
+    diffs = _differentiating_transforms()
     levels, base = [], tensor  # the levels of its wrappers, outermost first
     while functorch.is_functorch_wrapped_tensor(base):
         levels.append(functorch.maybe_get_level(base))
@@ -366,10 +373,7 @@ def refuse_unrecorded_levels(input: torch.Tensor, target: torch.Tensor | None = 
     functorch records at every level."""
     if not torch._C._are_functorch_transforms_active():
         return
-    from torch._functorch.pyfunctorch import TransformType, retrieve_all_functorch_interpreters
-
-    diffs = [i for i in retrieve_all_functorch_interpreters()
-             if i.key() in (TransformType.Grad, TransformType.Jvp)]
+    diffs = _differentiating_transforms()
     if not diffs:
         return
     if len(diffs) > 1:
