@@ -119,14 +119,24 @@ if [[ $STAGES == *bench* ]] && t=$(left ${BENCH_TIMEOUT:-180}) && [ "$t" -gt 0 ]
 elif [[ $STAGES == *bench* ]]; then skip bench
 fi
 
-# The last stages: a test file on the GPU backends, within its own timeout.
+# The last stages: a test file on the GPU backends, within its own timeout. Their time
+# goes to compiling Triton kernels (~3 cases/s on the H100, 2026-11-27: the parity
+# suite never finished in its stage), so with pytest-xdist importable (carry its and
+# execnet's wheels in .whl) they run on GPU_TEST_WORKERS processes, compiling in
+# parallel on the machine's 16 cores; their shapes are small (the large ones are in
+# test_gpu.py, which runs in one process above).
+xdist=()
+if $PY -c "import xdist" 2>/dev/null && [ "${GPU_TEST_WORKERS:-8}" != 0 ]; then
+  xdist=(-n "${GPU_TEST_WORKERS:-8}")
+fi
 gpu_suite() {  # gpu_suite <stage> <timeout> <test file>
   local t start
   if [[ $STAGES != *$1* ]]; then return; fi
   t=$(left "$2"); if [ "$t" -eq 0 ]; then skip "$1"; return; fi
   start=$(date +%s)
   FUSED_NLL_TEST_BACKENDS=${PARITY_BACKENDS:-cuda/triton,cuda/cuda} \
-    timeout "$t" $PY -m pytest -q --maxfail=25 -p no:cacheprovider "$3" > "$OUT/$1.log" 2>&1
+    timeout "$t" $PY -m pytest -q --maxfail=25 -p no:cacheprovider "${xdist[@]}" "$3" \
+    > "$OUT/$1.log" 2>&1
   echo "$1 rc=$? in $(( $(date +%s) - start )) s: $(tail -1 "$OUT/$1.log")"
   grep -E "^(FAILED|ERROR)" "$OUT/$1.log" | head -20
 }

@@ -1,7 +1,9 @@
-"""Shared test helpers: which (device, backend) pairs can run here, and a
-parity check of loss and gradient against torch in fp64."""
+"""Shared test helpers: which (device, backend) pairs can run here, a parity check
+of loss and gradient against torch in fp64, and each test's random seed."""
 import functools
 import os
+import secrets
+import zlib
 
 import pytest
 import torch
@@ -22,6 +24,37 @@ if CUDA_EMU:
     from cuda_emu import build as _cuda_emu_build
 
     _cuda_emu_build.replace_cpu_kernels()
+
+
+# Fresh random inputs every run, reproducible on demand: each test seeds torch's RNG
+# from this run's base seed and its own name, so its inputs do not depend on which
+# tests ran before it in the same process (pytest-xdist's workers, -k, reruns). A
+# failure prints the base seed; FUSED_NLL_TEST_SEED=<it> gives the same inputs again.
+# (set in the environment here: pytest-xdist's workers, started later, inherit it)
+os.environ["FUSED_NLL_TEST_SEED"] = os.environ.get("FUSED_NLL_TEST_SEED") or str(
+    secrets.randbelow(2**31))
+BASE_SEED = int(os.environ["FUSED_NLL_TEST_SEED"])
+
+
+def _seed_of(nodeid: str) -> int:
+    return (BASE_SEED ^ zlib.crc32(nodeid.encode())) % 2**63
+
+
+@pytest.fixture(autouse=True)
+def _seed_torch(request):
+    torch.manual_seed(_seed_of(request.node.nodeid))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    if report.failed:
+        report.sections.append(("fused_nll seed", f"inputs of this run: FUSED_NLL_TEST_SEED="
+                                f"{BASE_SEED} (this test: torch.manual_seed({_seed_of(item.nodeid)}))"))
+
+
+def pytest_report_header(config):
+    return f"fused_nll: FUSED_NLL_TEST_SEED={BASE_SEED}"
 
 
 def available_targets():

@@ -524,6 +524,43 @@ def test_no_grad_and_inference_mode():
     assert not a.requires_grad and torch.equal(a, b)
 
 
+@pytest.mark.parametrize("inplace", [False, True], ids=["", "inplace"])
+@pytest.mark.parametrize("reentrant", [False, True], ids=["nonreentrant", "reentrant"])
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_activation_checkpointing_chunked_lm_head(target, kind, reentrant, inplace):
+    # torch.utils.checkpoint around LM head + loss, chunk by chunk (the logits of one
+    # chunk live at a time): the forward is run again in backward (the reentrant form's
+    # first forward under no_grad, the gradient written in the forward pass only in the
+    # rerun); loss and the gradients of the hidden states and the head equal torch's.
+    from torch.utils.checkpoint import checkpoint
+
+    rows, hidden, classes, chunk = 13, 8, 37, 5
+    head = torch.nn.Linear(hidden, classes, dtype=torch.float64, device=target)
+    h = torch.randn(rows, hidden, dtype=torch.float64, device=target, requires_grad=True)
+    if kind == "index":
+        t = index_targets(rows, classes, target, ignore_every=4)
+    else:
+        t = torch.softmax(torch.randn(rows, classes, dtype=torch.float64), 1).to(target)
+
+    def chunked(loss_fn, **kw):
+        total = 0.0
+        for s in range(0, rows, chunk):
+            total = total + checkpoint(
+                lambda hc, tc: loss_fn(head(hc), tc, reduction="sum", label_smoothing=0.1, **kw),
+                h[s:s + chunk], t[s:s + chunk], use_reentrant=reentrant)
+        return total * 0.5
+
+    results = []
+    for loss_fn, kw in ((F.cross_entropy, {}), (fused_nll.cross_entropy,
+                                                {"inplace_backward": True} if inplace else {})):
+        h.grad = head.weight.grad = head.bias.grad = None
+        loss = chunked(loss_fn, **kw)
+        loss.backward()  # (the reentrant form refuses autograd.grad)
+        results.append((loss, h.grad, head.weight.grad, head.bias.grad))
+    for got, want in zip(results[1], results[0]):
+        assert close(got, want, torch.float64)[0]
+
+
 @pytest.mark.parametrize("compute_in_forward", [True, False], ids=["precomputed", "recomputed"])
 @pytest.mark.parametrize("kind", ["index", "prob", "nll"])
 def test_gradcheck_fp64(kind, compute_in_forward):

@@ -32,7 +32,7 @@ echo "== oldest supported torch: $torch_version, $("$python" --version) =="
 # PyPI's torch 2.6 is a CUDA build (a few GB, like the lent GPU's); it runs on the CPU.
 # numpy < 2.4: triton 3.2's interpreter calls int() on 1-element arrays, which
 # numpy 2.4 refuses.
-"$venv/bin/pip" install -q "torch==$torch_version" "numpy<2.4" pytest -r "$repo/requirements-build.txt"
+"$venv/bin/pip" install -q "torch==$torch_version" "numpy<2.4" pytest pytest-xdist -r "$repo/requirements-build.txt"
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
