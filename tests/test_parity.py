@@ -514,6 +514,21 @@ def test_second_backward_with_retain_graph(target):
     assert close(g2, ref * -0.5, torch.float32)[0]
 
 
+def test_second_backward_after_upstream_gradient_modified_in_place(target):
+    # The first upstream gradient is kept by reference (no copy), so a second backward
+    # after it was modified in place must refuse rather than rescale by the new value.
+    x = logits(4, 6, device=target).requires_grad_(True)
+    t = torch.tensor([0, 1, 2, 3], device=target)
+    loss = fused_nll.cross_entropy(x, t)
+    g = torch.tensor(2.0, device=target)
+    (g1,) = torch.autograd.grad(loss, x, g, retain_graph=True)
+    (again,) = torch.autograd.grad(loss, x, torch.tensor(2.0, device=target), retain_graph=True)
+    assert torch.equal(g1, again)
+    g.mul_(3)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        torch.autograd.grad(loss, x, g)
+
+
 def test_no_grad_and_inference_mode():
     x = logits(4, 6).requires_grad_(True)
     t = torch.tensor([0, 1, 2, 3])
