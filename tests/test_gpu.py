@@ -203,6 +203,28 @@ def test_second_order_hvp_parity_and_out_of_range_target(backend):
     assert torch.isfinite(hv[[0, 1, 2, 4]]).all()
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("inplace", [False, True], ids=["grad-buffer", "inplace_backward"])
+def test_tensors_on_another_device_than_the_current_one(backend, inplace):
+    # Logits on cuda:1 while cuda:0 is current (model / pipeline parallelism without
+    # torch.cuda.set_device): the kernels run on cuda:1, on its current stream.
+    torch.cuda.set_device(0)
+    x = torch.randn(64, 1000, device="cuda:1", dtype=torch.bfloat16)
+    t = torch.randint(0, 1000, (64,), device="cuda:1")
+    t[::7] = -100
+    ref_loss, ref_grad = reference("cross_entropy", x, t, label_smoothing=0.1,
+                                   grad_output=torch.tensor(1.0))
+    leaf = x.clone().requires_grad_(True)
+    xg = leaf * 1 if inplace else leaf  # (in place: not a leaf)
+    loss = fused_nll.cross_entropy(xg, t, label_smoothing=0.1, inplace_backward=inplace)
+    loss.backward()
+    torch.cuda.synchronize(1)
+    assert loss.device == leaf.grad.device == torch.device("cuda", 1)
+    assert torch.cuda.current_device() == 0
+    assert close(loss, ref_loss, torch.bfloat16)[0]
+    assert close(leaf.grad, ref_grad, torch.bfloat16, scale_floor=1 / 64)[0]
+
+
 def test_large_vocab_parity(backend):
     for v in (128256, 256000):
         x, t = _data(16, v)

@@ -1305,3 +1305,42 @@ def test_tile_configs_are_bounded(tile):
     for block_c, block_s, warps in configs:
         assert block_c & (block_c - 1) == 0 and block_s & (block_s - 1) == 0
         assert block_c * block_s <= ce._TILE_ELEMS and 1 <= warps <= 4
+
+
+LAUNCHERS = [  # (launcher, position of the tensor whose device it runs on)
+    ("cross_entropy_fwd", 0), ("cross_entropy_fwd_inplace", 0), ("cross_entropy_bwd", 1),
+    ("cross_entropy_prob_fwd", 0), ("cross_entropy_prob_fwd_inplace", 0),
+    ("cross_entropy_prob_bwd", 1), ("scale_grad_", 0)]
+
+
+@pytest.mark.parametrize("name,position", LAUNCHERS, ids=[n for n, _ in LAUNCHERS])
+def test_launchers_run_on_the_tensors_device(monkeypatch, name, position):
+    # Triton launches on the current CUDA device: logits on cuda:1 while cuda:0 is
+    # current must make cuda:1 current first (as torch's ops and the CUDA C++ kernels'
+    # CUDAGuard do). With the CUDA calls faked (the test machines have one GPU at most;
+    # test_gpu.py runs it for real on two): each launcher enters the device's context
+    # before its body runs.
+    entered = []
+
+    class Entered(Exception):
+        pass
+
+    class FakeDeviceContext:
+        def __init__(self, device):
+            entered.append(torch.device(device))
+
+        def __enter__(self):
+            raise Entered
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", FakeDeviceContext)
+    on_cuda1 = type("OnCuda1", (), {"device": torch.device("cuda", 1)})()
+    args = [None] * (position + 1)
+    args[position] = on_cuda1
+    with pytest.raises(Entered):
+        getattr(ce, name)(*args)
+    assert entered == [torch.device("cuda", 1)]

@@ -212,6 +212,29 @@ _TILE_ELEMS_UNIT = 512  # short rows of unit class stride
 _TILE_STRIDED_PIXELS = 64  # class-strided rows longer than _TILE_MAX_CLASSES: 128 B of bf16
 
 
+def _on_tensor_device(name: str, position: int):
+    """Runs a launcher with the current CUDA device set to that of its tensor argument
+    ``name`` (at ``position`` when passed positionally). Triton launches on the current
+    device and its current stream: logits on cuda:1 while cuda:0 is current (model or
+    pipeline parallelism without torch.cuda.set_device) would fail ("Pointer argument
+    cannot be accessed from Triton") or run on another device's stream. torch's own ops
+    and the CUDA C++ kernels (a CUDAGuard) follow the tensor's device; so do these.
+    When the devices agree (one GPU per process, CPU tensors on the interpreter) it costs
+    one comparison. (CUDA not initialised: no real CUDA tensor exists, these are fake
+    ones being traced, which launch nothing.)"""
+    def wrap(launcher):
+        @functools.wraps(launcher)
+        def run(*args, **kwargs):
+            device = (args[position] if len(args) > position else kwargs[name]).device
+            if (device.type == "cuda" and torch.cuda.is_initialized()
+                    and device.index != torch.cuda.current_device()):
+                with torch.cuda.device(device):
+                    return launcher(*args, **kwargs)
+            return launcher(*args, **kwargs)
+        return run
+    return wrap
+
+
 def _cdiv(a, b):
     """ceil(a / b) for ints or SymInts. triton.cdiv is a constexpr_function in recent
     Triton, whose call from host code costs a few microseconds; the launchers call this
@@ -1767,6 +1790,7 @@ def _empty_grad(input: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------
 
 
+@_on_tensor_device("input", 0)
 def cross_entropy_fwd(input: torch.Tensor, target: torch.Tensor, weight, ignore_index: int,
                       label_smoothing: float, reduction: int, log_probs: bool,
                       compute_grad: bool, loss_dtype: torch.dtype | None = None):
@@ -1789,6 +1813,7 @@ def cross_entropy_fwd(input: torch.Tensor, target: torch.Tensor, weight, ignore_
     return loss, lse, grad if compute_grad else _empty_grad(input)
 
 
+@_on_tensor_device("input", 0)
 def cross_entropy_fwd_inplace(input: torch.Tensor, target: torch.Tensor, weight,
                               ignore_index: int, label_smoothing: float, reduction: int,
                               log_probs: bool, loss_dtype: torch.dtype | None = None):
@@ -1923,6 +1948,7 @@ def _launch_split(x, t, weight, loss_rows, lse, grad, den, wsum, ignore_index,
             HOLD=_SPLIT_HOLD, num_warps=num_warps)
 
 
+@_on_tensor_device("input", 1)
 def cross_entropy_bwd(grad_loss: torch.Tensor, input: torch.Tensor, target: torch.Tensor,
                       weight, lse: torch.Tensor, ignore_index: int, label_smoothing: float,
                       reduction: int, log_probs: bool) -> torch.Tensor:
@@ -1966,6 +1992,7 @@ def cross_entropy_bwd(grad_loss: torch.Tensor, input: torch.Tensor, target: torc
     return grad
 
 
+@_on_tensor_device("input", 0)
 def cross_entropy_prob_fwd(input: torch.Tensor, target: torch.Tensor, weight,
                            label_smoothing: float, reduction: int, compute_grad: bool,
                            loss_dtype: torch.dtype | None = None):
@@ -1980,6 +2007,7 @@ def cross_entropy_prob_fwd(input: torch.Tensor, target: torch.Tensor, weight,
     return loss, lse, grad if compute_grad else _empty_grad(input)
 
 
+@_on_tensor_device("input", 0)
 def cross_entropy_prob_fwd_inplace(input: torch.Tensor, target: torch.Tensor, weight,
                                    label_smoothing: float, reduction: int,
                                    loss_dtype: torch.dtype | None = None):
@@ -2028,6 +2056,7 @@ def _prob_fwd(input, target, weight, label_smoothing, reduction, grad, loss_dtyp
     return loss, lse
 
 
+@_on_tensor_device("input", 1)
 def cross_entropy_prob_bwd(grad_loss: torch.Tensor, input: torch.Tensor,
                            target: torch.Tensor, weight, lse: torch.Tensor,
                            label_smoothing: float, reduction: int) -> torch.Tensor:
@@ -2065,6 +2094,7 @@ def cross_entropy_prob_bwd(grad_loss: torch.Tensor, input: torch.Tensor,
     return grad
 
 
+@_on_tensor_device("grad_input", 0)
 def scale_grad_(grad_input: torch.Tensor, grad_loss: torch.Tensor) -> None:
     """grad_input *= grad_loss in place (0-d: every element; rows' shape: per row,
     broadcast over the classes). A 0-d grad_loss equal to 1 is detected on the device:
