@@ -529,6 +529,25 @@ def test_second_backward_after_upstream_gradient_modified_in_place(target):
         torch.autograd.grad(loss, x, g)
 
 
+def test_causal_lm_recipe_of_the_readme(target):
+    # README, Usage: shifting the labels (padded with ignore_index) over the full logits'
+    # (B*T, V) view gives the loss and gradient of torch's loss on the shifted logits.
+    B, T, V = 3, 9, 50
+    logits = torch.randn(B, T, V, device=target, requires_grad=True)
+    labels = torch.randint(0, V, (B, T), device=target)
+    labels[0, :4] = -100  # (a padded prompt)
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    flat = logits.flatten(0, 1)
+    assert flat.data_ptr() == logits.data_ptr() and flat.is_contiguous()  # a view
+    loss = fused_nll.cross_entropy(flat, shifted.flatten())
+    (grad,) = torch.autograd.grad(loss, logits)
+    want = F.cross_entropy(logits[:, :-1].double().reshape(-1, V), labels[:, 1:].reshape(-1))
+    (want_grad,) = torch.autograd.grad(want, logits)
+    assert close(loss, want, torch.float32)[0]
+    assert close(grad, want_grad, torch.float32, scale_floor=1 / (B * T))[0]
+    assert (grad[:, -1] == 0).all()  # the last position predicts nothing
+
+
 def test_no_grad_and_inference_mode():
     x = logits(4, 6).requires_grad_(True)
     t = torch.tensor([0, 1, 2, 3])
