@@ -299,8 +299,7 @@ class FusedLoss(torch.autograd.Function):
     A later backward through the same graph (retain_graph=True, gradcheck)
     must not touch the tensor the first one handed out: it returns a new one,
     rescaled by new/first upstream gradient (one extra rounding; an error if the
-    first upstream gradient was 0 somewhere, or was modified in place since: eager,
-    it is kept by reference, as autograd keeps saved tensors). Double backward raises, as on
+    first upstream gradient was 0 somewhere). Double backward raises, as on
     the log-sum-exp path (`refuse_double_backward`).
     """
 
@@ -328,12 +327,7 @@ class FusedLoss(torch.autograd.Function):
         (grad,) = (t.detach() for t in ctx.saved_tensors)
         none = (None,) * (2 + ctx.n_args)  # target, weight, *args
         if ctx.first_grad_loss is None:
-            if torch.compiler.is_compiling():
-                ctx.first_grad_loss = grad_loss.detach().clone()
-            else:
-                # Eager: a reference, not a copy (a launch saved on every backward), as
-                # autograd saves tensors; a second backward checks its version counter.
-                ctx.first_grad_loss, ctx.first_version = grad_loss.detach(), grad_loss._version
+            ctx.first_grad_loss = grad_loss.detach().clone()
             if torch.compiler.is_compiling():
                 # Inductor keeps it in place (a reinplaced custom op)
                 ctx.family.scale(grad, grad_loss)
@@ -350,13 +344,6 @@ class FusedLoss(torch.autograd.Function):
         # A second backward (retain_graph): the only copy was scaled by the first
         # upstream gradient; rescale by new/first. Where the first was 0 the gradient
         # is gone: say so rather than return nan (a host read, on this rare path only).
-        if not torch.compiler.is_compiling() and ctx.first_grad_loss._version != ctx.first_version:
-            raise RuntimeError(
-                "fused_nll: a second backward through this loss (retain_graph=True) after the "
-                "upstream gradient of the first one was modified in place: the first backward "
-                "scaled the only copy of the gradient, which fused_nll writes during the forward "
-                "pass, by that gradient's value, which is gone. Pass a new tensor instead of "
-                "modifying it (or compute the loss again for the second backward).")
         if not torch.compiler.is_compiling() and bool((ctx.first_grad_loss == 0).any()):
             raise RuntimeError(
                 "fused_nll: a second backward through this loss (retain_graph=True) after a "
