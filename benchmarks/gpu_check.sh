@@ -127,16 +127,19 @@ fi
 # test_gpu.py, which runs in one process above).
 xdist=()
 if $PY -c "import xdist" 2>/dev/null && [ "${GPU_TEST_WORKERS:-8}" != 0 ]; then
-  xdist=(-n "${GPU_TEST_WORKERS:-8}")
+  xdist=(-n "${GPU_TEST_WORKERS:-8}" --dist loadgroup)
 fi
-gpu_suite() {  # gpu_suite <stage> <timeout> <test file>
-  local t start
+export FUSED_NLL_TEST_SEED=${FUSED_NLL_TEST_SEED:-$RANDOM$RANDOM}  # (tests/conftest.py)
+echo "tests: FUSED_NLL_TEST_SEED=$FUSED_NLL_TEST_SEED"
+gpu_suite() {  # gpu_suite <stage> <timeout> <test file> [parallel]
+  local t start workers=()
   if [[ $STAGES != *$1* ]]; then return; fi
   t=$(left "$2"); if [ "$t" -eq 0 ]; then skip "$1"; return; fi
   start=$(date +%s)
+  [ "${4:-}" = parallel ] && workers=(${xdist[@]+"${xdist[@]}"})
   FUSED_NLL_TEST_BACKENDS=${PARITY_BACKENDS:-cuda/triton,cuda/cuda} \
-    timeout "$t" $PY -m pytest -q --maxfail=25 -p no:cacheprovider "${xdist[@]}" "$3" \
-    > "$OUT/$1.log" 2>&1
+    timeout "$t" $PY -m pytest -q --maxfail=25 -p no:cacheprovider \
+    ${workers[@]+"${workers[@]}"} "$3" > "$OUT/$1.log" 2>&1
   echo "$1 rc=$? in $(( $(date +%s) - start )) s: $(tail -1 "$OUT/$1.log")"
   grep -E "^(FAILED|ERROR)" "$OUT/$1.log" | head -20
 }
@@ -150,9 +153,9 @@ if [[ $STAGES == *diag* ]] && t=$(left ${DIAG_TIMEOUT:-100}) && [ "$t" -gt 0 ]; 
   echo "diag rc=$?"; grep "^== " "$OUT/diag.log" | grep -v "ldd\|version\|runtimes" | cut -c1-150
 elif [[ $STAGES == *diag* ]]; then skip diag
 fi
-gpu_suite parity "${PARITY_TIMEOUT:-240}" tests/test_parity.py
+gpu_suite parity "${PARITY_TIMEOUT:-240}" tests/test_parity.py parallel
 # torch.func (vmap batching rules, per-sample gradients), if time is left
-gpu_suite func "${FUNC_TIMEOUT:-90}" tests/test_func.py
+gpu_suite func "${FUNC_TIMEOUT:-90}" tests/test_func.py parallel
 
 # The short table last (the bench's, when it ran).
 if grep -q "^impl " "$OUT/bench.log" 2>/dev/null; then echo "== table =="; grep -A100 "^impl " "$OUT/bench.log"; fi

@@ -21,8 +21,11 @@ from conftest import TARGETS
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES, IGNORE = 10, -1
 
-pytestmark = pytest.mark.skipif(shutil.which("g++") is None,
-                                reason="AOTInductor and the C++ runner need g++")
+pytestmark = [pytest.mark.skipif(shutil.which("g++") is None,
+                                 reason="AOTInductor and the C++ runner need g++"),
+              # one pytest-xdist worker for the whole file (--dist loadgroup): its
+              # module-scoped export and AOTInductor compile are then made once
+              pytest.mark.xdist_group("deployment")]
 # Not the Triton interpreter: AOTInductor compiles Triton kernels for a GPU only.
 DEPLOY_TARGETS = [t for t in TARGETS if t != ("cpu", "triton")]
 

@@ -1344,3 +1344,12 @@ def test_launchers_run_on_the_tensors_device(monkeypatch, name, position):
     with pytest.raises(Entered):
         getattr(ce, name)(*args)
     assert entered == [torch.device("cuda", 1)]
+    # A fake tensor (being traced) launches nothing: no device switch (its device need
+    # not exist on this machine).
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        fake = torch.empty(2, device="cuda:1")
+    entered.clear()
+    assert ce._on_tensor_device("input", 0)(lambda input: "ran")(fake) == "ran"
+    assert entered == []

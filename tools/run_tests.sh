@@ -12,10 +12,13 @@ cd "$(dirname "$0")/.."
 
 workers=${FUSED_NLL_TEST_WORKERS:-$(python -c "import os; print(min(os.cpu_count() or 1, 4))")}
 xdist=()
-if [ "$workers" != 0 ]; then
-  python -c "import xdist" 2>/dev/null && xdist=(-n "$workers") \
+if [ "$workers" != 0 ]; then  # (loadgroup: tests/test_deployment.py on one worker)
+  python -c "import xdist" 2>/dev/null && xdist=(-n "$workers" --dist loadgroup) \
     || echo "run_tests: pytest-xdist is not installed; one process per stage" >&2
 fi
+# One seed for the three stages (tests/conftest.py), printed here: -q hides pytest's header.
+export FUSED_NLL_TEST_SEED=${FUSED_NLL_TEST_SEED:-$(python -c "import secrets; print(secrets.randbelow(2**31))")}
+echo "run_tests: FUSED_NLL_TEST_SEED=$FUSED_NLL_TEST_SEED (set it to rerun with the same inputs)"
 
 run() {  # pytest exit code 5 = "no tests collected": treat as a failure, never as a pass
   "$@"
@@ -25,13 +28,13 @@ run() {  # pytest exit code 5 = "no tests collected": treat as a failure, never 
 }
 
 status=0
-run python -m pytest -q "${xdist[@]}" "$@" || status=1
-TRITON_INTERPRET=1 FUSED_NLL_TEST_BACKENDS=cpu/triton run python -m pytest -q "${xdist[@]}" \
+run python -m pytest -q ${xdist[@]+"${xdist[@]}"} "$@" || status=1
+TRITON_INTERPRET=1 FUSED_NLL_TEST_BACKENDS=cpu/triton run python -m pytest -q ${xdist[@]+"${xdist[@]}"} \
   tests/test_triton_kernels.py tests/test_parity.py tests/test_inplace_backward.py \
   tests/test_func.py tests/test_dispatch.py "$@" || status=1
 # The CUDA C++ kernels, on the CPU emulator of tests/cuda_emu, as fused_nll's CPU
 # kernels for this process: the public API's suite drives them (tests/conftest.py).
-FUSED_NLL_TEST_CUDA_EMU=1 FUSED_NLL_TEST_BACKENDS=cpu/cpp run python -m pytest -q "${xdist[@]}" \
+FUSED_NLL_TEST_CUDA_EMU=1 FUSED_NLL_TEST_BACKENDS=cpu/cpp run python -m pytest -q ${xdist[@]+"${xdist[@]}"} \
   tests/test_parity.py tests/test_inplace_backward.py tests/test_opcheck.py \
   tests/test_compile.py tests/test_errors.py tests/test_func.py "$@" || status=1
 exit $status

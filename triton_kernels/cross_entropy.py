@@ -44,6 +44,7 @@ import torch
 import triton
 import triton.language as tl
 from torch._library.triton import is_wrap_triton_enabled as _wrap_triton_enabled
+from torch._subclasses.fake_tensor import is_fake as _is_fake
 from torch.library import wrap_triton as _torch_wrap_triton
 from triton.runtime.interpreter import InterpretedFunction
 
@@ -220,14 +221,15 @@ def _on_tensor_device(name: str, position: int):
     cannot be accessed from Triton") or run on another device's stream. torch's own ops
     and the CUDA C++ kernels (a CUDAGuard) follow the tensor's device; so do these.
     When the devices agree (one GPU per process, CPU tensors on the interpreter) it costs
-    one comparison. (CUDA not initialised: no real CUDA tensor exists, these are fake
-    ones being traced, which launch nothing.)"""
+    one comparison. Not for fake tensors (being traced: they launch nothing, and their
+    device need not exist here; with CUDA not initialised no real CUDA tensor exists)."""
     def wrap(launcher):
         @functools.wraps(launcher)
         def run(*args, **kwargs):
-            device = (args[position] if len(args) > position else kwargs[name]).device
+            tensor = args[position] if len(args) > position else kwargs[name]
+            device = tensor.device
             if (device.type == "cuda" and torch.cuda.is_initialized()
-                    and device.index != torch.cuda.current_device()):
+                    and device.index != torch.cuda.current_device() and not _is_fake(tensor)):
                 with torch.cuda.device(device):
                     return launcher(*args, **kwargs)
             return launcher(*args, **kwargs)
