@@ -5,8 +5,8 @@
 # interpreter in a separate process (TRITON_INTERPRET must be set before triton
 # is imported), then the public API's suite on the emulated CUDA C++ kernels.
 # GPU tests skip without CUDA. Each stage runs on FUSED_NLL_TEST_WORKERS pytest-xdist
-# workers (default: the CPU count, at most 4; 0 = one process), ~1.7x faster on the
-# 2-core CI machine (the interpreter stage is one Python thread per process).
+# workers (default: the CPU count, at most 4; 0 = one process): ~1.45x faster on the
+# 2-core CI machine (the interpreter stage, one Python thread per process, ~1.7x).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
