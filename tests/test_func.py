@@ -262,8 +262,11 @@ def test_second_order_derivatives_match_torch(target, kind, reduction):
         got["vmap(hessian)"] = lambda: vmap(torch.func.hessian(lambda a, b: fused(a, b).sum()))(x, t)
         want["vmap(hessian)"] = lambda: torch.stack(
             [torch.func.hessian(lambda a: ref(a, t[b]).sum())(x[b].double()) for b in range(B)])
+        # (the terms that cancel in a Hessian-vector product are O(|v|): the atol's scale;
+        # in fp32 torch's own rounding there reached 1.04x a floor of 0.1, seed 886416659)
+        floor = max(0.1, v.abs().max().item())
         for name, call in got.items():
-            ok, detail = close(call(), want[name](), dtype, scale_floor=0.1)
+            ok, detail = close(call(), want[name](), dtype, scale_floor=floor)
             assert ok, f"{dtype}, {name}: {detail}"
 
 
