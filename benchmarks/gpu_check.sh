@@ -76,10 +76,11 @@ tests/test_gpu.py}
 REST_TESTS=${REST_TESTS:-tests/test_inplace_backward.py tests/test_cuda_backend.py tests/test_triton_kernels.py}
 # The ~500 tile-kernel cases of test_triton_kernels.py (each a new compile on a fresh
 # machine) run in CI through the interpreter; on the GPU, test_gpu.py's segmentation
-# tests and the parity stage run the tile kernels. The cluster-kernel cases (37, slow
-# to compile) passed on the H100 (2026-11-27). REST_K="" runs them all.
-REST_K=${REST_K-not tile and not cluster_kernel}
+# tests and the parity stage run the tile kernels. REST_K="" runs them all.
+REST_K=${REST_K-not tile}
 SPLIT_TEST=tests/test_triton_kernels.py::test_split_rows_one_launch_on_gpu
+CLUSTER_TEST=tests/test_cuda_backend.py::test_cluster_kernel  # a prefix: --deselect takes it so
+CLUSTER_TESTS="$CLUSTER_TEST ${CLUSTER_TEST}_many_rows_per_cluster ${CLUSTER_TEST}_bad_targets_and_fallbacks"
 if [[ $STAGES == *tests* ]] && budget=$(left ${TEST_TIMEOUT:-170}) && [ "$budget" -gt 0 ]; then
   start=$(date +%s)
   remaining() { echo $(( budget - ($(date +%s) - start) )); }
@@ -91,7 +92,19 @@ if [[ $STAGES == *tests* ]] && budget=$(left ${TEST_TIMEOUT:-170}) && [ "$budget
   if [ $rc -ne 0 ]; then
     export FUSED_NLL_SPLIT_ONE_LAUNCH=0; echo "  so FUSED_NLL_SPLIT_ONE_LAUNCH=0 from here on"
   fi
-  deselect=(--deselect "$SPLIT_TEST")
+  # The CUDA cluster kernel, persistent since session 20, has not run on a GPU yet: its
+  # cases next; unless they pass, the bench leaves it out (a cluster that never reaches
+  # a barrier would hang it).
+  t=$(remaining)
+  if [ "$t" -ge 20 ]; then
+    timeout $(( t < 90 ? t : 90 )) $PY -m pytest -q -p no:cacheprovider $CLUSTER_TESTS \
+      > "$OUT/tests_cluster.log" 2>&1
+    rc=$?; echo "cluster kernel tests rc=$rc: $(grep -aE 'passed|failed|skipped|rror' "$OUT/tests_cluster.log" | tail -1)"
+  else rc=1; echo "cluster kernel tests: SKIPPED, TEST_TIMEOUT reached"; fi
+  if [ $rc -ne 0 ]; then
+    export FUSED_NLL_BENCH_CLUSTER=0; echo "  so the bench leaves the cluster kernel out"
+  fi
+  deselect=(--deselect "$SPLIT_TEST" --deselect "$CLUSTER_TEST")
   for node in $FIRST_TESTS; do [[ $node == *::* ]] && deselect+=(--deselect "$node"); done
   for run in first rest; do
     t=$(remaining)

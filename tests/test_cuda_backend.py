@@ -806,15 +806,15 @@ def test_int64_indexing():
 # --- one block per row, in registers (FUSED_NLL_CUDA_ONE_BLOCK, off by default) ---
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
-@pytest.mark.parametrize("V", [1000, 16384, 32000])
+@pytest.mark.parametrize("V", [1000, 8192, 16384, 32000])
 @pytest.mark.parametrize("option", ["plain", "weight_smooth", "nll_sum"])
 def test_one_block_kernel(monkeypatch, dtype, V, option):
     """index_cluster_kernel without a cluster: a row held in one block's registers
-    (up to 32768 classes of bf16/fp16, 16384 of fp32), any architecture; 'require'
+    (up to 16384 classes of bf16/fp16, 8192 of fp32), any architecture; 'require'
     makes a silent fallback to index_kernel an error."""
     monkeypatch.setenv("FUSED_NLL_CUDA_ONE_BLOCK", "require")
     torch.manual_seed(V + 1)
-    if dtype == torch.float32 and V > 16384:
+    if V > (8192 if dtype == torch.float32 else 16384):
         x = logits((2, V), dtype)
         with pytest.raises(RuntimeError, match="longer than one block holds"):
             run_index(x, targets(x))
@@ -846,7 +846,7 @@ def test_one_block_kernel(monkeypatch, dtype, V, option):
 
 def test_one_block_kernel_refusals(monkeypatch):
     monkeypatch.setenv("FUSED_NLL_CUDA_ONE_BLOCK", "require")
-    too_long = logits((2, 32768 + 8), torch.bfloat16)  # more than one block holds
+    too_long = logits((2, 16384 + 8), torch.bfloat16)  # more than one block holds
     kdim = logits((2, 64, 3), torch.float32)  # class-strided rows
     for x in (too_long, kdim):
         with pytest.raises(RuntimeError, match="FUSED_NLL_CUDA_ONE_BLOCK=require"):
@@ -867,10 +867,16 @@ def _is_hopper():
 @pytest.mark.parametrize("V", [1000, 32000, 128256, 256000])
 @pytest.mark.parametrize("option", ["plain", "weight_smooth", "nll_sum"])
 def test_cluster_kernel(monkeypatch, dtype, V, option):
-    """index_cluster_kernel (one row per cluster, in registers) against the reference;
-    'require' makes a silent fallback to index_kernel an error."""
+    """index_cluster_kernel (rows in a cluster's registers, persistent clusters)
+    against the reference; 'require' makes a silent fallback to index_kernel an
+    error. A cluster holds 131072 classes of bf16/fp16, 65536 of fp32."""
     monkeypatch.setenv("FUSED_NLL_CUDA_CLUSTER", "require")
     torch.manual_seed(V)
+    if V > (65536 if dtype == torch.float32 else 131072):
+        x = logits((2, V), dtype)
+        with pytest.raises(RuntimeError, match="longer than a cluster holds"):
+            run_index(x, targets(x))
+        return
     x = logits((9, V), dtype)
     x[1, : V // 2] = float("-inf")
     x[2, 7] = 1e4
@@ -882,6 +888,47 @@ def test_cluster_kernel(monkeypatch, dtype, V, option):
     loss, _, grad = check_index(x, t, w, eps=eps, reduction=reduction)
     xi = x.clone()
     loss_i, _ = ops.cross_entropy_fwd_inplace(xi, t, w, -100, eps, RED[reduction], False)
+    torch.testing.assert_close(loss_i, loss, rtol=0, atol=0)
+    torch.testing.assert_close(xi, grad, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not EMULATED, reason="the emulator's co-resident clusters and blocks")
+@pytest.mark.parametrize("kernel", ["FUSED_NLL_CUDA_CLUSTER", "FUSED_NLL_CUDA_ONE_BLOCK"])
+@pytest.mark.parametrize("resident", [1, 2, 3, 64])
+@pytest.mark.parametrize("rows", [1, 2, 5, 8])
+def test_persistent_rows_in_registers(monkeypatch, kernel, resident, rows):
+    """The persistent grid: each cluster (block) loops over rows k, k + grid, ...
+    with the next row's packs, target and x_t loaded one row ahead and the exchange
+    slots alternating. Every trip count (0 to 8 rows per cluster, odd and even),
+    ignored rows among them (their packs are skipped), in place too."""
+    monkeypatch.setenv(kernel, "require")
+    monkeypatch.setenv("FUSED_NLL_EMU_ACTIVE_CLUSTERS", str(resident))
+    monkeypatch.setenv("FUSED_NLL_EMU_BLOCKS_PER_SM", str(resident))
+    monkeypatch.setenv("FUSED_NLL_EMU_SMS", "1")
+    x = logits((rows, 2000), torch.bfloat16)
+    t = targets(x)
+    t[1::3] = -100
+    check_index(x, t)
+    loss, _, grad = run_index(x, t, reduction="none")
+    xi = x.clone()
+    loss_i, _ = ops.cross_entropy_fwd_inplace(xi, t, None, -100, 0.0, RED["none"], False)
+    torch.testing.assert_close(loss_i, loss, rtol=0, atol=0)
+    torch.testing.assert_close(xi, grad, rtol=0, atol=0)
+
+
+@gpu_only
+@pytest.mark.skipif(not _is_hopper(), reason="thread-block clusters need sm_90+")
+@pytest.mark.parametrize("kernel", ["FUSED_NLL_CUDA_CLUSTER", "FUSED_NLL_CUDA_ONE_BLOCK"])
+def test_cluster_kernel_many_rows_per_cluster(monkeypatch, kernel):
+    """On a GPU the persistent grid holds ~16 clusters (one-block: a few blocks per SM):
+    thousands of rows make each loop over many, with every cluster running at once."""
+    monkeypatch.setenv(kernel, "require")
+    V = 32000 if kernel.endswith("CLUSTER") else 16000
+    x = logits((3001, V), torch.bfloat16)
+    t = targets(x, p_ignore=0.1)
+    loss, _, grad = check_index(x, t, eps=0.1)
+    xi = x.clone()
+    loss_i, _ = ops.cross_entropy_fwd_inplace(xi, t, None, -100, 0.1, RED["mean"], False)
     torch.testing.assert_close(loss_i, loss, rtol=0, atol=0)
     torch.testing.assert_close(xi, grad, rtol=0, atol=0)
 

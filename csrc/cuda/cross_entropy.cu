@@ -71,6 +71,7 @@
 #include "../schemas.h"  // checked_loss_dtype
 #include "online_softmax.cuh"
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -665,32 +666,62 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
-// Hopper (sm_90+): one row per thread-block cluster of kClusterSize blocks,
-// the row held in registers. Block `rank` of the cluster loads its chunk of
-// the row (kPacks 16-byte packs per thread) once, reduces it to one online
-// softmax state, and the blocks exchange their states through distributed
-// shared memory (cluster.sync, then every block merges the kClusterSize states
-// in rank order: identical bits everywhere). The gradient is then computed
-// from the registers and written once: the logits are read once and the
-// gradient written once, the bandwidth floor, with no second sweep through L2
-// or HBM. Forward with gradient, index targets, logits (not log-probs), rows
-// of unit class stride whose starts are 16-byte aligned (S == 1); everything
-// else takes index_kernel. In place is safe: every load (and x_t) happens
-// before the first cluster.sync, every store after it.
+// x as its accumulation type. bf16 by its bits (the upper half of an fp32): c10's
+// conversion goes through the value's address, and ptxas spilled the cluster
+// kernel's two rows of bf16 packs with it (sm_90, CUDA 13), not with this.
+template <typename T>
+__device__ __forceinline__ acc_of<T> acc_value(T x) {
+  return static_cast<acc_of<T>>(x);
+}
+__device__ __forceinline__ float acc_value(c10::BFloat16 x) {
+  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// Hopper (sm_90+): rows held in the registers of a thread-block cluster of
+// kClusterSize blocks. Block `rank` of a cluster loads its chunk of a row
+// (kPacks 16-byte packs per thread) once, reduces it to one online softmax
+// state, and the blocks exchange their states through distributed shared
+// memory (cluster.sync, then every block merges the kClusterSize states in rank
+// order: identical bits everywhere). The gradient is then computed from the
+// registers and written once: the logits are read once and the gradient written
+// once, the bandwidth floor, with no second sweep through L2 or HBM.
+//
+// Persistent: the grid is as many clusters as the device holds at once, and
+// cluster k takes rows k, k + clusters, ... Each thread holds two rows' packs: it
+// issues the loads of its next row before this row's reduction, exchange and
+// stores, so that the loads are in flight during them (a cluster per row that
+// loaded, exchanged, stored and exited, the first version of this kernel, left
+// the memory idle through every exchange: 3.1x slower than index_kernel on the
+// H100, 2026-11-27). The next row's target, weight and x_t (read by the lead
+// thread, for the loss) are read one row ahead too, and the target of the row
+// after it, whose packs an ignored target skips, two rows ahead. The exchange
+// slots are double-buffered, so one cluster.sync per row suffices: a block writes
+// slot (i & 1) for its i-th row only after the cluster.sync of row i - 1, which
+// every block reaches after reading slot (i & 1) for row i - 2.
+//
+// Forward with gradient, index targets, logits (not log-probs), rows of unit
+// class stride whose starts are 16-byte aligned (S == 1); everything else takes
+// index_kernel. In place is safe: a row's loads (and its x_t) all happen before
+// that row's cluster.sync, its stores after it, and the rows a block loads ahead
+// are written only after their own cluster.sync.
 //
 // kCluster = 1 (FUSED_NLL_CUDA_ONE_BLOCK, any architecture): the same kernel
-// without a cluster, one row per block, for rows that fit one block's registers
-// (32768 classes of bf16/fp16: 512 threads x 8 packs of 8; 16384 of fp32): no
-// exchange, and a finished block's SM takes the next row's block at once.
+// without a cluster, one row per block at a time, for rows that fit one block's
+// registers (16384 classes of bf16/fp16: 1024 threads x 2 packs of 8; 8192 of
+// fp32): no exchange.
 constexpr int kClusterSize = 8;
-// Threads per block for kPacks packs per thread: up to 1024 with 2 packs; with
-// more, at most 512 so the packs stay in registers (1024 would cap a thread
-// at 64 registers and spill).
-constexpr int cluster_max_threads(int packs) { return packs <= 2 ? kMaxThreads : 512; }
+// 16-byte packs per thread and row, in blocks of up to 1024 threads (64 registers
+// each). Two rows of 2 packs fit; with 4 or 8 packs in 512 threads (the same row
+// lengths, or twice them), ptxas spilled (sm_90, CUDA 13).
+constexpr int kRegisterPacks = 2;
 
-template <typename scalar_t, typename index_t, int kPacks, int kCluster = kClusterSize>
-__global__ void __launch_bounds__(cluster_max_threads(kPacks))
+template <typename scalar_t, typename index_t, int kCluster = kClusterSize>
+__global__ void __launch_bounds__(kMaxThreads)
     index_cluster_kernel(const IndexArgs<scalar_t, index_t> p) {
+  constexpr int kPacks = kRegisterPacks;
 #if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900) || defined(FUSED_NLL_CUDA_EMU)
   constexpr bool kHasCluster = true;
 #else
@@ -703,103 +734,175 @@ __global__ void __launch_bounds__(cluster_max_threads(kPacks))
   constexpr int kVec = vec_width<scalar_t>();
   using PackT = Pack<scalar_t, kVec>;
   __shared__ RowState<acc_t> smem_state[32];
-  __shared__ RowState<acc_t> block_state;  // read by the other blocks of the cluster
+  __shared__ RowState<acc_t> block_state[2];  // read by the other blocks of the cluster
+  __shared__ RowState<acc_t> gathered[kCluster];  // the cluster's states of one row
+  __shared__ acc_t lead_xt[2];  // x_t of this row and the next (lead thread only)
 
   unsigned rank = 0;
 #if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900) || defined(FUSED_NLL_CUDA_EMU)
   if constexpr (kCluster > 1) rank = cooperative_groups::this_cluster().block_rank();
 #endif
-  const int64_t r = static_cast<int64_t>(blockIdx.x) / kCluster;
-  const int64_t C = p.rows.C;
-  const int64_t chunk = static_cast<int64_t>(kPacks) * blockDim.x * kVec;
-  const int64_t c_block = rank * chunk;
+  // Class offsets in 32 bits: the launcher takes rows of at most 131072 classes.
+  const int64_t R = p.rows.R;
+  const int C = static_cast<int>(p.rows.C);
+  const int64_t step = static_cast<int64_t>(gridDim.x) / kCluster;  // clusters in the grid
+  const int c_block = static_cast<int>(rank * kPacks * blockDim.x * kVec);
   const acc_t eps = p.eps;
   const bool smooth = eps != acc_t(0);
   const acc_t eps_c = eps / static_cast<acc_t>(C);
   const acc_t* w = p.weight;
-
-  const int64_t t = static_cast<int64_t>(p.target[r * p.tN]);
-  const bool ignored = t == p.ignore_index;
-  const bool bad = !ignored && (t < 0 || t >= C);
-  const scalar_t* xrow = p.x + r * p.xN;
-
-  // Load this block's packs (none for an ignored row) and fold them in.
-  PackT xv[kPacks];
-  RowState<acc_t> st = empty_state<acc_t>();
-#pragma unroll
-  for (int k = 0; k < kPacks; ++k) {
-    const int64_t c = c_block + (threadIdx.x + static_cast<int64_t>(k) * blockDim.x) * kVec;
-    if (!ignored && c < C) {
-      xv[k] = *reinterpret_cast<const PackT*>(xrow + c);
-      acc_t v[kVec];
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) v[j] = static_cast<acc_t>(xv[k].v[j]);
-      if (smooth)
-        state_add_pack<kVec, true>(st, v, [&](int j) { return w ? w[c + j] : acc_t(1); });
-      else
-        state_add_pack<kVec, false>(st, v, [](int) { return acc_t(0); });
-    }
-  }
-  // x_t before the block's and the cluster's barriers: in place, its owner
-  // overwrites it after them (blocks here have at least 128 threads, so
-  // group_allreduce has barriers).
-  const acc_t xt = (rank == 0 && !ignored && !bad) ? static_cast<acc_t>(xrow[t]) : acc_t(0);
-  st = group_allreduce(st, Merge{}, smem_state);
-  RowState<acc_t> row = st;
-#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900) || defined(FUSED_NLL_CUDA_EMU)
-  if constexpr (kCluster > 1) {
-    const cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
-    if (threadIdx.x == 0) block_state = st;
-    cluster.sync();
-    row = *cluster.map_shared_rank(&block_state, 0);
-#pragma unroll
-    for (int q = 1; q < kCluster; ++q)
-      row = state_merge(row, *cluster.map_shared_rank(&block_state, q));
-    cluster.sync();  // no block may exit while another still reads its block_state
-  }
-#endif
-
-  const acc_t shift = row.m;
-  const acc_t logsum = dev_log(row.s);
-  const acc_t wsum = smooth ? row.b : static_cast<acc_t>(C);
-  const acc_t wt = (w && !ignored && !bad) ? w[t] : acc_t(1);
-  if (rank == 0 && threadIdx.x == 0) {
-    acc_t loss = 0;
-    if (!ignored && !bad) {
-      loss = (acc_t(1) - eps) * wt * ((shift - xt) + logsum);
-      if (smooth) loss += eps_c * (row.b * logsum - row.a);
-    }
-    p.loss[r] = bad ? quiet_nan<acc_t>() : loss;
-    p.lse_out[r] = ignored ? acc_t(0) : shift + logsum;
-  }
-
-  // g_c = coef_t·(p_c - δ_ct) + coef_w·(p_c·wsum - w_c), from the registers.
   acc_t sr = acc_t(1);
   if (p.total_weight != nullptr) sr = sr / *p.total_weight;
-  const acc_t coef_t = sr * (acc_t(1) - eps) * wt;
-  const acc_t coef_w = sr * eps_c;
-  scalar_t* grow = p.grad + r * C;
-#pragma unroll
-  for (int k = 0; k < kPacks; ++k) {
-    const int64_t c = c_block + (threadIdx.x + static_cast<int64_t>(k) * blockDim.x) * kVec;
-    if (c >= C) continue;
-    PackT gv;
-#pragma unroll
-    for (int j = 0; j < kVec; ++j) {
-      acc_t g;
-      if (ignored) {
-        g = acc_t(0);  // exactly 0, never 0·inf
-      } else if (bad) {
-        g = quiet_nan<acc_t>();
-      } else {
-        const acc_t pc = dev_exp((static_cast<acc_t>(xv[k].v[j]) - shift) - logsum);
-        g = coef_t * (c + j == t ? pc - acc_t(1) : pc);
-        if (smooth) g += coef_w * (pc * wsum - (w ? w[c + j] : acc_t(1)));
-      }
-      gv.v[j] = static_cast<scalar_t>(g);
+  const bool lead = rank == 0 && threadIdx.x == 0;  // writes a row's loss and lse
+
+  // A row's target and its weight, and (lead thread, in lead_xt[slot]) x_t: what
+  // the row needs besides its packs. (x_t in shared memory, not a register: ptxas
+  // spilled the fp32 kernel with one more register in every thread.)
+  struct Head {
+    int64_t t;
+    acc_t wt;
+  };
+  auto target_of = [&](int64_t r) {
+    return r < R ? static_cast<int64_t>(p.target[r * p.tN]) : p.ignore_index;
+  };
+  auto head_of = [&](int64_t r, int64_t t, int slot) {
+    Head h{t, acc_t(1)};
+    if (r < R && t != p.ignore_index && t >= 0 && t < C) {
+      if (w) h.wt = w[t];
+      if (lead) lead_xt[slot] = acc_value(p.x[r * p.xN + t]);
     }
-    *reinterpret_cast<PackT*>(grow + c) = gv;
+    return h;
+  };
+  // This block's packs of row r (none for an ignored row or past the last row).
+  auto load_packs = [&](int64_t r, int64_t t, PackT (&xv)[kPacks]) __attribute__((always_inline)) {
+    if (r >= R || t == p.ignore_index) return;
+    const scalar_t* xrow = p.x + r * p.xN;
+#pragma unroll
+    for (int k = 0; k < kPacks; ++k) {
+      const int c = c_block + static_cast<int>(threadIdx.x + k * blockDim.x) * kVec;
+      if (c < C) xv[k] = *reinterpret_cast<const PackT*>(xrow + c);
+    }
+  };
+
+  // Loss, lse and gradient of row r from its packs xv; exchange slot `slot`. Inlined
+  // at both calls, so that xv, taken by reference, stays in registers.
+  auto finish_row = [&](int64_t r, const Head& h, const PackT (&xv)[kPacks],
+                        int slot) __attribute__((always_inline)) {
+    const int64_t t = h.t;
+    const bool ignored = t == p.ignore_index;
+    const bool bad = !ignored && (t < 0 || t >= C);
+    RowState<acc_t> st = empty_state<acc_t>();
+    if (!ignored) {
+#pragma unroll
+      for (int k = 0; k < kPacks; ++k) {
+        const int c = c_block + static_cast<int>(threadIdx.x + k * blockDim.x) * kVec;
+        if (c < C) {
+          acc_t v[kVec];
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) v[j] = acc_value(xv[k].v[j]);
+          if (smooth)
+            state_add_pack<kVec, true>(st, v, [&](int j) { return w ? w[c + j] : acc_t(1); });
+          else
+            state_add_pack<kVec, false>(st, v, [](int) { return acc_t(0); });
+        }
+      }
+    }
+    // (blocks here have at least 128 threads, so group_allreduce has barriers)
+    st = group_allreduce(st, Merge{}, smem_state);
+    RowState<acc_t> row = st;
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900) || defined(FUSED_NLL_CUDA_EMU)
+    if constexpr (kCluster > 1) {
+      const cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+      if (threadIdx.x == 0) block_state[slot] = st;
+      cluster.sync();
+      // Thread q fetches block q's state (one round trip through distributed shared
+      // memory for all of them, and no thread holds kCluster remote states in
+      // registers beside two rows' packs), then every thread merges them in rank
+      // order. The next write to gathered, a row later, comes after this block's
+      // next group_allreduce barriers, so after every thread's reads here.
+      if (threadIdx.x < kCluster)
+        gathered[threadIdx.x] = *cluster.map_shared_rank(&block_state[slot], threadIdx.x);
+      __syncthreads();
+      row = gathered[0];
+      for (int q = 1; q < kCluster; ++q) row = state_merge(row, gathered[q]);
+    }
+#endif
+
+    const acc_t shift = row.m;
+    const acc_t logsum = dev_log(row.s);
+    const acc_t wsum = smooth ? row.b : static_cast<acc_t>(C);
+    if (lead) {
+      acc_t loss = 0;
+      if (!ignored && !bad) {
+        loss = (acc_t(1) - eps) * h.wt * ((shift - lead_xt[slot]) + logsum);
+        if (smooth) loss += eps_c * (row.b * logsum - row.a);
+      }
+      p.loss[r] = bad ? quiet_nan<acc_t>() : loss;
+      p.lse_out[r] = ignored ? acc_t(0) : shift + logsum;
+    }
+
+    // g_c = coef_t·(p_c - δ_ct) + coef_w·(p_c·wsum - w_c), from the registers; one
+    // loop per case (a branch per row, not per value).
+    const acc_t coef_t = sr * (acc_t(1) - eps) * h.wt;
+    const acc_t coef_w = sr * eps_c;
+    scalar_t* grow = p.grad + r * C;
+    auto store_packs = [&](auto&& grad_at) __attribute__((always_inline)) {
+#pragma unroll
+      for (int k = 0; k < kPacks; ++k) {
+        const int c = c_block + static_cast<int>(threadIdx.x + k * blockDim.x) * kVec;
+        if (c >= C) continue;
+        PackT gv;
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) gv.v[j] = static_cast<scalar_t>(grad_at(xv[k].v[j], c + j));
+        *reinterpret_cast<PackT*>(grow + c) = gv;
+      }
+    };
+    if (ignored || bad) {
+      const acc_t g = ignored ? acc_t(0) : quiet_nan<acc_t>();  // exactly 0, never 0·inf
+      store_packs([&](scalar_t, int) { return g; });
+    } else if (smooth) {
+      store_packs([&](scalar_t x, int c) {
+        const acc_t pc = dev_exp((acc_value(x) - shift) - logsum);
+        return coef_t * (c == t ? pc - acc_t(1) : pc) +
+               coef_w * (pc * wsum - (w ? w[c] : acc_t(1)));
+      });
+    } else {
+      store_packs([&](scalar_t x, int c) {
+        const acc_t pc = dev_exp((acc_value(x) - shift) - logsum);
+        return coef_t * (c == t ? pc - acc_t(1) : pc);
+      });
+    }
+  };
+
+  // Two rows per trip, so that the two register sets swap roles without copies
+  // (a copy would wait for the loads in flight). Every block of a cluster runs
+  // the same rows, so all reach each cluster.sync.
+  int64_t r = static_cast<int64_t>(blockIdx.x) / kCluster;
+  PackT xa[kPacks], xb[kPacks];
+  Head h = head_of(r, target_of(r), 0);
+  int64_t t_next = target_of(r + step);
+  load_packs(r, h.t, xa);
+  while (r < R) {
+    int64_t rn = r + step;
+    load_packs(rn, t_next, xb);
+    Head hn = head_of(rn, t_next, 1);
+    t_next = target_of(rn + step);
+    finish_row(r, h, xa, 0);
+    r = rn;
+    h = hn;
+    if (r >= R) break;
+    rn = r + step;
+    load_packs(rn, t_next, xa);
+    hn = head_of(rn, t_next, 0);
+    t_next = target_of(rn + step);
+    finish_row(r, h, xb, 1);
+    r = rn;
+    h = hn;
   }
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900) || defined(FUSED_NLL_CUDA_EMU)
+  // no block may exit while another still reads its block_state
+  if constexpr (kCluster > 1) cooperative_groups::this_cluster().sync();
+#endif
   }  // kCluster == 1 or a cluster binary
 }
 
@@ -808,13 +911,16 @@ __global__ void __launch_bounds__(cluster_max_threads(kPacks))
 // "require" also raises where it does not (for tests), anything else (the default)
 // keeps index_kernel. Read on every call (a getenv, next to a kernel launch), so a
 // process can switch. Off by default until they are faster on a GPU (the cluster
-// kernel was 3.1x slower on the H100, 2026-11-27; the one-block kernel is untimed).
+// kernel, before it was persistent, was 3.1x slower on the H100, 2026-11-27; the
+// persistent kernels are untimed).
 int registers_mode(const char* name) {
   const char* e = std::getenv(name);
   if (e == nullptr) return 0;
   if (std::string(e) == "require") return 2;
   return std::string(e) == "1" ? 1 : 0;
 }
+
+int num_sms(const at::Tensor& t);  // (host side, below)
 
 // Launches index_cluster_kernel<..., kCl> (kCl = kClusterSize or 1) for a forward
 // with gradient when the layout, dtypes and device allow it; returns false (nothing
@@ -850,23 +956,28 @@ bool launch_rows_in_registers(const IndexArgs<x_t, index_t>& a, const at::Tensor
                                             x.get_device()));
       if (major < 9) return refuse("thread-block clusters need sm_90 or newer");
     }
-    // Smallest block (threads) and pack count whose kCl blocks cover the row.
-    // 16 packs only for fp32 in clusters: 16-bit packs of 16 spill, and so do fp32
-    // ones in a single block (ptxas sm_90, CUDA 13). So one block holds 32768
-    // classes of bf16/fp16 and 16384 of fp32, a cluster 262144 of any of them.
-    int threads = 0, packs = 0;
-    for (int k : {2, 8, 16}) {
-      if (k == 16 && (sizeof(x_t) < 4 || kCl == 1)) break;
-      for (int t = 128; t <= cluster_max_threads(k) && threads == 0; t *= 2)
-        if (static_cast<int64_t>(kCl) * t * kVec * k >= C) threads = t, packs = k;
-      if (threads) break;
-    }
+    // Smallest block (threads) whose kCl blocks cover the row with kRegisterPacks
+    // packs per thread. One block holds 16384 classes of bf16/fp16 and 8192 of fp32,
+    // a cluster 131072 and 65536.
+    int threads = 0;
+    for (int t = 128; t <= kMaxThreads && threads == 0; t *= 2)
+      if (static_cast<int64_t>(kCl) * t * kVec * kRegisterPacks >= C) threads = t;
     if (threads == 0)
       return refuse(kCl > 1 ? "the row is longer than a cluster holds"
                             : "the row is longer than one block holds");
+    // Persistent: as many clusters (blocks) as the device holds at once, at most one
+    // per row; each loops over the rows.
     auto launch = [&](auto kernel) {
       if constexpr (kCl == 1) {
-        launch_kernel(kernel, dim3(static_cast<unsigned>(R)), dim3(threads), stream, a);
+        int per_sm = 0;
+        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0) !=
+                cudaSuccess ||
+            per_sm < 1) {
+          (void)cudaGetLastError();
+          return refuse("no block of this shape fits on the device");
+        }
+        const int64_t blocks = std::min<int64_t>(R, static_cast<int64_t>(per_sm) * num_sms(x));
+        launch_kernel(kernel, dim3(static_cast<unsigned>(blocks)), dim3(threads), stream, a);
         return true;
       } else {
         cudaFuncAttributes attr{};
@@ -876,7 +987,7 @@ bool launch_rows_in_registers(const IndexArgs<x_t, index_t>& a, const at::Tensor
         if (attr.binaryVersion < 90 || attr.ptxVersion < 90)
           return refuse("the extension was not built for sm_90");
         cudaLaunchConfig_t config{};
-        config.gridDim = dim3(static_cast<unsigned>(R * kCl));
+        config.gridDim = dim3(static_cast<unsigned>(kCl));  // for the occupancy query
         config.blockDim = dim3(threads);
         config.stream = stream;
         cudaLaunchAttribute attribute[1];
@@ -892,15 +1003,12 @@ bool launch_rows_in_registers(const IndexArgs<x_t, index_t>& a, const at::Tensor
           (void)cudaGetLastError();
           return refuse("no cluster of this shape fits on the device");
         }
+        config.gridDim = dim3(static_cast<unsigned>(std::min<int64_t>(R, clusters) * kCl));
         C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, a));
         return true;
       }
     };
-    if (packs == 2) return launch(index_cluster_kernel<x_t, index_t, 2, kCl>);
-    if constexpr (sizeof(x_t) == 4 && kCl > 1) {
-      if (packs == 16) return launch(index_cluster_kernel<x_t, index_t, 16, kCl>);
-    }
-    return launch(index_cluster_kernel<x_t, index_t, 8, kCl>);
+    return launch(index_cluster_kernel<x_t, index_t, kCl>);
   }
 }
 

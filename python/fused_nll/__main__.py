@@ -83,8 +83,10 @@ def cmd_info(_args) -> int:
     print(f"default:  {', '.join(defaults)}" + (f"  (forced by FUSED_NLL_BACKEND={forced})" if forced else ""))
     print(f"debug:    {'on' if _backend.debug_enabled() else 'off'} (fused_nll.set_debug / FUSED_NLL_DEBUG=1)")
     for env, kernel, note in (
-            ("FUSED_NLL_CUDA_CLUSTER", "CUDA cluster kernel", "sm_90+; correct but slower on an H100 and an H200"),
-            ("FUSED_NLL_CUDA_ONE_BLOCK", "CUDA one-block kernel", "rows up to 32768 classes, 16384 of fp32; slower on an H200")):
+            ("FUSED_NLL_CUDA_CLUSTER", "CUDA cluster kernel",
+             "sm_90+, rows up to 131072 classes, 65536 of fp32; persistent version untimed"),
+            ("FUSED_NLL_CUDA_ONE_BLOCK", "CUDA one-block kernel",
+             "rows up to 16384 classes, 8192 of fp32; persistent version untimed")):
         value = os.environ.get(env, "")
         state = f"on ({value})" if value in ("1", "require") else "off"
         print(f"opt-in:   {kernel} {state} ({env}=1, {note}; docs/ops.md)")

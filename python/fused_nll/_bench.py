@@ -182,9 +182,9 @@ def implementations(device, wanted):
         impls["fused_nll[triton] split rows (L2)"] = run_split
     if device == "cuda" and "fused_nll[cuda]" in impls:
         # The CUDA forward with gradient without its L2 policies (FUSED_NLL_CUDA_L2_HINTS=0:
-        # plain sweep-1 loads, evict_normal in the gradient sweep), fwd+bwd only. (The
-        # opt-in cluster and one-block kernels and other row-group sizes were timed on the
-        # H100 and H200, 2026-11-27, and lost: benchmarks/results/NOTES.md.)
+        # plain sweep-1 loads, evict_normal in the gradient sweep), fwd+bwd only. (Other
+        # row-group sizes and the one-block kernel were timed on the H100 and H200,
+        # 2026-11-27, and lost: benchmarks/results/NOTES.md.)
         run_plain = _cuda_with_env("FUSED_NLL_CUDA_L2_HINTS", "0")
         run_plain.fwdbwd_only = True
         run_plain.rows_only = True
@@ -195,6 +195,19 @@ def implementations(device, wanted):
         run_two.fwdbwd_only = True
         run_two.rows_only = True
         impls["fused_nll[cuda] 2 rows/SM"] = run_two
+        if (torch.cuda.get_device_capability()[0] >= 9
+                and os.environ.get("FUSED_NLL_BENCH_CLUSTER") != "0"):
+            # The persistent Hopper cluster kernel (FUSED_NLL_CUDA_CLUSTER, off by default):
+            # rows in a cluster's registers, read once, the next row's loads in flight
+            # during a row's exchange. "require": a shape it does not take (more than
+            # 131072 bf16 classes, 65536 fp32) is reported as failed, not timed as the
+            # usual kernel. FUSED_NLL_BENCH_CLUSTER=0 leaves it out (gpu_check.sh, when
+            # its GPU tests did not pass).
+            run_cluster = _cuda_with_env("FUSED_NLL_CUDA_CLUSTER", "require")
+            run_cluster.fwdbwd_only = True
+            run_cluster.rows_only = True
+            run_cluster.index_only = True
+            impls["fused_nll[cuda] cluster"] = run_cluster
 
     def eager(x, t):
         return F.cross_entropy(x, t)

@@ -601,11 +601,24 @@ inline unsigned emu_cluster_size(const cudaLaunchConfig_t* config) {
              config->attrs[i].val.clusterDim.z;
   return 1;
 }
+// Co-resident clusters / blocks per SM, for the persistent kernels' grids:
+// FUSED_NLL_EMU_ACTIVE_CLUSTERS (default 2) and FUSED_NLL_EMU_BLOCKS_PER_SM (default 2),
+// so that tests can vary how many rows each cluster or block loops over.
 template <typename K>
 cudaError_t cudaOccupancyMaxActiveClusters(int* clusters, K /*kernel*/,
                                            const cudaLaunchConfig_t* config) {
   // Hopper: at most 8 blocks per portable cluster, 1024 threads per block.
-  *clusters = emu_cluster_size(config) <= 8 ? 1 : 0;
+  *clusters = emu_cluster_size(config) <= 8
+                  ? static_cast<int>(fused_nll_emu::env_unsigned("FUSED_NLL_EMU_ACTIVE_CLUSTERS", 2))
+                  : 0;
+  return cudaSuccess;
+}
+template <typename K>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, K /*kernel*/, int threads,
+                                                          size_t /*dynamic_smem*/) {
+  *blocks = threads <= 1024
+                ? static_cast<int>(fused_nll_emu::env_unsigned("FUSED_NLL_EMU_BLOCKS_PER_SM", 2))
+                : 0;
   return cudaSuccess;
 }
 template <typename... P, typename... A>
