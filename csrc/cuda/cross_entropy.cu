@@ -684,8 +684,8 @@ __device__ __forceinline__ float acc_value(c10::BFloat16 x) {
 // kClusterSize blocks. Block `rank` of a cluster loads its chunk of a row
 // (kPacks 16-byte packs per thread) once, reduces it to one online softmax
 // state, and the blocks exchange their states through distributed shared
-// memory (cluster.sync, then every block merges the kClusterSize states in rank
-// order: identical bits everywhere). The gradient is then computed from the
+// memory (cluster.sync, then every block merges the kClusterSize states in the
+// same order: identical bits everywhere). The gradient is then computed from the
 // registers and written once: the logits are read once and the gradient written
 // once, the bandwidth floor, with no second sweep through L2 or HBM.
 //
@@ -735,7 +735,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   using PackT = Pack<scalar_t, kVec>;
   __shared__ RowState<acc_t> smem_state[32];
   __shared__ RowState<acc_t> block_state[2];  // read by the other blocks of the cluster
-  __shared__ RowState<acc_t> gathered[kCluster];  // the cluster's states of one row
+  __shared__ RowState<acc_t> row_state;  // the row's, for every thread of the block
   __shared__ acc_t lead_xt[2];  // x_t of this row and the next (lead thread only)
 
   unsigned rank = 0;
@@ -807,26 +807,45 @@ __global__ void __launch_bounds__(kMaxThreads)
         }
       }
     }
-    // (blocks here have at least 128 threads, so group_allreduce has barriers)
-    st = group_allreduce(st, Merge{}, smem_state);
-    RowState<acc_t> row = st;
+    // The row's state, in three steps with two block barriers and, between them,
+    // the cluster's: (1) a butterfly in each warp, whose lane 0 puts it in
+    // smem_state; (2) warp 0 merges the warps' states by a butterfly, and thread 0
+    // has the block's (group_allreduce has every thread merge all 32 slots in turn:
+    // ~30 merges a thread, ~15k warp instructions per 1024-thread block and row, on
+    // this kernel's critical path); with a cluster, thread 0 publishes it,
+    // cluster.sync, and warp 0 fetches the kCluster blocks' states (one round trip
+    // through distributed shared memory) and merges them by a butterfly too; (3)
+    // thread 0 puts the row's state in row_state for every thread. Same bits in
+    // every block (same inputs, same order), so the blocks agree.
+    // Reuse: smem_state and row_state are written a row later only after barrier
+    // (1) of that row, which every thread reaches after its reads here.
+    const int lane = static_cast<int>(threadIdx.x) & 31;
+    const int warp = static_cast<int>(threadIdx.x) >> 5;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) st = state_merge(st, shfl_xor(st, off));
+    if (lane == 0) smem_state[warp] = st;
+    __syncthreads();  // (1)
+    if (warp == 0) {
+      st = lane < static_cast<int>(blockDim.x >> 5) ? smem_state[lane] : empty_state<acc_t>();
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) st = state_merge(st, shfl_xor(st, off));
+    }
 #if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900) || defined(FUSED_NLL_CUDA_EMU)
     if constexpr (kCluster > 1) {
       const cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
       if (threadIdx.x == 0) block_state[slot] = st;
-      cluster.sync();
-      // Thread q fetches block q's state (one round trip through distributed shared
-      // memory for all of them, and no thread holds kCluster remote states in
-      // registers beside two rows' packs), then every thread merges them in rank
-      // order. The next write to gathered, a row later, comes after this block's
-      // next group_allreduce barriers, so after every thread's reads here.
-      if (threadIdx.x < kCluster)
-        gathered[threadIdx.x] = *cluster.map_shared_rank(&block_state[slot], threadIdx.x);
-      __syncthreads();
-      row = gathered[0];
-      for (int q = 1; q < kCluster; ++q) row = state_merge(row, gathered[q]);
+      cluster.sync();  // (2)
+      if (warp == 0) {
+        st = lane < kCluster ? *cluster.map_shared_rank(&block_state[slot], lane)
+                             : empty_state<acc_t>();
+#pragma unroll
+        for (int off = kCluster / 2; off > 0; off >>= 1) st = state_merge(st, shfl_xor(st, off));
+      }
     }
 #endif
+    if (threadIdx.x == 0) row_state = st;
+    __syncthreads();  // (3)
+    const RowState<acc_t> row = row_state;
 
     const acc_t shift = row.m;
     const acc_t logsum = dev_log(row.s);
