@@ -864,7 +864,7 @@ def _is_hopper():
 
 @pytest.mark.skipif(not _is_hopper(), reason="thread-block clusters need sm_90+")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
-@pytest.mark.parametrize("V", [1000, 32000, 128256, 256000])
+@pytest.mark.parametrize("V", [5000, 32000, 128256, 256000])
 @pytest.mark.parametrize("option", ["plain", "weight_smooth", "nll_sum"])
 def test_cluster_kernel(monkeypatch, dtype, V, option):
     """index_cluster_kernel (rows in a cluster's registers, persistent clusters)
@@ -905,7 +905,8 @@ def test_persistent_rows_in_registers(monkeypatch, kernel, resident, rows):
     monkeypatch.setenv("FUSED_NLL_EMU_ACTIVE_CLUSTERS", str(resident))
     monkeypatch.setenv("FUSED_NLL_EMU_BLOCKS_PER_SM", str(resident))
     monkeypatch.setenv("FUSED_NLL_EMU_SMS", "1")
-    x = logits((rows, 2000), torch.bfloat16)
+    # a cluster of 8 blocks of 256 threads, x_t in any block's chunk; one block of 1024
+    x = logits((rows, 20000 if kernel.endswith("CLUSTER") else 12000), torch.bfloat16)
     t = targets(x)
     t[1::3] = -100
     check_index(x, t)
@@ -937,7 +938,7 @@ def test_cluster_kernel_many_rows_per_cluster(monkeypatch, kernel):
 def test_cluster_kernel_bad_targets_and_fallbacks(monkeypatch):
     monkeypatch.setenv("FUSED_NLL_CUDA_CLUSTER", "require")
     x = logits((4, 4096), torch.bfloat16)
-    t = torch.tensor([0, 5000, -100, 3], device=DEV)
+    t = torch.tensor([0, 5000, -100, 4000], device=DEV)
     loss, _, grad = run_index(x, t, reduction="none")
     assert torch.isnan(loss[1]) and torch.isnan(grad[1]).all() and (grad[2] == 0).all()
     assert torch.isfinite(loss[[0, 2, 3]]).all()
@@ -946,6 +947,9 @@ def test_cluster_kernel_bad_targets_and_fallbacks(monkeypatch):
     tk = targets(xk)
     with pytest.raises(RuntimeError, match="FUSED_NLL_CUDA_CLUSTER=require"):
         run_index(xk, tk)
+    short = logits((2, 2048), torch.bfloat16)  # one block of 128 threads holds it
+    with pytest.raises(RuntimeError, match="the row fits one block"):
+        run_index(short, targets(short))
     monkeypatch.setenv("FUSED_NLL_CUDA_CLUSTER", "1")
     check_index(xk, tk)
     check_index(logits((5, 1001), torch.float32), targets(logits((5, 1001), torch.float32)))

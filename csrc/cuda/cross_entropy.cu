@@ -680,42 +680,160 @@ __device__ __forceinline__ float acc_value(c10::BFloat16 x) {
   return f;
 }
 
+// 16 bytes from global to shared memory without passing through registers
+// (cp.async, sm_80+; the emulator copies at once): the copies of a thread are
+// complete and visible to it after copy_async_commit + copy_async_wait_all.
+__device__ __forceinline__ void copy_async_16(void* smem, const void* gmem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(FUSED_NLL_CUDA_EMU)
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(
+                   static_cast<uint32_t>(__cvta_generic_to_shared(smem))),
+               "l"(gmem)
+               : "memory");
+#else
+  memcpy(smem, gmem, 16);
+#endif
+}
+__device__ __forceinline__ void copy_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(FUSED_NLL_CUDA_EMU)
+  asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void copy_async_wait_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(FUSED_NLL_CUDA_EMU)
+  asm volatile("cp.async.wait_group 0;" ::: "memory");
+#endif
+}
+
+// The cluster kernel's exchange of row states (16 bytes: RowState<float>), without a
+// cluster-wide barrier per row: cluster.sync() is barrier.cluster.arrive.release +
+// wait.acquire, and its release fence (MEMBAR.ALL.GPU in the sm_90 SASS) waits for
+// the thread's loads and stores in flight, so the next row's loads, issued before
+// the exchange, would not overlap it. Instead a block's thread 0 writes its state into
+// slot [rank] of every block's inbox[parity] with st.async, which signals that
+// block's mbarrier for this parity (complete_tx: 16 bytes), and waits on its own
+// mbarrier until the kCluster states of the row are in (expect_tx: 16·kCluster bytes,
+// one arrival a phase). Parity = the row's index in the block's loop, mod 2: a block
+// sends row i + 2 only after receiving row i + 1 from every block, which each sends
+// after reading its inbox for row i, so a slot is never overwritten before it is read.
+// The emulator (tests/cuda_emu) writes the peer's shared memory directly and counts
+// arrivals with an atomic.
+template <int kCluster>
+struct ClusterInbox {
+  RowState<float> slot[2][kCluster];
+#ifdef FUSED_NLL_CUDA_EMU
+  std::atomic<unsigned> arrived[2];  // states received per parity since init
+#else
+  uint64_t barrier[2];  // mbarriers
+#endif
+};
+
+#if defined(FUSED_NLL_CUDA_EMU) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
+#ifndef FUSED_NLL_CUDA_EMU
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+#endif
+
+// Thread 0, before the first send; then a cluster.sync by every thread of the cluster.
+template <int kCluster>
+__device__ __forceinline__ void inbox_init(ClusterInbox<kCluster>& box) {
+#ifdef FUSED_NLL_CUDA_EMU
+  box.arrived[0] = box.arrived[1] = 0;
+#else
+  for (int p = 0; p < 2; ++p)
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(shared_address(&box.barrier[p]))
+                 : "memory");
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+#endif
+}
+
+// Thread 0: this block's state of its `use`-th row of parity p to every block of the
+// cluster (itself included), and this block's expectation of the row's kCluster states.
+template <int kCluster>
+__device__ __forceinline__ void inbox_send(ClusterInbox<kCluster>& box, const RowState<float>& st,
+                                           unsigned rank, int p) {
+#ifdef FUSED_NLL_CUDA_EMU
+  const cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+  for (int q = 0; q < kCluster; ++q) {
+    ClusterInbox<kCluster>* peer = cluster.map_shared_rank(&box, q);
+    peer->slot[p][rank] = st;
+    peer->arrived[p].fetch_add(1, std::memory_order_release);
+  }
+#else
+  const uint32_t slot = shared_address(&box.slot[p][rank]);
+  const uint32_t bar = shared_address(&box.barrier[p]);
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar),
+               "r"(kCluster * 16)
+               : "memory");
+#pragma unroll
+  for (int q = 0; q < kCluster; ++q) {
+    uint32_t remote_slot, remote_bar;
+    asm("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote_slot) : "r"(slot), "r"(q));
+    asm("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote_bar) : "r"(bar), "r"(q));
+    asm volatile(
+        "st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.f32 [%0], {%1, %2, %3, %4}, [%5];"
+        ::"r"(remote_slot), "f"(st.m), "f"(st.s), "f"(st.a), "f"(st.b), "r"(remote_bar)
+        : "memory");
+  }
+#endif
+}
+
+// Thread 0: waits until the kCluster states of its `use`-th row of parity p are in.
+template <int kCluster>
+__device__ __forceinline__ void inbox_wait(ClusterInbox<kCluster>& box, int p, unsigned use) {
+#ifdef FUSED_NLL_CUDA_EMU
+  const unsigned want = (use + 1) * kCluster;
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (box.arrived[p].load(std::memory_order_acquire) < want) {
+    if (std::chrono::steady_clock::now() > give_up)
+      fused_nll_emu::fail("inbox_wait: a row's states did not all come within 30 s");
+    std::this_thread::yield();
+  }
+#else
+  const uint32_t bar = shared_address(&box.barrier[p]);
+  uint32_t done = 0;
+  while (!done)
+    asm volatile(
+        "{\n .reg .pred ready;\n mbarrier.try_wait.parity.shared::cta.b64 ready, [%1], %2;\n"
+        " selp.u32 %0, 1, 0, ready;\n}"
+        : "=r"(done)
+        : "r"(bar), "r"(use & 1u)
+        : "memory");
+#endif
+}
+#endif
+
 // Hopper (sm_90+): rows held in the registers of a thread-block cluster of
 // kClusterSize blocks. Block `rank` of a cluster loads its chunk of a row
 // (kPacks 16-byte packs per thread) once, reduces it to one online softmax
 // state, and the blocks exchange their states through distributed shared
-// memory (cluster.sync, then every block merges the kClusterSize states in the
-// same order: identical bits everywhere). The gradient is then computed from the
+// memory (ClusterInbox; every block merges the kClusterSize states in rank
+// order: identical bits everywhere). The gradient is then computed from the
 // registers and written once: the logits are read once and the gradient written
-// once, the bandwidth floor, with no second sweep through L2 or HBM.
+// once, the bandwidth floor, with no second sweep through L2 or HBM. The loss is
+// written by the thread that holds x_t.
 //
 // Persistent: the grid is as many clusters as the device holds at once, and
-// cluster k takes rows k, k + clusters, ... Each thread holds two rows' packs: it
-// issues the loads of its next row before this row's reduction, exchange and
-// stores, so that the loads are in flight during them (a cluster per row that
-// loaded, exchanged, stored and exited, the first version of this kernel, left
-// the memory idle through every exchange: 3.1x slower than index_kernel on the
-// H100, 2026-11-27). The next row's target, weight and x_t (read by the lead
-// thread, for the loss) are read one row ahead too, and the target of the row
-// after it, whose packs an ignored target skips, two rows ahead. The exchange
-// slots are double-buffered, so one cluster.sync per row suffices: a block writes
-// slot (i & 1) for its i-th row only after the cluster.sync of row i - 1, which
-// every block reaches after reading slot (i & 1) for row i - 2.
+// cluster k takes rows k, k + clusters, ... A thread holds this row's packs in
+// registers while its next row's are copied into shared memory (cp.async): those
+// loads are in flight during this row's reduction, exchange and stores (a cluster
+// per row that loaded, exchanged through cluster.sync, stored and exited, the first
+// version of this kernel, left the memory idle through every exchange: 3.1x slower
+// than index_kernel on the H100, 2026-11-27). The target of the row after next,
+// whose packs an ignored target skips, is read a row ahead.
 //
 // Forward with gradient, index targets, logits (not log-probs), rows of unit
 // class stride whose starts are 16-byte aligned (S == 1); everything else takes
-// index_kernel. In place is safe: a row's loads (and its x_t) all happen before
-// that row's cluster.sync, its stores after it, and the rows a block loads ahead
-// are written only after their own cluster.sync.
+// index_kernel. In place is safe: every thread writes exactly the gradient
+// elements it loaded itself, after loading them.
 //
-// kCluster = 1 (FUSED_NLL_CUDA_ONE_BLOCK, any architecture): the same kernel
-// without a cluster, one row per block at a time, for rows that fit one block's
-// registers (16384 classes of bf16/fp16: 1024 threads x 2 packs of 8; 8192 of
-// fp32): no exchange.
+// kCluster = 1 (FUSED_NLL_CUDA_ONE_BLOCK, sm_80+): the same kernel without a
+// cluster, one row per block at a time, for rows that fit one block's registers
+// (16384 classes of bf16/fp16: 1024 threads x 2 packs of 8; 8192 of fp32): no
+// exchange.
 constexpr int kClusterSize = 8;
 // 16-byte packs per thread and row, in blocks of up to 1024 threads (64 registers
-// each). Two rows of 2 packs fit; with 4 or 8 packs in 512 threads (the same row
-// lengths, or twice them), ptxas spilled (sm_90, CUDA 13).
+// each; the next row's packs wait in 32 KB of shared memory).
 constexpr int kRegisterPacks = 2;
 
 template <typename scalar_t, typename index_t, int kCluster = kClusterSize>
@@ -734,13 +852,18 @@ __global__ void __launch_bounds__(kMaxThreads)
   constexpr int kVec = vec_width<scalar_t>();
   using PackT = Pack<scalar_t, kVec>;
   __shared__ RowState<acc_t> smem_state[32];
-  __shared__ RowState<acc_t> block_state[2];  // read by the other blocks of the cluster
   __shared__ RowState<acc_t> row_state;  // the row's, for every thread of the block
-  __shared__ acc_t lead_xt[2];  // x_t of this row and the next (lead thread only)
+  static_assert(std::is_same_v<acc_t, float>, "the cluster exchange moves RowState<float>");
+  __shared__ ClusterInbox<kCluster> inbox;  // the cluster's states of a row (kCluster > 1)
+  __shared__ PackT staged[kPacks][kMaxThreads];  // the next row's packs (32 KB)
 
   unsigned rank = 0;
 #if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900) || defined(FUSED_NLL_CUDA_EMU)
-  if constexpr (kCluster > 1) rank = cooperative_groups::this_cluster().block_rank();
+  if constexpr (kCluster > 1) {
+    rank = cooperative_groups::this_cluster().block_rank();
+    if (threadIdx.x == 0) inbox_init(inbox);
+    cooperative_groups::this_cluster().sync();  // every block's inbox ready before any send
+  }
 #endif
   // Class offsets in 32 bits: the launcher takes rows of at most 131072 classes.
   const int64_t R = p.rows.R;
@@ -753,49 +876,55 @@ __global__ void __launch_bounds__(kMaxThreads)
   const acc_t* w = p.weight;
   acc_t sr = acc_t(1);
   if (p.total_weight != nullptr) sr = sr / *p.total_weight;
-  const bool lead = rank == 0 && threadIdx.x == 0;  // writes a row's loss and lse
-
-  // A row's target and its weight, and (lead thread, in lead_xt[slot]) x_t: what
-  // the row needs besides its packs. (x_t in shared memory, not a register: ptxas
-  // spilled the fp32 kernel with one more register in every thread.)
-  struct Head {
-    int64_t t;
-    acc_t wt;
+  const bool lead = rank == 0 && threadIdx.x == 0;  // writes a row's lse
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  const int warp = static_cast<int>(threadIdx.x) >> 5;
+  auto class_of = [&](int k) {  // first class of this thread's pack k
+    return c_block + static_cast<int>(threadIdx.x + k * blockDim.x) * kVec;
   };
   auto target_of = [&](int64_t r) {
     return r < R ? static_cast<int64_t>(p.target[r * p.tN]) : p.ignore_index;
   };
-  auto head_of = [&](int64_t r, int64_t t, int slot) {
-    Head h{t, acc_t(1)};
-    if (r < R && t != p.ignore_index && t >= 0 && t < C) {
-      if (w) h.wt = w[t];
-      if (lead) lead_xt[slot] = acc_value(p.x[r * p.xN + t]);
-    }
-    return h;
+  auto weight_of = [&](int64_t t) {  // w_t for a valid target, else 1
+    return (w && t != p.ignore_index && t >= 0 && t < C) ? w[t] : acc_t(1);
   };
-  // This block's packs of row r (none for an ignored row or past the last row).
-  auto load_packs = [&](int64_t r, int64_t t, PackT (&xv)[kPacks]) __attribute__((always_inline)) {
-    if (r >= R || t == p.ignore_index) return;
+  // The next row's packs go to shared memory without passing through registers
+  // (copy_async_16), each thread's own slots: a row's packs in flight cost no
+  // registers, so one row is held in registers and the next is being loaded
+  // (holding two rows in registers spilled for bf16: ptxas sm_90, CUDA 13).
+  auto stage_packs = [&](int64_t r, int64_t t) {
+    if (r >= R || t == p.ignore_index) return;  // (no packs for an ignored row)
     const scalar_t* xrow = p.x + r * p.xN;
 #pragma unroll
-    for (int k = 0; k < kPacks; ++k) {
-      const int c = c_block + static_cast<int>(threadIdx.x + k * blockDim.x) * kVec;
-      if (c < C) xv[k] = *reinterpret_cast<const PackT*>(xrow + c);
-    }
+    for (int k = 0; k < kPacks; ++k)
+      if (class_of(k) < C) copy_async_16(&staged[k][threadIdx.x], xrow + class_of(k));
+    copy_async_commit();
   };
 
-  // Loss, lse and gradient of row r from its packs xv; exchange slot `slot`. Inlined
-  // at both calls, so that xv, taken by reference, stays in registers.
-  auto finish_row = [&](int64_t r, const Head& h, const PackT (&xv)[kPacks],
-                        int slot) __attribute__((always_inline)) {
-    const int64_t t = h.t;
+  int64_t r = static_cast<int64_t>(blockIdx.x) / kCluster;
+  int64_t t = target_of(r);
+  int64_t t_next = target_of(r + step);
+  stage_packs(r, t);
+  for (unsigned i = 0; r < R; ++i, r += step) {
     const bool ignored = t == p.ignore_index;
     const bool bad = !ignored && (t < 0 || t >= C);
+    const acc_t wt = weight_of(t);
+    // This row's packs into registers (the thread's own copies: no barrier), then,
+    // once they are in, the next row's loads, in flight during this row's reduction,
+    // exchange and stores. The target of the row after it, whose packs an ignored
+    // target skips, is read a row ahead.
+    PackT xv[kPacks];
+    copy_async_wait_all();
+    if (!ignored) {
+#pragma unroll
+      for (int k = 0; k < kPacks; ++k)
+        if (class_of(k) < C) xv[k] = staged[k][threadIdx.x];
+    }
     RowState<acc_t> st = empty_state<acc_t>();
     if (!ignored) {
 #pragma unroll
       for (int k = 0; k < kPacks; ++k) {
-        const int c = c_block + static_cast<int>(threadIdx.x + k * blockDim.x) * kVec;
+        const int c = class_of(k);
         if (c < C) {
           acc_t v[kVec];
 #pragma unroll
@@ -807,20 +936,20 @@ __global__ void __launch_bounds__(kMaxThreads)
         }
       }
     }
-    // The row's state, in three steps with two block barriers and, between them,
-    // the cluster's: (1) a butterfly in each warp, whose lane 0 puts it in
-    // smem_state; (2) warp 0 merges the warps' states by a butterfly, and thread 0
-    // has the block's (group_allreduce has every thread merge all 32 slots in turn:
-    // ~30 merges a thread, ~15k warp instructions per 1024-thread block and row, on
-    // this kernel's critical path); with a cluster, thread 0 publishes it,
-    // cluster.sync, and warp 0 fetches the kCluster blocks' states (one round trip
-    // through distributed shared memory) and merges them by a butterfly too; (3)
-    // thread 0 puts the row's state in row_state for every thread. Same bits in
-    // every block (same inputs, same order), so the blocks agree.
-    // Reuse: smem_state and row_state are written a row later only after barrier
-    // (1) of that row, which every thread reaches after its reads here.
-    const int lane = static_cast<int>(threadIdx.x) & 31;
-    const int warp = static_cast<int>(threadIdx.x) >> 5;
+    // (the fold above has used xv: its shared-memory reads are done before the next
+    // row's copies into the same slots are issued)
+    stage_packs(r + step, t_next);
+    const int64_t t_after = target_of(r + 2 * step);
+
+    // The row's state: a butterfly in each warp, whose lane 0 puts it in smem_state;
+    // barrier (1); warp 0 merges the warps' states by a butterfly (group_allreduce has
+    // every thread merge all 32 slots in turn: ~30 merges a thread, ~15k warp
+    // instructions per 1024-thread block and row, on this kernel's critical path);
+    // with a cluster, thread 0 exchanges the block's state with the other blocks
+    // (ClusterInbox) and merges the kCluster states in rank order (the same bits in
+    // every block); it puts the row's state in row_state for every thread; barrier
+    // (2). smem_state and row_state are next written after the next row's barrier
+    // (2) and (1) respectively, so after every thread's reads here.
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) st = state_merge(st, shfl_xor(st, off));
     if (lane == 0) smem_state[warp] = st;
@@ -832,43 +961,37 @@ __global__ void __launch_bounds__(kMaxThreads)
     }
 #if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900) || defined(FUSED_NLL_CUDA_EMU)
     if constexpr (kCluster > 1) {
-      const cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
-      if (threadIdx.x == 0) block_state[slot] = st;
-      cluster.sync();  // (2)
-      if (warp == 0) {
-        st = lane < kCluster ? *cluster.map_shared_rank(&block_state[slot], lane)
-                             : empty_state<acc_t>();
-#pragma unroll
-        for (int off = kCluster / 2; off > 0; off >>= 1) st = state_merge(st, shfl_xor(st, off));
+      if (threadIdx.x == 0) {
+        const int slot = static_cast<int>(i & 1u);
+        inbox_send(inbox, st, rank, slot);
+        inbox_wait(inbox, slot, i >> 1);
+        st = inbox.slot[slot][0];
+        for (int q = 1; q < kCluster; ++q) st = state_merge(st, inbox.slot[slot][q]);
       }
     }
 #endif
     if (threadIdx.x == 0) row_state = st;
-    __syncthreads();  // (3)
+    __syncthreads();  // (2)
     const RowState<acc_t> row = row_state;
 
     const acc_t shift = row.m;
     const acc_t logsum = dev_log(row.s);
     const acc_t wsum = smooth ? row.b : static_cast<acc_t>(C);
     if (lead) {
-      acc_t loss = 0;
-      if (!ignored && !bad) {
-        loss = (acc_t(1) - eps) * h.wt * ((shift - lead_xt[slot]) + logsum);
-        if (smooth) loss += eps_c * (row.b * logsum - row.a);
-      }
-      p.loss[r] = bad ? quiet_nan<acc_t>() : loss;
+      if (ignored || bad) p.loss[r] = bad ? quiet_nan<acc_t>() : acc_t(0);
       p.lse_out[r] = ignored ? acc_t(0) : shift + logsum;
     }
 
     // g_c = coef_t·(p_c - δ_ct) + coef_w·(p_c·wsum - w_c), from the registers; one
-    // loop per case (a branch per row, not per value).
-    const acc_t coef_t = sr * (acc_t(1) - eps) * h.wt;
+    // loop per case (a branch per row, not per value). The loss of a valid row is
+    // written by the thread whose packs hold x_t (no load of x_t).
+    const acc_t coef_t = sr * (acc_t(1) - eps) * wt;
     const acc_t coef_w = sr * eps_c;
     scalar_t* grow = p.grad + r * C;
     auto store_packs = [&](auto&& grad_at) __attribute__((always_inline)) {
 #pragma unroll
       for (int k = 0; k < kPacks; ++k) {
-        const int c = c_block + static_cast<int>(threadIdx.x + k * blockDim.x) * kVec;
+        const int c = class_of(k);
         if (c >= C) continue;
         PackT gv;
 #pragma unroll
@@ -876,50 +999,35 @@ __global__ void __launch_bounds__(kMaxThreads)
         *reinterpret_cast<PackT*>(grow + c) = gv;
       }
     };
+    acc_t xt = 0;
+    bool own_t = false;  // this thread's packs hold x_t
     if (ignored || bad) {
       const acc_t g = ignored ? acc_t(0) : quiet_nan<acc_t>();  // exactly 0, never 0·inf
       store_packs([&](scalar_t, int) { return g; });
     } else if (smooth) {
       store_packs([&](scalar_t x, int c) {
         const acc_t pc = dev_exp((acc_value(x) - shift) - logsum);
+        if (c == t) xt = acc_value(x), own_t = true;
         return coef_t * (c == t ? pc - acc_t(1) : pc) +
                coef_w * (pc * wsum - (w ? w[c] : acc_t(1)));
       });
     } else {
       store_packs([&](scalar_t x, int c) {
         const acc_t pc = dev_exp((acc_value(x) - shift) - logsum);
+        if (c == t) xt = acc_value(x), own_t = true;
         return coef_t * (c == t ? pc - acc_t(1) : pc);
       });
     }
-  };
-
-  // Two rows per trip, so that the two register sets swap roles without copies
-  // (a copy would wait for the loads in flight). Every block of a cluster runs
-  // the same rows, so all reach each cluster.sync.
-  int64_t r = static_cast<int64_t>(blockIdx.x) / kCluster;
-  PackT xa[kPacks], xb[kPacks];
-  Head h = head_of(r, target_of(r), 0);
-  int64_t t_next = target_of(r + step);
-  load_packs(r, h.t, xa);
-  while (r < R) {
-    int64_t rn = r + step;
-    load_packs(rn, t_next, xb);
-    Head hn = head_of(rn, t_next, 1);
-    t_next = target_of(rn + step);
-    finish_row(r, h, xa, 0);
-    r = rn;
-    h = hn;
-    if (r >= R) break;
-    rn = r + step;
-    load_packs(rn, t_next, xa);
-    hn = head_of(rn, t_next, 0);
-    t_next = target_of(rn + step);
-    finish_row(r, h, xb, 1);
-    r = rn;
-    h = hn;
+    if (own_t) {
+      acc_t loss = (acc_t(1) - eps) * wt * ((shift - xt) + logsum);
+      if (smooth) loss += eps_c * (row.b * logsum - row.a);
+      p.loss[r] = loss;
+    }
+    t = t_next;
+    t_next = t_after;
   }
 #if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900) || defined(FUSED_NLL_CUDA_EMU)
-  // no block may exit while another still reads its block_state
+  // no block exits while a send to another may still be in flight
   if constexpr (kCluster > 1) cooperative_groups::this_cluster().sync();
 #endif
   }  // kCluster == 1 or a cluster binary
@@ -967,8 +1075,7 @@ bool launch_rows_in_registers(const IndexArgs<x_t, index_t>& a, const at::Tensor
     if ((a.xN * static_cast<int64_t>(sizeof(x_t))) % 16 != 0 || C % kVec != 0 || misaligned(a.x) ||
         misaligned(a.grad))
       return refuse("row starts must be 16-byte aligned");
-    if (R <= 0 || R > std::numeric_limits<int>::max() / kCl)
-      return refuse("the row count is out of range");
+    if (R <= 0) return refuse("there are no rows");
     if constexpr (kCl > 1) {
       int major = 0;
       C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor,
@@ -984,6 +1091,9 @@ bool launch_rows_in_registers(const IndexArgs<x_t, index_t>& a, const at::Tensor
     if (threads == 0)
       return refuse(kCl > 1 ? "the row is longer than a cluster holds"
                             : "the row is longer than one block holds");
+    if (kCl > 1 && threads == 128 && 128 * kVec * kRegisterPacks >= C)
+      return refuse("the row fits one block (FUSED_NLL_CUDA_ONE_BLOCK): the cluster's other "
+                    "blocks would only wait");
     // Persistent: as many clusters (blocks) as the device holds at once, at most one
     // per row; each loops over the rows.
     auto launch = [&](auto kernel) {
