@@ -719,7 +719,7 @@ __device__ __forceinline__ void copy_async_wait_all() {
 // arrivals with an atomic.
 template <int kCluster>
 struct ClusterInbox {
-  RowState<float> slot[2][kCluster];
+  alignas(16) RowState<float> slot[2][kCluster];  // st.async .v4 needs 16-byte alignment
 #ifdef FUSED_NLL_CUDA_EMU
   std::atomic<unsigned> arrived[2];  // states received per parity since init
 #else
@@ -779,6 +779,8 @@ __device__ __forceinline__ void inbox_send(ClusterInbox<kCluster>& box, const Ro
 }
 
 // Thread 0: waits until the kCluster states of its `use`-th row of parity p are in.
+// Acquire at cluster scope: st.async's complete_tx releases at cluster scope (the
+// default, cta-scoped acquire relies on the hardware to see the other blocks' writes).
 template <int kCluster>
 __device__ __forceinline__ void inbox_wait(ClusterInbox<kCluster>& box, int p, unsigned use) {
 #ifdef FUSED_NLL_CUDA_EMU
@@ -794,7 +796,8 @@ __device__ __forceinline__ void inbox_wait(ClusterInbox<kCluster>& box, int p, u
   uint32_t done = 0;
   while (!done)
     asm volatile(
-        "{\n .reg .pred ready;\n mbarrier.try_wait.parity.shared::cta.b64 ready, [%1], %2;\n"
+        "{\n .reg .pred ready;\n"
+        " mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 ready, [%1], %2;\n"
         " selp.u32 %0, 1, 0, ready;\n}"
         : "=r"(done)
         : "r"(bar), "r"(use & 1u)
