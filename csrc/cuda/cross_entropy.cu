@@ -951,8 +951,8 @@ __global__ void __launch_bounds__(kMaxThreads)
     // with a cluster, thread 0 exchanges the block's state with the other blocks
     // (ClusterInbox) and merges the kCluster states in rank order (the same bits in
     // every block); it puts the row's state in row_state for every thread; barrier
-    // (2). smem_state and row_state are next written after the next row's barrier
-    // (2) and (1) respectively, so after every thread's reads here.
+    // (2). Reuse: smem_state is next written after this row's barrier (2), row_state
+    // after the next row's barrier (1), so both after every thread's reads here.
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) st = state_merge(st, shfl_xor(st, off));
     if (lane == 0) smem_state[warp] = st;
