@@ -666,20 +666,6 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
-// x as its accumulation type. bf16 by its bits (the upper half of an fp32): c10's
-// conversion goes through the value's address, and ptxas spilled the cluster
-// kernel's two rows of bf16 packs with it (sm_90, CUDA 13), not with this.
-template <typename T>
-__device__ __forceinline__ acc_of<T> acc_value(T x) {
-  return static_cast<acc_of<T>>(x);
-}
-__device__ __forceinline__ float acc_value(c10::BFloat16 x) {
-  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
 // 16 bytes from global to shared memory without passing through registers
 // (cp.async, sm_80+; the emulator copies at once): the copies of a thread are
 // complete and visible to it after copy_async_commit + copy_async_wait_all.
@@ -712,9 +698,10 @@ __device__ __forceinline__ void copy_async_wait_all() {
 // slot [rank] of every block's inbox[parity] with st.async, which signals that
 // block's mbarrier for this parity (complete_tx: 16 bytes), and waits on its own
 // mbarrier until the kCluster states of the row are in (expect_tx: 16·kCluster bytes,
-// one arrival a phase). Parity = the row's index in the block's loop, mod 2: a block
-// sends row i + 2 only after receiving row i + 1 from every block, which each sends
-// after reading its inbox for row i, so a slot is never overwritten before it is read.
+// one arrival a phase). Row i of the block's loop uses slot set and mbarrier p = i mod
+// 2, whose phase parity is then (i / 2) mod 2: a block sends row i + 2 only after
+// receiving row i + 1 from every block, which each sends after reading its inbox for
+// row i, so a slot is never overwritten before it is read.
 // The emulator (tests/cuda_emu) writes the peer's shared memory directly and counts
 // arrivals with an atomic.
 template <int kCluster>
@@ -747,8 +734,8 @@ __device__ __forceinline__ void inbox_init(ClusterInbox<kCluster>& box) {
 #endif
 }
 
-// Thread 0: this block's state of its `use`-th row of parity p to every block of the
-// cluster (itself included), and this block's expectation of the row's kCluster states.
+// Thread 0: this block's state of a row to slot set p of every block of the cluster
+// (itself included), and this block's expectation of the row's kCluster states.
 template <int kCluster>
 __device__ __forceinline__ void inbox_send(ClusterInbox<kCluster>& box, const RowState<float>& st,
                                            unsigned rank, int p) {
@@ -778,7 +765,7 @@ __device__ __forceinline__ void inbox_send(ClusterInbox<kCluster>& box, const Ro
 #endif
 }
 
-// Thread 0: waits until the kCluster states of its `use`-th row of parity p are in.
+// Thread 0: waits until the kCluster states of the `use`-th row on slot set p are in.
 // Acquire at cluster scope: st.async's complete_tx releases at cluster scope (the
 // default, cta-scoped acquire relies on the hardware to see the other blocks' writes).
 template <int kCluster>
@@ -931,7 +918,7 @@ __global__ void __launch_bounds__(kMaxThreads)
         if (c < C) {
           acc_t v[kVec];
 #pragma unroll
-          for (int j = 0; j < kVec; ++j) v[j] = acc_value(xv[k].v[j]);
+          for (int j = 0; j < kVec; ++j) v[j] = static_cast<acc_t>(xv[k].v[j]);
           if (smooth)
             state_add_pack<kVec, true>(st, v, [&](int j) { return w ? w[c + j] : acc_t(1); });
           else
@@ -1009,15 +996,15 @@ __global__ void __launch_bounds__(kMaxThreads)
       store_packs([&](scalar_t, int) { return g; });
     } else if (smooth) {
       store_packs([&](scalar_t x, int c) {
-        const acc_t pc = dev_exp((acc_value(x) - shift) - logsum);
-        if (c == t) xt = acc_value(x), own_t = true;
+        const acc_t pc = dev_exp((static_cast<acc_t>(x) - shift) - logsum);
+        if (c == t) xt = static_cast<acc_t>(x), own_t = true;
         return coef_t * (c == t ? pc - acc_t(1) : pc) +
                coef_w * (pc * wsum - (w ? w[c] : acc_t(1)));
       });
     } else {
       store_packs([&](scalar_t x, int c) {
-        const acc_t pc = dev_exp((acc_value(x) - shift) - logsum);
-        if (c == t) xt = acc_value(x), own_t = true;
+        const acc_t pc = dev_exp((static_cast<acc_t>(x) - shift) - logsum);
+        if (c == t) xt = static_cast<acc_t>(x), own_t = true;
         return coef_t * (c == t ? pc - acc_t(1) : pc);
       });
     }
