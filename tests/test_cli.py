@@ -145,6 +145,20 @@ def test_bench_quick_writes_csv(tmp_path):
     assert {r["targets"] for r in rows} == {"index"} and kdim[0]["layout"] == "contiguous"
 
 
+def test_bench_exact_implementation_names(tmp_path):
+    # "=name" keeps that implementation only (gpu_check.sh's fp32 stage): not the
+    # in-place variant that a substring would also keep
+    csv = tmp_path / "b.csv"
+    out = run("bench", "--device", "cpu", "--shapes", "16x100", "--dtypes", "fp32",
+              "--reps", "1", "--modes", "fwdbwd", "--impls", "=fused_nll[cpp],eager",
+              "--csv", str(csv))
+    assert out.returncode == 0, out.stderr
+    import csv as csv_module
+
+    rows = list(csv_module.DictReader(csv.read_text().splitlines()))
+    assert sorted(r["impl"] for r in rows) == ["fused_nll[cpp]", "torch eager"]
+
+
 def test_bench_probability_targets_channels_last(tmp_path):
     csv = tmp_path / "b.csv"
     out = run("bench", "--device", "cpu", "--shapes", "2x5x3x4", "--dtypes", "fp32", "--reps", "2",

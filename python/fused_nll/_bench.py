@@ -232,8 +232,9 @@ def implementations(device, wanted):
             impls["Liger-Kernel (overwrites logits)"] = run_liger
         except Exception:  # not installed
             pass
-    if wanted:
-        impls = {k: v for k, v in impls.items() if any(w in k for w in wanted)}
+    if wanted:  # "=name": that implementation only; otherwise a substring of names
+        impls = {k: v for k, v in impls.items()
+                 if any(k == w[1:] if w.startswith("=") else w in k for w in wanted)}
     return impls
 
 
@@ -340,7 +341,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", default="bf16,fp32", help="comma list of bf16,fp32,fp16")
     p.add_argument("--modes", default="fwd,fwdbwd",
                    help="fwd, fwdbwd, vmapgrad (per-sample gradients, torch.func)")
-    p.add_argument("--impls", default="", help="substrings of implementation names to keep")
+    p.add_argument("--impls", default="",
+                   help="comma list of substrings of implementation names to keep; "
+                        "=NAME keeps that name only (e.g. '=fused_nll[triton],torch')")
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="one small shape, fp32, few repetitions")
     p.add_argument("--csv", default=None, help="CSV path (default benchmarks/results/bench_<device>_<date>.csv)")
