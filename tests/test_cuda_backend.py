@@ -869,12 +869,14 @@ def _is_hopper():
 def test_cluster_kernel(monkeypatch, dtype, V, option):
     """index_cluster_kernel (rows in a cluster's registers, persistent clusters)
     against the reference; 'require' makes a silent fallback to index_kernel an
-    error. A cluster holds 131072 classes of bf16/fp16, 65536 of fp32."""
+    error. A cluster of 8 blocks holds 131072 classes of bf16/fp16, 65536 of fp32;
+    longer rows take clusters of 16 (256000 bf16/fp16, 128256 fp32), up to twice as
+    long."""
     monkeypatch.setenv("FUSED_NLL_CUDA_CLUSTER", "require")
     torch.manual_seed(V)
-    if V > (65536 if dtype == torch.float32 else 131072):
+    if V > (131072 if dtype == torch.float32 else 262144):
         x = logits((2, V), dtype)
-        with pytest.raises(RuntimeError, match="longer than a cluster holds"):
+        with pytest.raises(RuntimeError, match="longer than a cluster of 16 blocks holds"):
             run_index(x, targets(x))
         return
     x = logits((9, V), dtype)
@@ -915,6 +917,22 @@ def test_persistent_rows_in_registers(monkeypatch, kernel, resident, rows):
     loss_i, _ = ops.cross_entropy_fwd_inplace(xi, t, None, -100, 0.0, RED["none"], False)
     torch.testing.assert_close(loss_i, loss, rtol=0, atol=0)
     torch.testing.assert_close(xi, grad, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not EMULATED, reason="the emulator's co-resident clusters")
+@pytest.mark.parametrize("resident", [1, 3])
+@pytest.mark.parametrize("rows", [2, 5])
+def test_persistent_wide_clusters(monkeypatch, resident, rows):
+    """The same loop with clusters of 16 blocks (rows longer than a cluster of 8 holds:
+    the non-portable cluster size, which the emulator grants only to a kernel that
+    asked for it), an odd and an even trip count, an ignored row, x_t in a late block."""
+    monkeypatch.setenv("FUSED_NLL_CUDA_CLUSTER", "require")
+    monkeypatch.setenv("FUSED_NLL_EMU_ACTIVE_CLUSTERS", str(resident))
+    x = logits((rows, 140000), torch.bfloat16)
+    t = targets(x)
+    t[0] = 139999
+    t[1] = -100
+    check_index(x, t, eps=0.1)
 
 
 @gpu_only

@@ -821,7 +821,15 @@ __device__ __forceinline__ void inbox_wait(ClusterInbox<kCluster>& box, int p, u
 // cluster, one row per block at a time, for rows that fit one block's registers
 // (16384 classes of bf16/fp16: 1024 threads x 2 packs of 8; 8192 of fp32): no
 // exchange.
+//
+// Clusters of 8 blocks (the portable size) hold 131072 classes of bf16/fp16 and 65536
+// of fp32; longer rows (256000 bf16, 128256 fp32) take clusters of 16 blocks, a
+// non-portable size that Hopper allows on request (cudaFuncAttributeNonPortable-
+// ClusterSizeAllowed), up to 262144 / 131072 classes. (Four packs a thread instead
+// would need 64 KB of dynamic shared memory a block and more than the 64 registers
+// that 1024 threads may have.)
 constexpr int kClusterSize = 8;
+constexpr int kWideClusterSize = 16;
 // 16-byte packs per thread and row, in blocks of up to 1024 threads (64 registers
 // each; the next row's packs wait in 32 KB of shared memory).
 constexpr int kRegisterPacks = 2;
@@ -855,7 +863,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     cooperative_groups::this_cluster().sync();  // every block's inbox ready before any send
   }
 #endif
-  // Class offsets in 32 bits: the launcher takes rows of at most 131072 classes.
+  // Class offsets in 32 bits: the launcher takes rows of at most 262144 classes.
   const int64_t R = p.rows.R;
   const int C = static_cast<int>(p.rows.C);
   const int64_t step = static_cast<int64_t>(gridDim.x) / kCluster;  // clusters in the grid
@@ -1023,7 +1031,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   }  // kCluster == 1 or a cluster binary
 }
 
-// FUSED_NLL_CUDA_CLUSTER (clusters of 8, sm_90+) and FUSED_NLL_CUDA_ONE_BLOCK (one
+// FUSED_NLL_CUDA_CLUSTER (clusters of 8 or 16, sm_90+) and FUSED_NLL_CUDA_ONE_BLOCK (one
 // block per row, any architecture): "1" uses index_cluster_kernel where it applies,
 // "require" also raises where it does not (for tests), anything else (the default)
 // keeps index_kernel. Read on every call (a getenv, next to a kernel launch), so a
@@ -1039,8 +1047,9 @@ int registers_mode(const char* name) {
 
 int num_sms(const at::Tensor& t);  // (host side, below)
 
-// Launches index_cluster_kernel<..., kCl> (kCl = kClusterSize or 1) for a forward
-// with gradient when the layout, dtypes and device allow it; returns false (nothing
+// Launches index_cluster_kernel<..., kCl> (kCl = kClusterSize or 1; a row longer than
+// a cluster of kClusterSize holds goes on to kWideClusterSize) for a forward with
+// gradient when the layout, dtypes and device allow it; returns false (nothing
 // launched) otherwise.
 template <int kCl, typename x_t, typename index_t>
 bool launch_rows_in_registers(const IndexArgs<x_t, index_t>& a, const at::Tensor& x,
@@ -1074,13 +1083,16 @@ bool launch_rows_in_registers(const IndexArgs<x_t, index_t>& a, const at::Tensor
     }
     // Smallest block (threads) whose kCl blocks cover the row with kRegisterPacks
     // packs per thread. One block holds 16384 classes of bf16/fp16 and 8192 of fp32,
-    // a cluster 131072 and 65536.
+    // a cluster of 8 131072 and 65536, a cluster of 16 262144 and 131072.
     int threads = 0;
     for (int t = 128; t <= kMaxThreads && threads == 0; t *= 2)
       if (static_cast<int64_t>(kCl) * t * kVec * kRegisterPacks >= C) threads = t;
-    if (threads == 0)
-      return refuse(kCl > 1 ? "the row is longer than a cluster holds"
+    if (threads == 0) {
+      if constexpr (kCl == kClusterSize)
+        return launch_rows_in_registers<kWideClusterSize>(a, x, stream);
+      return refuse(kCl > 1 ? "the row is longer than a cluster of 16 blocks holds"
                             : "the row is longer than one block holds");
+    }
     if (kCl > 1 && threads == 128 && 128 * kVec * kRegisterPacks >= C)
       return refuse("the row fits one block (FUSED_NLL_CUDA_ONE_BLOCK): the cluster's other "
                     "blocks would only wait");
@@ -1105,6 +1117,12 @@ bool launch_rows_in_registers(const IndexArgs<x_t, index_t>& a, const at::Tensor
         // kernel body is empty.
         if (attr.binaryVersion < 90 || attr.ptxVersion < 90)
           return refuse("the extension was not built for sm_90");
+        if (kCl > 8 &&
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) !=
+                cudaSuccess) {
+          (void)cudaGetLastError();
+          return refuse("this device does not allow clusters of more than 8 blocks");
+        }
         cudaLaunchConfig_t config{};
         config.gridDim = dim3(static_cast<unsigned>(kCl));  // for the occupancy query
         config.blockDim = dim3(threads);
@@ -1116,7 +1134,7 @@ bool launch_rows_in_registers(const IndexArgs<x_t, index_t>& a, const at::Tensor
         attribute[0].val.clusterDim.z = 1;
         config.attrs = attribute;
         config.numAttrs = 1;
-        int clusters = 0;  // 0: this block size cannot be co-scheduled 8 at a time here
+        int clusters = 0;  // 0: this block size cannot be co-scheduled kCl at a time here
         if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess ||
             clusters < 1) {
           (void)cudaGetLastError();

@@ -84,7 +84,7 @@ def cmd_info(_args) -> int:
     print(f"debug:    {'on' if _backend.debug_enabled() else 'off'} (fused_nll.set_debug / FUSED_NLL_DEBUG=1)")
     for env, kernel, note in (
             ("FUSED_NLL_CUDA_CLUSTER", "CUDA cluster kernel",
-             "sm_90+, rows up to 131072 classes, 65536 of fp32; persistent version untimed"),
+             "sm_90+, rows up to 262144 classes, 131072 of fp32; persistent version untimed"),
             ("FUSED_NLL_CUDA_ONE_BLOCK", "CUDA one-block kernel",
              "rows up to 16384 classes, 8192 of fp32; persistent version untimed")):
         value = os.environ.get(env, "")

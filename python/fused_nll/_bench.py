@@ -200,7 +200,7 @@ def implementations(device, wanted):
             # The persistent Hopper cluster kernel (FUSED_NLL_CUDA_CLUSTER, off by default):
             # rows in a cluster's registers, read once, the next row's loads in flight
             # during a row's exchange. "require": a shape it does not take (more than
-            # 131072 bf16 classes, 65536 fp32) is reported as failed, not timed as the
+            # 262144 bf16 classes, 131072 fp32) is reported as failed, not timed as the
             # usual kernel. FUSED_NLL_BENCH_CLUSTER=0 leaves it out (gpu_check.sh, when
             # its GPU tests did not pass).
             run_cluster = _cuda_with_env("FUSED_NLL_CUDA_CLUSTER", "require")

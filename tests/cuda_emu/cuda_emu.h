@@ -564,6 +564,7 @@ struct cudaFuncAttributes {
   int binaryVersion;
   int ptxVersion;
 };
+enum cudaFuncAttribute { cudaFuncAttributeNonPortableClusterSizeAllowed };
 enum cudaLaunchAttributeID { cudaLaunchAttributeClusterDimension };
 struct cudaLaunchAttributeValue {
   struct {
@@ -602,14 +603,39 @@ inline unsigned emu_cluster_size(const cudaLaunchConfig_t* config) {
              config->attrs[i].val.clusterDim.z;
   return 1;
 }
+// The kernels that may be launched in clusters of more than 8 blocks (Hopper: up to 16,
+// once cudaFuncAttributeNonPortableClusterSizeAllowed is set on the kernel).
+inline std::vector<const void*>& emu_non_portable_kernels() {
+  static std::vector<const void*> kernels;
+  return kernels;
+}
+inline std::mutex emu_non_portable_mutex;
+template <typename K>
+cudaError_t cudaFuncSetAttribute(K kernel, cudaFuncAttribute /*attr*/, int value) {
+  std::lock_guard<std::mutex> lock(emu_non_portable_mutex);
+  auto& kernels = emu_non_portable_kernels();
+  const void* k = reinterpret_cast<const void*>(kernel);
+  kernels.erase(std::remove(kernels.begin(), kernels.end(), k), kernels.end());
+  if (value) kernels.push_back(k);
+  return cudaSuccess;
+}
 // Co-resident clusters / blocks per SM, for the persistent kernels' grids:
 // FUSED_NLL_EMU_ACTIVE_CLUSTERS (default 2) and FUSED_NLL_EMU_BLOCKS_PER_SM (default 2),
 // so that tests can vary how many rows each cluster or block loops over.
 template <typename K>
-cudaError_t cudaOccupancyMaxActiveClusters(int* clusters, K /*kernel*/,
+cudaError_t cudaOccupancyMaxActiveClusters(int* clusters, K kernel,
                                            const cudaLaunchConfig_t* config) {
-  // Hopper: at most 8 blocks per portable cluster, 1024 threads per block.
-  *clusters = emu_cluster_size(config) <= 8
+  // Hopper: at most 8 blocks per portable cluster, 16 with the non-portable attribute
+  // set on the kernel (0 co-resident clusters otherwise), 1024 threads per block.
+  const unsigned size = emu_cluster_size(config);
+  bool allowed = size <= 8;
+  if (size <= 16 && !allowed) {
+    std::lock_guard<std::mutex> lock(emu_non_portable_mutex);
+    const auto& kernels = emu_non_portable_kernels();
+    allowed = std::find(kernels.begin(), kernels.end(),
+                        reinterpret_cast<const void*>(kernel)) != kernels.end();
+  }
+  *clusters = allowed
                   ? static_cast<int>(fused_nll_emu::env_unsigned("FUSED_NLL_EMU_ACTIVE_CLUSTERS", 2))
                   : 0;
   return cudaSuccess;
