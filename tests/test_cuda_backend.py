@@ -15,6 +15,7 @@ The contract is docs/ops.md.
 
 import math
 import os
+import re
 import shutil
 
 import pytest
@@ -879,6 +880,15 @@ def test_cluster_kernel(monkeypatch, dtype, V, option):
         with pytest.raises(RuntimeError, match="longer than a cluster of 16 blocks holds"):
             run_index(x, targets(x))
         return
+    if not EMULATED and V > (65536 if dtype == torch.float32 else 131072):
+        # clusters of 16 blocks: a non-portable size, which a GPU may not co-schedule
+        x = logits((2, V), dtype)
+        try:
+            run_index(x, targets(x))
+        except RuntimeError as e:
+            if re.search("no cluster of this shape fits|more than 8 blocks", str(e)):
+                pytest.skip(f"this GPU takes no cluster of 16 blocks here: {e}")
+            raise
     x = logits((9, V), dtype)
     x[1, : V // 2] = float("-inf")
     x[2, 7] = 1e4

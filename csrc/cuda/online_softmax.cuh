@@ -37,6 +37,9 @@ FUSED_NLL_HD float dev_exp(float x) {
 #endif
 }
 FUSED_NLL_HD double dev_exp(double x) { return exp(x); }
+// a·b + c rounded once, on the host as on the device (state_merge's symmetry rests on it)
+FUSED_NLL_HD float dev_fma(float a, float b, float c) { return fmaf(a, b, c); }
+FUSED_NLL_HD double dev_fma(double a, double b, double c) { return fma(a, b, c); }
 FUSED_NLL_HD float dev_log(float x) { return logf(x); }
 FUSED_NLL_HD double dev_log(double x) { return log(x); }
 
@@ -129,9 +132,16 @@ FUSED_NLL_HD RowState<acc_t> state_merge(const RowState<acc_t>& p, const RowStat
     r.a = p.a + q.a;
     return r;
   }
-  // Both terms of each sum have the same sign, and the expression is
-  // symmetric in p and q, so the xor butterfly gives every lane the same bits.
-  r.s = p.s * dev_exp(p.m - r.m) + q.s * dev_exp(q.m - r.m);
+  // s = hi.s + lo.s·exp(lo.m - hi.m), hi the state with the larger max (either on a
+  // tie): one exp (the other term's is exp(0) = 1), and the same operations whichever
+  // argument comes first, so the xor butterfly gives every lane the same bits. (The
+  // two-exp form p.s·e_p + q.s·e_q was not symmetric on the device: nvcc contracted it
+  // to fma(p.s, e_p, q.s·e_q), so which product was rounded depended on the order.)
+  // A nan s propagates; a +inf max gives nan as before (its s is nan already).
+  const bool p_hi = p.m >= q.m;
+  const RowState<acc_t>& hi = p_hi ? p : q;
+  const RowState<acc_t>& lo = p_hi ? q : p;
+  r.s = dev_fma(lo.s, dev_exp(lo.m - hi.m), hi.s);
   const acc_t pa = p.m == neg_inf<acc_t>() ? p.a : p.a + p.b * (p.m - r.m);
   const acc_t qa = q.m == neg_inf<acc_t>() ? q.a : q.a + q.b * (q.m - r.m);
   r.a = pa + qa;
