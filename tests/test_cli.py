@@ -252,3 +252,34 @@ def test_default_cuda_backend_follows_the_measured_layouts(monkeypatch):
     x = torch.randn(3, 5, 2)
     fused_nll.cross_entropy(x, torch.randint(0, 5, (3, 2)))
     assert any(s is not None and s.shape == x.shape for s in seen), seen
+
+
+def test_use_backend_as_a_call_and_as_a_block():
+    # README: `fused_nll.use_backend("cpp")` forces a backend from there on; as a `with`
+    # block it puts back the choice before it (nested blocks too); a bad name raises at
+    # the call, and a CPU-only backend on CUDA tensors (meta stands in) is refused.
+    import torch
+
+    import fused_nll
+    from fused_nll import _backend
+
+    before = _backend._forced[0]
+    try:
+        fused_nll.use_backend(None)
+        assert _backend.select(torch.device("cpu")) == "cpp" and _backend._forced[0] is None
+        fused_nll.use_backend("cpp")  # a plain call
+        assert _backend._forced[0] == "cpp"
+        with pytest.raises(RuntimeError, match="backend 'cpp' runs on CPU tensors only"):
+            _backend.select(torch.device("cuda"))
+        with fused_nll.use_backend("cuda") as choice:
+            assert _backend._forced[0] == "cuda" and repr(choice) == "fused_nll.use_backend('cuda')"
+            with fused_nll.use_backend(None):
+                assert _backend._forced[0] is None
+            assert _backend._forced[0] == "cuda"
+        assert _backend._forced[0] == "cpp"
+        with pytest.raises(ValueError, match="unknown backend 'gpu'"):
+            fused_nll.use_backend("gpu")
+        assert _backend._forced[0] == "cpp"
+    finally:
+        fused_nll.use_backend(before)
+    assert _backend._forced[0] == before

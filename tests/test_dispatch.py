@@ -11,7 +11,7 @@ from fused_nll import _backend, _ops
 
 def _family():
     """The op family the forced backend of the `target` fixture runs on CPU / CUDA."""
-    return _ops.triton_family() if _backend._forced[-1] == "triton" else _ops.CPP
+    return _ops.triton_family() if _backend._forced[0] == "triton" else _ops.CPP
 
 
 def _case(device):

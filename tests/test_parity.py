@@ -540,6 +540,28 @@ def test_second_backward_after_the_first_upstream_gradient_changed(target):
     assert close(g3, ref * 1.5, torch.float32)[0]
 
 
+def test_third_backward_into_a_leaf_and_its_gradient_changed_in_between(target):
+    # A leaf's .grad takes the first backward's buffer without a copy; the second
+    # backward's gradient is accumulated into it, and a third one must still be right
+    # (the second keeps a private copy). Changing .grad in place before the second
+    # backward leaves nothing to compute it from: a clear error, not torch's version
+    # counter message (nor a wrong gradient).
+    t = torch.tensor([0, 1, 2, 3], device=target)
+    x = logits(4, 6, device=target).requires_grad_(True)
+    _, ref = reference("cross_entropy", x, t, grad_output=torch.tensor(1.0))
+    loss = fused_nll.cross_entropy(x, t)
+    for _ in range(3):
+        loss.backward(retain_graph=True)
+    assert close(x.grad, ref * 3, torch.float32)[0]
+    x.grad = None
+    loss = fused_nll.cross_entropy(x, t)
+    loss.backward(retain_graph=True)
+    x.grad.zero_()  # e.g. optimizer.zero_grad(set_to_none=False)
+    with pytest.raises(RuntimeError, match=r"found the gradient of the first one modified in "
+                                           r"place(.|\n)*set_to_none=True"):
+        loss.backward()
+
+
 def test_causal_lm_recipe_of_the_readme(target):
     # README, Usage: shifting the labels (padded with ignore_index) over the full logits'
     # (B*T, V) view gives the loss and gradient of torch's loss on the shifted logits.

@@ -79,7 +79,7 @@ def cmd_info(_args) -> int:
             cuda += (f" (cuda for class-strided (N, C, d1, ...) logits and rows of {low}-{high} "
                      "classes, where it was measured faster)")
         defaults.append(f"cuda -> {cuda}")
-    forced = _backend._forced[-1]
+    forced = _backend._forced[0]
     print(f"default:  {', '.join(defaults)}" + (f"  (forced by FUSED_NLL_BACKEND={forced})" if forced else ""))
     print(f"debug:    {'on' if _backend.debug_enabled() else 'off'} (fused_nll.set_debug / FUSED_NLL_DEBUG=1)")
     for env, kernel, note in (

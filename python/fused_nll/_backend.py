@@ -8,12 +8,11 @@ Backends:
 
 By default CPU tensors use "cpp" and CUDA tensors use "triton", or "cuda" when
 Triton is not importable, and "cuda" (when built) for the inputs where its kernels
-were measured faster (prefers_cuda_cpp). `use_backend(name)` or env
-FUSED_NLL_BACKEND force one.
+were measured faster (prefers_cuda_cpp). `use_backend(name)` (a call, or a `with`
+block) or env FUSED_NLL_BACKEND force one.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 
@@ -23,7 +22,8 @@ from . import _ops  # noqa: F401  (loads the op library, needed by the check bel
 
 BACKENDS = ("cpp", "triton", "cuda")
 
-# A stack so that nested use_backend() blocks restore the outer choice.
+# The forced backend (None: the automatic choice), in a one-element list: use_backend
+# replaces it, and a `with` block puts back what was there before.
 _forced: list[str | None] = [os.environ.get("FUSED_NLL_BACKEND") or None]
 _debug: list[bool] = [os.environ.get("FUSED_NLL_DEBUG", "0") == "1"]
 
@@ -39,17 +39,30 @@ def _check_name(name: str | None) -> None:
 _check_name(_forced[0])
 
 
-@contextlib.contextmanager
-def use_backend(name: str | None):
-    """Force a backend inside a `with` block: "cpp", "triton" or "cuda" (None: automatic).
-    Process-wide, not per thread (like torch's backend flags): do not enter it from
+class use_backend:
+    """Force a backend: "cpp", "triton" or "cuda" (None: the automatic choice).
+
+        fused_nll.use_backend("cuda")          # from here on
+        with fused_nll.use_backend("triton"):  # inside the block; then the choice before it
+            ...
+
+    Process-wide, not per thread (like torch's backend flags): do not call it from
     threads that run fused_nll concurrently with different choices."""
-    _check_name(name)
-    _forced.append(name)
-    try:
-        yield
-    finally:
-        _forced.pop()
+
+    def __init__(self, name: str | None):
+        _check_name(name)
+        self.name = name
+        self._before = _forced[0]
+        _forced[0] = name
+
+    def __enter__(self) -> "use_backend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _forced[0] = self._before
+
+    def __repr__(self) -> str:
+        return f"fused_nll.use_backend({self.name!r})"
 
 
 def set_debug(flag: bool = True) -> None:
@@ -105,7 +118,7 @@ def prefers_cuda_cpp(input: torch.Tensor) -> bool:
 def select(device: torch.device, input: torch.Tensor | None = None) -> str:
     """The backend for tensors on `device` (for `input`, when given: see
     prefers_cuda_cpp); raises if the forced one cannot run there."""
-    forced = _forced[-1]
+    forced = _forced[0]
     if device.type == "cpu":
         if forced in (None, "cpp"):
             return "cpp"

@@ -299,8 +299,12 @@ class FusedLoss(torch.autograd.Function):
     A later backward through the same graph (retain_graph=True, gradcheck)
     must not touch the tensor the first one handed out: it returns a new one,
     rescaled by new/first upstream gradient (one extra rounding; an error if the
-    first upstream gradient was 0 somewhere). Double backward raises, as on
-    the log-sum-exp path (`refuse_double_backward`).
+    first upstream gradient was 0 somewhere). The second backward also keeps a
+    private copy of the first gradient for any further one, since the handed-out
+    buffer (a leaf's .grad) is then accumulated into in place. A change to that
+    buffer before the second backward (x.grad.zero_(), ...) leaves nothing to
+    compute it from: a clear error (`_first_gradient`). Double backward raises,
+    as on the log-sum-exp path (`refuse_double_backward`).
     """
 
     @staticmethod
@@ -315,18 +319,18 @@ class FusedLoss(torch.autograd.Function):
         else:
             fwd = family.prob_fwd if prob else family.fwd
             loss, _, grad = fwd(input, target, weight, *args, True, loss_dtype=loss_dtype)
-        ctx.first_grad_loss, ctx.n_args = None, len(args)
+        ctx.first_grad_loss, ctx.n_args, ctx.kept = None, len(args), None
         ctx.save_for_backward(grad)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         refuse_double_backward()
-        # detach: in place, the saved tensor is the caller's logits tensor itself (with
-        # their grad_fn); the gradient handed on is its storage, not that tensor
-        (grad,) = (t.detach() for t in ctx.saved_tensors)
         none = (None,) * (2 + ctx.n_args)  # target, weight, *args
         if ctx.first_grad_loss is None:
+            # detach: in place, the saved tensor is the caller's logits tensor itself (with
+            # their grad_fn); the gradient handed on is its storage, not that tensor
+            (grad,) = (t.detach() for t in ctx.saved_tensors)
             ctx.first_grad_loss = grad_loss.detach().clone()
             if torch.compiler.is_compiling():
                 # Inductor keeps it in place (a reinplaced custom op)
@@ -344,6 +348,7 @@ class FusedLoss(torch.autograd.Function):
         # A second backward (retain_graph): the only copy was scaled by the first
         # upstream gradient; rescale by new/first. Where the first was 0 the gradient
         # is gone: say so rather than return nan (a host read, on this rare path only).
+        grad = _first_gradient(ctx)
         if not torch.compiler.is_compiling() and bool((ctx.first_grad_loss == 0).any()):
             raise RuntimeError(
                 "fused_nll: a second backward through this loss (retain_graph=True) after a "
@@ -353,6 +358,32 @@ class FusedLoss(torch.autograd.Function):
                 "backward, or use one backward with the summed upstream gradients.")
         rescaled = _times_upstream(grad, grad_loss / ctx.first_grad_loss).to(grad.dtype)
         return (None, None, None, None, rescaled) + none
+
+
+def _first_gradient(ctx) -> torch.Tensor:
+    """FusedLoss's gradient as the first backward left it, for a later backward: the
+    saved buffer the first backward handed out, copied on the second backward (the
+    engine then adds this backward's gradient into that buffer, when it is a leaf's
+    .grad), and that copy afterwards."""
+    if ctx.kept is None:
+        try:
+            (grad,) = (t.detach() for t in ctx.saved_tensors)
+        except RuntimeError as exc:
+            if "modified by an inplace operation" not in str(exc):
+                raise
+            raise RuntimeError(
+                "fused_nll: a second backward through this loss (retain_graph=True) found "
+                "the gradient of the first one modified in place. fused_nll writes the "
+                "gradient during the forward pass and hands that buffer to the first "
+                "backward without a copy (for a leaf input it becomes input.grad), so an "
+                "in-place change to it before another backward (input.grad.zero_(), "
+                "optimizer.zero_grad(set_to_none=False), clip_grad_norm_, or autograd adding "
+                "another gradient into it) leaves nothing to compute this one from. Set the "
+                "gradients to None between the backwards (zero_grad(), whose default is "
+                "set_to_none=True), or compute the loss again for the second backward."
+            ) from exc
+        ctx.kept = grad.clone()
+    return ctx.kept
 
 
 _TRITON_FAMILY: list = []
