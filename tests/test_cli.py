@@ -74,6 +74,19 @@ def test_a_missing_or_broken_op_library_raises_import_error(monkeypatch, tmp_pat
 def test_verify_passes_and_prints_a_table():
     out = run("verify", "--quick", "--device", "cpu", "--backend", "cpp")
     assert out.returncode == 0, out.stdout + out.stderr
+    # the same inputs in every process (not Python's per-process string hash), a seed
+    # picks others
+    from fused_nll._verify import case_seed
+
+    import os
+
+    case = ("ce", (4, 7), True, -100, 0.1)
+    got = subprocess.run([sys.executable, "-c", "from fused_nll._verify import case_seed; "
+                          f"print(case_seed(0, {case!r}), case_seed(5, {case!r}))"],
+                         capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONHASHSEED="12345")).stdout.split()
+    assert got == [str(case_seed(0, case)), str(case_seed(5, case))] and got[0] != got[1]
+    assert "--seed 0" in out.stdout
     assert "max err" in out.stdout and "PASS" in out.stdout and "FAIL" not in out.stdout
     assert "cases passed" in out.stdout and " ce-inpl " in out.stdout and " ce-amp " in out.stdout
     assert " ce-layout " in out.stdout and " prob-layout " in out.stdout and " ce-vmap " in out.stdout

@@ -41,7 +41,18 @@ BAD_INPUTS = [
     ("ce-batch-mismatch", ce, (x, torch.tensor([0, 1, 2, 3, 4])), {}, ValueError, ["batch_size (4)", "batch_size (5)"]),
     ("nll-batch-mismatch", nll, (x, torch.tensor([0, 1, 2])), {}, ValueError, ["batch_size (4)", "batch_size (3)"]),
     ("ce-kdim-mismatch", ce, (torch.randn(2, 5, 3, 4), torch.zeros(2, 3, 5, dtype=torch.long)), {}, RuntimeError, ["size mismatch", "[2, 5, 3, 4]", "[2, 3, 5]", "[2, 3, 4]"]),
-    ("ce-1d-input-vector-target", ce, (torch.randn(C), torch.tensor([1])), {}, RuntimeError, ["0-d class index", "target.reshape(())"]),
+    ("ce-1d-input-vector-target", ce, (torch.randn(C), torch.tensor([1, 2])), {}, ValueError, ["For 1D input, 1D target must have size 1, but got target size: 2", "input.unsqueeze(0)"]),
+    ("ce-2d-input-0d-target", ce, (x, torch.tensor(1)), {}, ValueError, ["batch_size (4)", "batch_size (0)", "a 0-d target is the class index of a (C,) input"]),
+    ("ce-ignore-index-float", ce, (x, idx), {"ignore_index": 1.9}, TypeError, ["'ignore_index' must be int, not float", "1.9"]),
+    ("nll-ignore-index-bool", nll, (x, idx), {"ignore_index": True}, TypeError, ["'ignore_index' must be int, not bool"]),
+    ("ce-smoothing-str", ce, (x, idx), {"label_smoothing": "0.1"}, TypeError, ["'label_smoothing' must be float, not str", "'0.1'"]),
+    ("ce-complex-target", ce, (x, torch.randn(N, C, dtype=torch.complex64)), {}, RuntimeError, ["Expected floating point type for target with class probabilities, got torch.complex64", "target.real"]),
+    ("ce-one-class-binary-labels", ce, (torch.randn(N, 1), torch.tensor([[0], [1], [1], [0]])), {}, RuntimeError, ["single class (C = 1)", "always 0", "binary_cross_entropy_with_logits(input, target.float())", "two output classes"]),
+    ("nll-one-class-mask", nll, (torch.randn(2, 1, 3, 3), torch.zeros(2, 1, 3, 3, dtype=torch.long)), {}, RuntimeError, ["single class (C = 1)"]),
+    ("ce-mask-with-channel", ce, (torch.randn(2, 3, 4, 4), torch.zeros(2, 1, 4, 4, dtype=torch.long)), {}, RuntimeError, ["[2, 1, 4, 4]", "[2, 4, 4]", "Fix: target.squeeze(1)."]),
+    ("ce-float-mask-with-channel", ce, (torch.randn(2, 3, 4, 4), torch.zeros(2, 1, 4, 4)), {}, RuntimeError, ["target.squeeze(1).long()"]),
+    ("ce-lm-logits-classes-last", ce, (torch.randn(2, 7, 11), torch.zeros(2, 7, dtype=torch.long)), {}, RuntimeError, ["classes are probably last", "input.flatten(0, 1), target.flatten()", "input.transpose(1, 2)"]),
+    ("ce-swapped-arguments", ce, (idx, x), {}, NotImplementedError, ["arguments look swapped", "the logits first"]),
     ("ce-0d-input", ce, (torch.tensor(1.0), torch.tensor(0)), {}, ValueError, ["Expected 1 or more dimensions (got 0)"]),
     ("ce-int-input", ce, (torch.randint(0, 5, (N, C)), idx), {}, NotImplementedError, ["floating point", "torch.int64", "input.float()"]),
     ("nll-bool-input", nll, (x > 0, idx), {}, NotImplementedError, ["floating point", "torch.bool"]),
@@ -95,7 +106,8 @@ def test_at_least_30_cases():
 # raise (its text includes ours); without fullgraph the original propagates.
 COMPILE_CASES = ["nll-float-onehot", "ce-float-indices", "ce-int-onehot", "ce-bool-target",
                  "ce-target-N1", "ce-batch-mismatch", "ce-weight-length", "ce-smoothing-above-1",
-                 "ce-bad-reduction", "ce-probs-ignore-index"]
+                 "ce-bad-reduction", "ce-probs-ignore-index", "ce-ignore-index-float",
+                 "ce-lm-logits-classes-last"]
 
 
 @pytest.mark.parametrize("name", COMPILE_CASES)
@@ -228,3 +240,24 @@ def test_index_error_from_the_cpp_kernel_reaches_python(context):
     assert len(lines) == 2 and all(
         line.startswith("IndexError: Target 1003 is out of bounds.") and "target[7] = 1003" in line
         for line in lines), run.stdout
+
+
+def test_arguments_torch_accepts_are_accepted():
+    # What torch's argument parser takes for ignore_index (an int, a NumPy integer, a
+    # 0-d integer tensor) and label_smoothing (int, NumPy float, 0-d tensor, bool), and a
+    # (C,) input with a [1] target (a 0-d loss for every reduction): same values.
+    import numpy as np
+
+    F = torch.nn.functional
+    for ii in (np.int64(3), torch.tensor(3), 3):
+        for fn, ref in ((ce, F.cross_entropy), (nll, F.nll_loss)):
+            torch.testing.assert_close(fn(x, idx, ignore_index=ii), ref(x, idx, ignore_index=ii))
+    for ls in (0, np.float32(0.25), torch.tensor(0.25), True):
+        torch.testing.assert_close(ce(x, idx, label_smoothing=ls),
+                                   F.cross_entropy(x, idx, label_smoothing=ls))
+    x1 = torch.randn(C)
+    for reduction in ("none", "mean", "sum"):
+        for fn, ref in ((ce, F.cross_entropy), (nll, F.nll_loss)):
+            got, want = (f(x1, torch.tensor([2]), reduction=reduction) for f in (fn, ref))
+            assert got.shape == want.shape == ()
+            torch.testing.assert_close(got, want)

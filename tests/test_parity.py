@@ -843,7 +843,10 @@ def test_modules_are_torchs_modules(target):
         inp = x if isinstance(ours, torch.nn.CrossEntropyLoss) else torch.log_softmax(x, 1)
         ok, detail = close(ours(inp, t), theirs.double()(inp.double(), t), torch.float32)
         assert ok, f"{type(ours).__name__}: {detail}"
-    assert repr(fused_nll.CrossEntropyLoss()) == "CrossEntropyLoss()"
+    # a printed model names the fused loss, and says when it overwrites the logits
+    assert repr(fused_nll.CrossEntropyLoss()) == "fused_nll.CrossEntropyLoss()"
+    assert (repr(fused_nll.NLLLoss(inplace_backward=True))
+            == "fused_nll.NLLLoss(inplace_backward=True)")
 
 
 def _legacy(size_average, reduce):

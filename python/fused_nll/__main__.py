@@ -107,7 +107,7 @@ def _safe_select(device: str) -> str:
 def cmd_verify(args) -> int:
     from fused_nll._verify import run
 
-    return run(device=args.device, backend=args.backend, quick=args.quick)
+    return run(device=args.device, backend=args.backend, quick=args.quick, seed=args.seed)
 
 
 def main(argv=None) -> int:
@@ -125,6 +125,8 @@ def main(argv=None) -> int:
     v.add_argument("--backend", choices=list(_backend.BACKENDS), default=None,
                    help="default: every backend usable on the device")
     v.add_argument("--quick", action="store_true", help="a smaller matrix")
+    v.add_argument("--seed", type=int, default=0,
+                   help="seed of the random inputs (default 0: the same inputs every run)")
     sub.add_parser("bench", help="benchmark against torch and peers (python -m fused_nll bench --help)")
     args = parser.parse_args(argv)
     return {"info": cmd_info, "verify": cmd_verify}[args.command](args)

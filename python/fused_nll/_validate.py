@@ -8,6 +8,8 @@ clauses keep working.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
@@ -34,7 +36,7 @@ def reduction_code(reduction: str) -> int:
     return REDUCTIONS[reduction]
 
 
-def check_input(input, fn: str) -> None:
+def check_input(input, fn: str, target=None) -> None:
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"fused_nll.{fn}: input must be a torch.Tensor, got {type(input).__name__}.")
     if input.dim() == 0:
@@ -44,6 +46,12 @@ def check_input(input, fn: str) -> None:
         )
     if not input.is_floating_point():
         what = "logits" if fn == "cross_entropy" else "log-probabilities"
+        if isinstance(target, torch.Tensor) and target.is_floating_point():
+            raise NotFloatingInputError(
+                f"fused_nll.{fn}: input must be floating point ({what}), got dtype "
+                f"{input.dtype}, and the target is floating point ({target.dtype}): the "
+                f"arguments look swapped. Fix: fused_nll.{fn}(input, target), the {what} first."
+            )
         raise NotFloatingInputError(
             f"fused_nll.{fn}: input must be floating point ({what}), got dtype {input.dtype}. "
             "Convert it, e.g. input.float()."
@@ -58,7 +66,29 @@ def check_same_device(input: torch.Tensor, other: torch.Tensor | None, name: str
         )
 
 
+def check_ignore_index(ignore_index, fn: str) -> int:
+    """An int as torch takes it: a Python or NumPy integer, or a 0-d integer tensor; not a
+    float or a bool (torch raises TypeError for those; int() would truncate 1.9 to 1)."""
+    if type(ignore_index) is int:
+        return ignore_index
+    try:
+        if isinstance(ignore_index, bool):
+            raise TypeError
+        return operator.index(ignore_index)
+    except TypeError:
+        raise TypeError(
+            f"fused_nll.{fn}: argument 'ignore_index' must be int, not "
+            f"{type(ignore_index).__name__} ({ignore_index!r}): it is a class index, e.g. "
+            "ignore_index=-100 (the default) or the padding label."
+        ) from None
+
+
 def check_label_smoothing(label_smoothing: float) -> float:
+    if label_smoothing is None or isinstance(label_smoothing, (str, bytes)):
+        raise TypeError(
+            f"fused_nll.cross_entropy: argument 'label_smoothing' must be float, not "
+            f"{type(label_smoothing).__name__} ({label_smoothing!r}), e.g. label_smoothing=0.1."
+        )
     ls = float(label_smoothing)
     if not 0.0 <= ls <= 1.0:
         raise RuntimeError(
@@ -86,7 +116,14 @@ def target_kind(input: torch.Tensor, target, fn: str) -> str:
             f"Pass int64 class indices of shape {index_shape} (e.g. target.long() if it "
             "really holds 0/1 labels of a 2-class problem)."
         )
-    if target.is_floating_point() or target.is_complex():
+    if target.is_complex():
+        raise RuntimeError(
+            f"Expected floating point type for target with class probabilities, got "
+            f"{target.dtype}: fused_nll.{fn} takes class indices (an integer dtype) or, for "
+            "cross_entropy, real class probabilities. Fix: target.real if the imaginary "
+            "part is 0."
+        )
+    if target.is_floating_point():
         if same_as_input and fn == "cross_entropy":
             return "prob"
         if same_as_input:
@@ -103,6 +140,19 @@ def target_kind(input: torch.Tensor, target, fn: str) -> str:
             )
         _check_index_shape(input, target, fn)  # the shape differs, so this raises
     # Integer targets.
+    if input.dim() == 1 and list(target.shape) == [1]:
+        return "index"  # one sample's class index (torch takes shape [1] as well as [])
+    classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    if same_as_input and classes == 1 and list(target.shape) != index_shape:
+        raise RuntimeError(
+            f"fused_nll.{fn}: input {_shape(input)} has a single class (C = 1) and the integer "
+            f"target {_shape(target)} has its shape: this looks like 0/1 labels for one logit "
+            "per sample. Cross-entropy over one class is always 0 (the log-softmax of one "
+            "value is 0), so nothing would be learned. For binary labels use "
+            "torch.nn.functional.binary_cross_entropy_with_logits(input, target.float()) "
+            "(nn.BCEWithLogitsLoss), or give the model two output classes and pass "
+            f"class indices of shape {index_shape}."
+        )
     if same_as_input and input.dim() >= 1 and list(target.shape) != index_shape:
         alt = (
             "target.float() to use them as probability targets"
@@ -122,27 +172,51 @@ def _check_index_shape(input: torch.Tensor, target: torch.Tensor, fn: str) -> No
     index_shape = class_index_shape(input)
     if list(target.shape) == index_shape:
         return
+    long = ".long()" if target.is_floating_point() else ""
     if input.dim() == 1:
-        raise RuntimeError(
-            f"fused_nll.{fn}: for an input of shape {_shape(input)} (one sample of C classes) "
-            f"the target must be a 0-d class index, got shape {_shape(target)}. "
-            "Fix: target.reshape(()) or add a batch dimension to the input."
+        if target.dim() == 1 and target.shape[0] == 1:
+            return  # torch takes it as the 0-d index (single_class_index)
+        raise ValueError(
+            f"For 1D input, 1D target must have size 1, but got target size: "
+            f"{target.shape[0] if target.dim() == 1 else _shape(target)}. fused_nll.{fn}: for an "
+            f"input of shape {_shape(input)} (one sample of C classes) the target is one class "
+            "index, of shape () or [1]. Fix: add a batch dimension to the input "
+            "(input.unsqueeze(0)) for several samples."
         )
-    if input.dim() == 2 and target.dim() == 2 and target.shape[1] == 1 and target.shape[0] == input.shape[0]:
+    if (target.dim() == input.dim() and target.shape[1] == 1 and target.shape[0] == input.shape[0]
+            and target.shape[2:] == input.shape[2:]):
         raise RuntimeError(
-            f"fused_nll.{fn}: target of shape {_shape(target)} has a trailing dimension of 1; "
-            f"expected class indices of shape {index_shape}. Fix: target.squeeze(1)."
+            f"fused_nll.{fn}: target of shape {_shape(target)} has a dimension of size 1 where "
+            f"the input has its classes (dim 1, e.g. a mask with a channel dimension); expected "
+            f"class indices of shape {index_shape}. Fix: target.squeeze(1){long}."
         )
-    if target.dim() >= 1 and target.shape[0] != input.shape[0]:
+    if target.dim() == 0 or target.shape[0] != input.shape[0]:
         raise ValueError(
             f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
-            f"({target.shape[0]}): fused_nll.{fn} got input {_shape(input)} and target "
-            f"{_shape(target)}; the first dimension of both is the batch."
+            f"({target.shape[0] if target.dim() else 0}): fused_nll.{fn} got input "
+            f"{_shape(input)} and target {_shape(target)}; the first dimension of both is the "
+            "batch" + (" (a 0-d target is the class index of a (C,) input)." if target.dim() == 0
+                       else ".")
+        )
+    if input.dim() == 3 and target.shape == input.shape[:2]:
+        raise RuntimeError(
+            f"fused_nll.{fn}: size mismatch (got input: {_shape(input)}, target: "
+            f"{_shape(target)}). A 3-D input is read as (N, C, d1), classes in dim 1, so the "
+            f"target would be {index_shape}; this target matches the input's first two "
+            "dimensions, so its classes are probably last ((batch, time, vocab) logits). Fix: "
+            f"fused_nll.{fn}(input.flatten(0, 1), target.flatten()) (a view of contiguous "
+            "logits, no copy), or input.transpose(1, 2) for the (N, C, d1) layout."
         )
     raise RuntimeError(
         f"fused_nll.{fn}: size mismatch (got input: {_shape(input)}, target: {_shape(target)}); "
         f"for input (N, C, d1, ..., dk) the target must be (N, d1, ..., dk) = {index_shape}."
     )
+
+
+def single_index(input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A (C,) input's class index as the kernels take it: 0-d (torch also takes shape
+    [1], and returns a 0-d loss for every reduction)."""
+    return target.reshape(()) if input.dim() == 1 and target.dim() == 1 else target
 
 
 def index_target(target: torch.Tensor) -> torch.Tensor:

@@ -255,9 +255,10 @@ def cross_entropy(
         the target's and the weight's), float32 for fp16/bf16 under
         ``torch.autocast``. Accumulated in fp32 (fp64 for fp64).
     """
-    _validate.check_input(input, "cross_entropy")
+    _validate.check_input(input, "cross_entropy", target)
     reduction = _legacy_reduction(size_average, reduce, reduction)
     red = _validate.reduction_code(reduction)
+    ignore_index = _validate.check_ignore_index(ignore_index, "cross_entropy")
     kind = _validate.target_kind(input, target, "cross_entropy")
     _validate.check_same_device(input, target, "target", "cross_entropy")
     ls = _validate.check_label_smoothing(label_smoothing)
@@ -289,15 +290,16 @@ def cross_entropy(
         else:
             loss = _run(True, inplace, loss_dtype, input, target, w, ls, red)
     else:
+        target = _validate.single_index(input, target)
         if debug or _host_targets(input, target):
             _debug.check_targets(input, target, ignore_index, "cross_entropy")
         loss_dtype = _loss_dtype(False, input, target, weight)
         if _func.second_order_ahead(input):
             loss = _second_order_loss(False, False, loss_dtype, input, target, weight,
-                                      int(ignore_index), reduction, ls)
+                                      ignore_index, reduction, ls)
         else:
             loss = _run(False, inplace, loss_dtype, input, _validate.index_target(target), w,
-                        int(ignore_index), ls, red, False)
+                        ignore_index, ls, red, False)
     if verify:
         _debug.shadow_verify("cross_entropy", loss, ref_input, target, weight, ignore_index,
                              reduction, ls)
@@ -325,10 +327,12 @@ def nll_loss(
         weight, size_average, ignore_index, reduce, reduction, inplace_backward: as
             :func:`cross_entropy`.
     """
-    _validate.check_input(input, "nll_loss")
+    _validate.check_input(input, "nll_loss", target)
     reduction = _legacy_reduction(size_average, reduce, reduction)
     red = _validate.reduction_code(reduction)
+    ignore_index = _validate.check_ignore_index(ignore_index, "nll_loss")
     _validate.target_kind(input, target, "nll_loss")
+    target = _validate.single_index(input, target)
     _validate.check_same_device(input, target, "target", "nll_loss")
     w = _validate.weight(weight, input, "nll_loss")
     inplace = _validate.inplace_backward(inplace_backward, input, "nll_loss")
@@ -341,10 +345,10 @@ def nll_loss(
     loss_dtype = _loss_dtype(False, input, target, weight)
     if _func.second_order_ahead(input):
         loss = _second_order_loss(False, True, loss_dtype, input, target, weight,
-                                  int(ignore_index), reduction, 0.0)
+                                  ignore_index, reduction, 0.0)
     else:
         loss = _run(False, inplace, loss_dtype, input, _validate.index_target(target), w,
-                    int(ignore_index), 0.0, red, True)
+                    ignore_index, 0.0, red, True)
     if verify:
         _debug.shadow_verify("nll_loss", loss, ref_input, target, weight, ignore_index, reduction)
     return loss

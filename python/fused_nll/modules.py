@@ -8,7 +8,18 @@ import torch
 from . import functional
 
 
-class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+class _Named:
+    """A printed model says which loss it uses, and whether it overwrites the logits:
+    fused_nll.CrossEntropyLoss(inplace_backward=True)."""
+
+    def _get_name(self) -> str:
+        return f"fused_nll.{type(self).__name__}"
+
+    def extra_repr(self) -> str:
+        return "inplace_backward=True" if self.inplace_backward else ""
+
+
+class CrossEntropyLoss(_Named, torch.nn.CrossEntropyLoss):
     """Same constructor and call as ``torch.nn.CrossEntropyLoss`` (a subclass of it),
     plus the keyword ``inplace_backward``; see :func:`fused_nll.cross_entropy`."""
 
@@ -27,7 +38,7 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
                                         inplace_backward=self.inplace_backward)
 
 
-class NLLLoss(torch.nn.NLLLoss):
+class NLLLoss(_Named, torch.nn.NLLLoss):
     """Same constructor and call as ``torch.nn.NLLLoss`` (a subclass of it; input:
     log-probabilities), plus the keyword ``inplace_backward``; see
     :func:`fused_nll.nll_loss`."""
