@@ -138,10 +138,11 @@ FUSED_NLL_HD RowState<acc_t> state_merge(const RowState<acc_t>& p, const RowStat
   // two-exp form p.s·e_p + q.s·e_q was not symmetric on the device: nvcc contracted it
   // to fma(p.s, e_p, q.s·e_q), so which product was rounded depended on the order.)
   // A nan s propagates; a +inf max gives nan as before (its s is nan already).
+  // (Selected field by field: a reference to p or q would put both in local memory.)
   const bool p_hi = p.m >= q.m;
-  const RowState<acc_t>& hi = p_hi ? p : q;
-  const RowState<acc_t>& lo = p_hi ? q : p;
-  r.s = dev_fma(lo.s, dev_exp(lo.m - hi.m), hi.s);
+  const acc_t hi_s = p_hi ? p.s : q.s, lo_s = p_hi ? q.s : p.s;
+  const acc_t d = p_hi ? q.m - p.m : p.m - q.m;  // lo.m - hi.m <= 0
+  r.s = dev_fma(lo_s, dev_exp(d), hi_s);
   const acc_t pa = p.m == neg_inf<acc_t>() ? p.a : p.a + p.b * (p.m - r.m);
   const acc_t qa = q.m == neg_inf<acc_t>() ? q.a : q.a + q.b * (q.m - r.m);
   r.a = pa + qa;
