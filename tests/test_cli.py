@@ -293,6 +293,25 @@ def test_use_backend_as_a_call_and_as_a_block():
         with pytest.raises(ValueError, match="unknown backend 'gpu'"):
             fused_nll.use_backend("gpu")
         assert _backend._forced[0] == "cpp"
+        # a decorator: inside each call only (not from the definition on), eager and
+        # compiled; an object kept and entered later restores the choice at its entry
+        fused_nll.use_backend(None)
+
+        @fused_nll.use_backend("cpp")
+        def chosen():
+            return _backend._forced[0]
+
+        assert _backend._forced[0] is None and chosen() == "cpp" and _backend._forced[0] is None
+        assert torch.compile(chosen, fullgraph=True, backend="eager")() == "cpp"
+        kept = fused_nll.use_backend("cuda")
+        fused_nll.use_backend("triton")
+        with kept:
+            assert _backend._forced[0] == "cuda"
+        assert _backend._forced[0] == "triton"
+        with pytest.raises(KeyError):
+            with fused_nll.use_backend("cpp"):
+                raise KeyError
+        assert _backend._forced[0] == "triton"
     finally:
         fused_nll.use_backend(before)
     assert _backend._forced[0] == before

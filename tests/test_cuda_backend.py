@@ -865,7 +865,7 @@ def _is_hopper():
 
 @pytest.mark.skipif(not _is_hopper(), reason="thread-block clusters need sm_90+")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
-@pytest.mark.parametrize("V", [5000, 32000, 128256, 256000])
+@pytest.mark.parametrize("V", [5000, 32000, 128256, 256000, 262160])
 @pytest.mark.parametrize("option", ["plain", "weight_smooth", "nll_sum"])
 def test_cluster_kernel(monkeypatch, dtype, V, option):
     """index_cluster_kernel (rows in a cluster's registers, persistent clusters)
@@ -943,6 +943,23 @@ def test_persistent_wide_clusters(monkeypatch, resident, rows):
     t[0] = 139999
     t[1] = -100
     check_index(x, t, eps=0.1)
+
+
+@pytest.mark.skipif(not EMULATED, reason="the emulator's device without clusters of 16")
+def test_no_wide_clusters_on_the_device(monkeypatch):
+    """A device that co-schedules no cluster of 16: 'require' says so, '1' falls back to
+    index_kernel (rows a cluster of 8 holds still take the cluster kernel)."""
+    monkeypatch.setenv("FUSED_NLL_EMU_WIDE_CLUSTERS", "0")
+    monkeypatch.setenv("FUSED_NLL_CUDA_CLUSTER", "require")
+    x = logits((3, 140000), torch.bfloat16)
+    t = targets(x)
+    with pytest.raises(RuntimeError, match="no cluster of this shape fits on the device"):
+        run_index(x, t)
+    monkeypatch.setenv("FUSED_NLL_CUDA_CLUSTER", "1")
+    check_index(x, t)
+    monkeypatch.setenv("FUSED_NLL_CUDA_CLUSTER", "require")
+    short = logits((3, 20000), torch.bfloat16)
+    check_index(short, targets(short))
 
 
 @gpu_only

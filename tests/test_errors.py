@@ -42,17 +42,21 @@ BAD_INPUTS = [
     ("nll-batch-mismatch", nll, (x, torch.tensor([0, 1, 2])), {}, ValueError, ["batch_size (4)", "batch_size (3)"]),
     ("ce-kdim-mismatch", ce, (torch.randn(2, 5, 3, 4), torch.zeros(2, 3, 5, dtype=torch.long)), {}, RuntimeError, ["size mismatch", "[2, 5, 3, 4]", "[2, 3, 5]", "[2, 3, 4]"]),
     ("ce-1d-input-vector-target", ce, (torch.randn(C), torch.tensor([1, 2])), {}, ValueError, ["For 1D input, 1D target must have size 1, but got target size: 2", "input.unsqueeze(0)"]),
+    ("ce-1d-input-2d-target", ce, (torch.randn(C), torch.tensor([[1]])), {}, RuntimeError, ["one class index (an integer of shape () or [1])", "[1, 1]"]),
+    ("nll-1d-input-float-index", nll, (torch.randn(C), torch.tensor([2.7])), {}, RuntimeError, ["has dtype torch.float32", "target.long()"]),
+    ("ce-1d-one-class-index", ce, (torch.randn(1), torch.tensor([0])), {}, RuntimeError, ["single class (C = 1)"]),
     ("ce-2d-input-0d-target", ce, (x, torch.tensor(1)), {}, ValueError, ["batch_size (4)", "batch_size (0)", "a 0-d target is the class index of a (C,) input"]),
     ("ce-ignore-index-float", ce, (x, idx), {"ignore_index": 1.9}, TypeError, ["'ignore_index' must be int, not float", "1.9"]),
     ("nll-ignore-index-bool", nll, (x, idx), {"ignore_index": True}, TypeError, ["'ignore_index' must be int, not bool"]),
     ("ce-smoothing-str", ce, (x, idx), {"label_smoothing": "0.1"}, TypeError, ["'label_smoothing' must be float, not str", "'0.1'"]),
     ("ce-complex-target", ce, (x, torch.randn(N, C, dtype=torch.complex64)), {}, RuntimeError, ["Expected floating point type for target with class probabilities, got torch.complex64", "target.real"]),
     ("ce-one-class-binary-labels", ce, (torch.randn(N, 1), torch.tensor([[0], [1], [1], [0]])), {}, RuntimeError, ["single class (C = 1)", "always 0", "binary_cross_entropy_with_logits(input, target.float())", "two output classes"]),
-    ("nll-one-class-mask", nll, (torch.randn(2, 1, 3, 3), torch.zeros(2, 1, 3, 3, dtype=torch.long)), {}, RuntimeError, ["single class (C = 1)"]),
+    ("nll-one-class-mask", nll, (torch.randn(2, 1, 3, 3), torch.zeros(2, 1, 3, 3, dtype=torch.long)), {}, RuntimeError, ["single class (C = 1)", "on the logits (nn.BCEWithLogitsLoss) rather than log-probabilities"]),
     ("ce-mask-with-channel", ce, (torch.randn(2, 3, 4, 4), torch.zeros(2, 1, 4, 4, dtype=torch.long)), {}, RuntimeError, ["[2, 1, 4, 4]", "[2, 4, 4]", "Fix: target.squeeze(1)."]),
     ("ce-float-mask-with-channel", ce, (torch.randn(2, 3, 4, 4), torch.zeros(2, 1, 4, 4)), {}, RuntimeError, ["target.squeeze(1).long()"]),
     ("ce-lm-logits-classes-last", ce, (torch.randn(2, 7, 11), torch.zeros(2, 7, dtype=torch.long)), {}, RuntimeError, ["classes are probably last", "input.flatten(0, 1), target.flatten()", "input.transpose(1, 2)"]),
     ("ce-swapped-arguments", ce, (idx, x), {}, NotImplementedError, ["arguments look swapped", "the logits first"]),
+    ("ce-int-input-float-target", ce, (onehot, x), {}, NotImplementedError, ["floating point", "input.float()"]),
     ("ce-0d-input", ce, (torch.tensor(1.0), torch.tensor(0)), {}, ValueError, ["Expected 1 or more dimensions (got 0)"]),
     ("ce-int-input", ce, (torch.randint(0, 5, (N, C)), idx), {}, NotImplementedError, ["floating point", "torch.int64", "input.float()"]),
     ("nll-bool-input", nll, (x > 0, idx), {}, NotImplementedError, ["floating point", "torch.bool"]),
@@ -242,6 +246,12 @@ def test_index_error_from_the_cpp_kernel_reaches_python(context):
         for line in lines), run.stdout
 
 
+def test_swapped_only_when_the_shapes_fit_a_swap():
+    with pytest.raises(NotImplementedError) as info:
+        ce(onehot, x)
+    assert "swapped" not in str(info.value)
+
+
 def test_arguments_torch_accepts_are_accepted():
     # What torch's argument parser takes for ignore_index (an int, a NumPy integer, a
     # 0-d integer tensor) and label_smoothing (int, NumPy float, 0-d tensor, bool), and a
@@ -255,6 +265,9 @@ def test_arguments_torch_accepts_are_accepted():
     for ls in (0, np.float32(0.25), torch.tensor(0.25), True):
         torch.testing.assert_close(ce(x, idx, label_smoothing=ls),
                                    F.cross_entropy(x, idx, label_smoothing=ls))
+    # a (1,) input: nll_loss takes a [1] index (cross_entropy reads it as probabilities)
+    x_one = torch.randn(1)
+    torch.testing.assert_close(nll(x_one, torch.tensor([0])), F.nll_loss(x_one, torch.tensor([0])))
     x1 = torch.randn(C)
     for reduction in ("none", "mean", "sum"):
         for fn, ref in ((ce, F.cross_entropy), (nll, F.nll_loss)):

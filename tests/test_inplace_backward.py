@@ -118,6 +118,20 @@ def test_retain_graph_second_backward(target):
     torch.testing.assert_close(h.grad, 4 * first)
 
 
+def test_logits_changed_between_two_backwards(target):
+    # the logits hold the gradient: changed in place after the first backward, the
+    # second has nothing to compute from, and says so (naming the logits, not .grad)
+    h = torch.randn(6, 8, device=target, requires_grad=True)
+    logits = h @ torch.randn(8, 10, device=target)
+    loss = fused_nll.cross_entropy(logits, torch.randint(0, 10, (6,), device=target),
+                                   inplace_backward=True)
+    loss.backward(retain_graph=True)
+    with torch.no_grad():
+        logits.mul_(1.0)
+    with pytest.raises(RuntimeError, match="found the logits modified in place since the first"):
+        loss.backward()
+
+
 def test_compiled_fullgraph_matches_eager():
     """CPU (C++ op): Inductor keeps the mutation of the logits' buffer in place."""
     torch.manual_seed(3)

@@ -848,6 +848,11 @@ def test_modules_are_torchs_modules(target):
     assert (repr(fused_nll.NLLLoss(inplace_backward=True))
             == "fused_nll.NLLLoss(inplace_backward=True)")
 
+    class MyLoss(fused_nll.CrossEntropyLoss):  # a user's subclass keeps its name
+        pass
+
+    assert repr(MyLoss()) == "MyLoss()"
+
 
 def _legacy(size_average, reduce):
     from torch.nn import _reduction

@@ -37,6 +37,7 @@ def _check_name(name: str | None) -> None:
 
 
 _check_name(_forced[0])
+_UNSET = object()  # use_backend: no choice to restore from its own call
 
 
 class use_backend:
@@ -45,6 +46,8 @@ class use_backend:
         fused_nll.use_backend("cuda")          # from here on
         with fused_nll.use_backend("triton"):  # inside the block; then the choice before it
             ...
+        @fused_nll.use_backend("cpp")          # inside each call of the function
+        def f(...): ...
 
     Process-wide, not per thread (like torch's backend flags): do not call it from
     threads that run fused_nll concurrently with different choices."""
@@ -52,14 +55,38 @@ class use_backend:
     def __init__(self, name: str | None):
         _check_name(name)
         self.name = name
-        self._before = _forced[0]
+        self._before = _forced[0]  # what a `with` right after this call restores
+        self._saved: list[str | None] = []
         _forced[0] = name
 
     def __enter__(self) -> "use_backend":
+        # entered right after the call that set it: the choice before that call comes
+        # back at the exit; entered again later (a decorated function, a kept object):
+        # the choice at this entry
+        fresh = self._before is not _UNSET and _forced[0] == self.name
+        self._saved.append(self._before if fresh else _forced[0])
+        self._before = _UNSET
+        _forced[0] = self.name
         return self
 
     def __exit__(self, *exc) -> None:
-        _forced[0] = self._before
+        _forced[0] = self._saved.pop()
+
+    def __call__(self, func):
+        # used as a decorator: it forces the backend inside each call only, not from
+        # the function's definition on
+        if self._before is not _UNSET and _forced[0] == self.name:
+            _forced[0] = self._before
+        self._before = _UNSET
+
+        name = self.name
+
+        @functools.wraps(func)
+        def with_backend(*args, **kwargs):
+            with use_backend(name):  # a new one per call (also what Dynamo traces)
+                return func(*args, **kwargs)
+
+        return with_backend
 
     def __repr__(self) -> str:
         return f"fused_nll.use_backend({self.name!r})"

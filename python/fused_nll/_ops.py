@@ -319,7 +319,7 @@ class FusedLoss(torch.autograd.Function):
         else:
             fwd = family.prob_fwd if prob else family.fwd
             loss, _, grad = fwd(input, target, weight, *args, True, loss_dtype=loss_dtype)
-        ctx.first_grad_loss, ctx.n_args, ctx.kept = None, len(args), None
+        ctx.first_grad_loss, ctx.n_args, ctx.kept, ctx.inplace = None, len(args), None, inplace
         ctx.save_for_backward(grad)
         return loss
 
@@ -371,6 +371,15 @@ def _first_gradient(ctx) -> torch.Tensor:
         except RuntimeError as exc:
             if "modified by an inplace operation" not in str(exc):
                 raise
+            if ctx.inplace:
+                raise RuntimeError(
+                    "fused_nll: a second backward through this loss (retain_graph=True) found "
+                    "the logits modified in place since the first. With inplace_backward=True "
+                    "they hold the gradient, which this backward rescales; an in-place change "
+                    "to them (another in-place loss over the same logits, logits.mul_(...)) "
+                    "leaves nothing to compute it from. Compute the loss again for the second "
+                    "backward, or drop inplace_backward."
+                ) from exc
             raise RuntimeError(
                 "fused_nll: a second backward through this loss (retain_graph=True) found "
                 "the gradient of the first one modified in place. fused_nll writes the "

@@ -46,7 +46,8 @@ def check_input(input, fn: str, target=None) -> None:
         )
     if not input.is_floating_point():
         what = "logits" if fn == "cross_entropy" else "log-probabilities"
-        if isinstance(target, torch.Tensor) and target.is_floating_point():
+        if (isinstance(target, torch.Tensor) and target.is_floating_point()
+                and target.dim() == input.dim() + 1 and target.shape[:1] == input.shape[:1]):
             raise NotFloatingInputError(
                 f"fused_nll.{fn}: input must be floating point ({what}), got dtype "
                 f"{input.dtype}, and the target is floating point ({target.dtype}): the "
@@ -133,24 +134,27 @@ def target_kind(input: torch.Tensor, target, fn: str) -> str:
                 f"of shape {index_shape}. Fix: {argmax} for class indices, or "
                 "fused_nll.cross_entropy(logits, target), which accepts probabilities."
             )
-        if list(target.shape) == index_shape:
+        if list(target.shape) == index_shape or (input.dim() == 1 and list(target.shape) == [1]):
             raise RuntimeError(
                 f"fused_nll.{fn}: target holds class indices but has dtype {target.dtype}; "
                 "expected an integer dtype (int64). Fix: target.long()."
             )
         _check_index_shape(input, target, fn)  # the shape differs, so this raises
     # Integer targets.
-    if input.dim() == 1 and list(target.shape) == [1]:
-        return "index"  # one sample's class index (torch takes shape [1] as well as [])
     classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    if input.dim() == 1 and list(target.shape) == [1] and (classes > 1 or fn == "nll_loss"):
+        return "index"  # one sample's class index (torch takes shape [1] as well as [])
     if same_as_input and classes == 1 and list(target.shape) != index_shape:
         raise RuntimeError(
             f"fused_nll.{fn}: input {_shape(input)} has a single class (C = 1) and the integer "
             f"target {_shape(target)} has its shape: this looks like 0/1 labels for one logit "
             "per sample. Cross-entropy over one class is always 0 (the log-softmax of one "
             "value is 0), so nothing would be learned. For binary labels use "
-            "torch.nn.functional.binary_cross_entropy_with_logits(input, target.float()) "
-            "(nn.BCEWithLogitsLoss), or give the model two output classes and pass "
+            + ("torch.nn.functional.binary_cross_entropy_with_logits(input, target.float()) "
+               "(nn.BCEWithLogitsLoss)" if fn == "cross_entropy" else
+               "binary_cross_entropy_with_logits on the logits (nn.BCEWithLogitsLoss) rather "
+               "than log-probabilities")
+            + ", or give the model two output classes and pass "
             f"class indices of shape {index_shape}."
         )
     if same_as_input and input.dim() >= 1 and list(target.shape) != index_shape:
@@ -174,14 +178,20 @@ def _check_index_shape(input: torch.Tensor, target: torch.Tensor, fn: str) -> No
         return
     long = ".long()" if target.is_floating_point() else ""
     if input.dim() == 1:
-        if target.dim() == 1 and target.shape[0] == 1:
-            return  # torch takes it as the 0-d index (single_class_index)
-        raise ValueError(
-            f"For 1D input, 1D target must have size 1, but got target size: "
-            f"{target.shape[0] if target.dim() == 1 else _shape(target)}. fused_nll.{fn}: for an "
-            f"input of shape {_shape(input)} (one sample of C classes) the target is one class "
-            "index, of shape () or [1]. Fix: add a batch dimension to the input "
-            "(input.unsqueeze(0)) for several samples."
+        if target.dim() == 1 and not target.is_floating_point():
+            if target.shape[0] == 1:
+                return  # torch takes it as the 0-d index (single_index)
+            raise ValueError(
+                f"For 1D input, 1D target must have size 1, but got target size: "
+                f"{target.shape[0]}. fused_nll.{fn}: for an input of shape {_shape(input)} (one "
+                "sample of C classes) the target is one class index, of shape () or [1]. Fix: "
+                "add a batch dimension to the input (input.unsqueeze(0)) for several samples."
+            )
+        raise RuntimeError(
+            f"fused_nll.{fn}: for an input of shape {_shape(input)} (one sample of C classes) "
+            f"the target is one class index (an integer of shape () or [1]), got shape "
+            f"{_shape(target)} and dtype {target.dtype}. Fix: add a batch dimension to the "
+            "input (input.unsqueeze(0)) for several samples."
         )
     if (target.dim() == input.dim() and target.shape[1] == 1 and target.shape[0] == input.shape[0]
             and target.shape[2:] == input.shape[2:]):

@@ -13,7 +13,9 @@ class _Named:
     fused_nll.CrossEntropyLoss(inplace_backward=True)."""
 
     def _get_name(self) -> str:
-        return f"fused_nll.{type(self).__name__}"
+        if type(self).__module__.startswith("fused_nll"):
+            return f"fused_nll.{type(self).__name__}"
+        return super()._get_name()  # a user's subclass keeps its own name
 
     def extra_repr(self) -> str:
         return "inplace_backward=True" if self.inplace_backward else ""

@@ -626,10 +626,11 @@ template <typename K>
 cudaError_t cudaOccupancyMaxActiveClusters(int* clusters, K kernel,
                                            const cudaLaunchConfig_t* config) {
   // Hopper: at most 8 blocks per portable cluster, 16 with the non-portable attribute
-  // set on the kernel (0 co-resident clusters otherwise), 1024 threads per block.
+  // set on the kernel (0 co-resident clusters otherwise, and always with
+  // FUSED_NLL_EMU_WIDE_CLUSTERS=0: a device that co-schedules none), 1024 threads per block.
   const unsigned size = emu_cluster_size(config);
   bool allowed = size <= 8;
-  if (size <= 16 && !allowed) {
+  if (size <= 16 && !allowed && fused_nll_emu::env_unsigned("FUSED_NLL_EMU_WIDE_CLUSTERS", 1)) {
     std::lock_guard<std::mutex> lock(emu_non_portable_mutex);
     const auto& kernels = emu_non_portable_kernels();
     allowed = std::find(kernels.begin(), kernels.end(),
