@@ -130,6 +130,16 @@ if want tests && budget=$(left ${TEST_TIMEOUT:-150}) && [ "$budget" -gt 0 ]; the
       > "$OUT/tests_cluster.log" 2>&1
     rc=$?; echo "cluster kernel tests rc=$rc: $(grep -aE 'passed|failed|skipped|rror' "$OUT/tests_cluster.log" | tail -1)"
   else rc=1; echo "cluster kernel tests: SKIPPED, TEST_TIMEOUT reached"; fi
+  if [ $rc -ne 0 ] && t=$(remaining) && [ "$t" -ge 20 ]; then
+    # again without clusters of 16 (new in session 21): if only those failed, the bench
+    # keeps the clusters of 8
+    FUSED_NLL_CUDA_WIDE_CLUSTERS=0 timeout $(( t < 60 ? t : 60 )) $PY -m pytest -q \
+      -p no:cacheprovider $CLUSTER_TESTS > "$OUT/tests_cluster8.log" 2>&1
+    rc=$?; echo "  without clusters of 16 rc=$rc: $(grep -aE 'passed|failed|skipped|rror' "$OUT/tests_cluster8.log" | tail -1)"
+    if [ $rc -eq 0 ]; then
+      export FUSED_NLL_CUDA_WIDE_CLUSTERS=0; echo "  so FUSED_NLL_CUDA_WIDE_CLUSTERS=0 from here on"
+    fi
+  fi
   if [ $rc -ne 0 ]; then
     export FUSED_NLL_BENCH_CLUSTER=0; echo "  so the bench leaves the cluster kernel out"
   fi

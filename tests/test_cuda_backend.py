@@ -880,7 +880,10 @@ def test_cluster_kernel(monkeypatch, dtype, V, option):
         with pytest.raises(RuntimeError, match="longer than a cluster of 16 blocks holds"):
             run_index(x, targets(x))
         return
-    if not EMULATED and V > (65536 if dtype == torch.float32 else 131072):
+    wide = V > (65536 if dtype == torch.float32 else 131072)
+    if wide and os.environ.get("FUSED_NLL_CUDA_WIDE_CLUSTERS") == "0":
+        pytest.skip("FUSED_NLL_CUDA_WIDE_CLUSTERS=0: clusters of 16 turned off")
+    if not EMULATED and wide:
         # clusters of 16 blocks: a non-portable size, which a GPU may not co-schedule
         x = logits((2, V), dtype)
         try:
@@ -947,8 +950,9 @@ def test_persistent_wide_clusters(monkeypatch, resident, rows):
 
 @pytest.mark.skipif(not EMULATED, reason="the emulator's device without clusters of 16")
 def test_no_wide_clusters_on_the_device(monkeypatch):
-    """A device that co-schedules no cluster of 16: 'require' says so, '1' falls back to
-    index_kernel (rows a cluster of 8 holds still take the cluster kernel)."""
+    """A device that co-schedules no cluster of 16, or FUSED_NLL_CUDA_WIDE_CLUSTERS=0:
+    'require' says so, '1' falls back to index_kernel (rows a cluster of 8 holds still
+    take the cluster kernel)."""
     monkeypatch.setenv("FUSED_NLL_EMU_WIDE_CLUSTERS", "0")
     monkeypatch.setenv("FUSED_NLL_CUDA_CLUSTER", "require")
     x = logits((3, 140000), torch.bfloat16)
@@ -960,6 +964,14 @@ def test_no_wide_clusters_on_the_device(monkeypatch):
     monkeypatch.setenv("FUSED_NLL_CUDA_CLUSTER", "require")
     short = logits((3, 20000), torch.bfloat16)
     check_index(short, targets(short))
+    # ... and turned off by FUSED_NLL_CUDA_WIDE_CLUSTERS=0 on a device that has them
+    monkeypatch.setenv("FUSED_NLL_EMU_WIDE_CLUSTERS", "1")
+    monkeypatch.setenv("FUSED_NLL_CUDA_WIDE_CLUSTERS", "0")
+    with pytest.raises(RuntimeError, match="FUSED_NLL_CUDA_WIDE_CLUSTERS=0 turns clusters of 16"):
+        run_index(x, t)
+    check_index(short, targets(short))
+    monkeypatch.setenv("FUSED_NLL_CUDA_CLUSTER", "1")
+    check_index(x, t)
 
 
 @gpu_only

@@ -1088,8 +1088,15 @@ bool launch_rows_in_registers(const IndexArgs<x_t, index_t>& a, const at::Tensor
     for (int t = 128; t <= kMaxThreads && threads == 0; t *= 2)
       if (static_cast<int64_t>(kCl) * t * kVec * kRegisterPacks >= C) threads = t;
     if (threads == 0) {
-      if constexpr (kCl == kClusterSize)
-        return launch_rows_in_registers<kWideClusterSize>(a, x, stream);
+      if constexpr (kCl == kClusterSize) {
+        // FUSED_NLL_CUDA_WIDE_CLUSTERS=0: no clusters of 16 (benchmarks/gpu_check.sh sets
+        // it when only their GPU tests fail, keeping the clusters of 8 in the bench)
+        const char* wide = std::getenv("FUSED_NLL_CUDA_WIDE_CLUSTERS");
+        if (wide == nullptr || std::string(wide) != "0")
+          return launch_rows_in_registers<kWideClusterSize>(a, x, stream);
+        return refuse("the row is longer than a cluster of 8 blocks holds, and "
+                      "FUSED_NLL_CUDA_WIDE_CLUSTERS=0 turns clusters of 16 off");
+      }
       return refuse(kCl > 1 ? "the row is longer than a cluster of 16 blocks holds"
                             : "the row is longer than one block holds");
     }
