@@ -33,7 +33,7 @@
 //   (FUSED_NLL_CUDA_CLUSTER=1): index_cluster_kernel holds a row in the
 //   registers of a thread-block cluster instead, so it is read only once;
 //   opt-in on any GPU (FUSED_NLL_CUDA_ONE_BLOCK=1), the same in one block for
-//   rows of up to 32768 classes (16384 of fp32). Backward skips pass 1 and
+//   rows of up to 16384 classes (8192 of fp32). Backward skips pass 1 and
 //   recomputes p_c = exp(x_c - lse) from the saved lse.
 // - Loads and stores are 16-byte vectors when every array the pass touches has
 //   class stride 1 and the same misalignment modulo the vector: a scalar head

@@ -8,8 +8,8 @@ Backends:
 
 By default CPU tensors use "cpp" and CUDA tensors use "triton", or "cuda" when
 Triton is not importable, and "cuda" (when built) for the inputs where its kernels
-were measured faster (prefers_cuda_cpp). `use_backend(name)` (a call, or a `with`
-block) or env FUSED_NLL_BACKEND force one.
+were measured faster (prefers_cuda_cpp). `use_backend(name)` (a call, a `with`
+block, or a decorator) or env FUSED_NLL_BACKEND force one.
 """
 from __future__ import annotations
 
