@@ -73,7 +73,9 @@ def check_ignore_index(ignore_index, fn: str) -> int:
     if type(ignore_index) is int:
         return ignore_index
     try:
-        if isinstance(ignore_index, bool):
+        # (the usual wrong types refused before operator.index, which torch 2.6's Dynamo
+        # cannot trace for them: an internal error instead of this message)
+        if ignore_index is None or isinstance(ignore_index, (bool, float, complex, str, bytes)):
             raise TypeError
         return operator.index(ignore_index)
     except TypeError:
