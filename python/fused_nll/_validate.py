@@ -180,9 +180,8 @@ def _check_index_shape(input: torch.Tensor, target: torch.Tensor, fn: str) -> No
         return
     long = ".long()" if target.is_floating_point() else ""
     if input.dim() == 1:
+        # (a [1] index target never gets here: target_kind takes or refuses it first)
         if target.dim() == 1 and not target.is_floating_point():
-            if target.shape[0] == 1:
-                return  # torch takes it as the 0-d index (single_index)
             raise ValueError(
                 f"For 1D input, 1D target must have size 1, but got target size: "
                 f"{target.shape[0]}. fused_nll.{fn}: for an input of shape {_shape(input)} (one "
